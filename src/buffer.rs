@@ -1,0 +1,520 @@
+//! The per-client ring buffer, usable on its own.
+
+use std::collections::VecDeque;
+
+use bytes::{Buf, Bytes};
+use http_body::Frame;
+
+use crate::config::{BufferConfig, ConfigError};
+
+/// How many bytes an item counts for against
+/// [`BufferConfig::max_bytes`].
+///
+/// Implemented for `Bytes`, `Vec<u8>`, `String` (their length) and
+/// `http_body::Frame<impl Buf>` (`remaining()` of a data frame, 0 for
+/// trailers). The default method counts the shallow size of the value, so a
+/// plain event type opts in with one line:
+///
+/// ```
+/// use tower_backpressure::Weigh;
+///
+/// struct Tick { seq: u64 }
+/// impl Weigh for Tick {}
+///
+/// assert_eq!(Tick { seq: 1 }.weigh(), 8);
+/// ```
+pub trait Weigh {
+    /// The item's weight in bytes.
+    fn weigh(&self) -> usize {
+        std::mem::size_of_val(self)
+    }
+}
+
+impl Weigh for Bytes {
+    fn weigh(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Weigh for Vec<u8> {
+    fn weigh(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Weigh for String {
+    fn weigh(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<D: Buf> Weigh for Frame<D> {
+    fn weigh(&self) -> usize {
+        self.data_ref().map_or(0, Buf::remaining)
+    }
+}
+
+/// Computes an item's weight for a [`ClientBuffer`].
+///
+/// Implemented by [`ByWeigh`] (uses the item's [`Weigh`] impl) and by every
+/// `Fn(&T) -> usize` closure.
+pub trait Weigher<T> {
+    /// The item's weight in bytes.
+    fn weigh(&self, item: &T) -> usize;
+}
+
+/// The default [`Weigher`]: asks the item's [`Weigh`] implementation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ByWeigh;
+
+impl<T: Weigh> Weigher<T> for ByWeigh {
+    fn weigh(&self, item: &T) -> usize {
+        item.weigh()
+    }
+}
+
+impl<T, F> Weigher<T> for F
+where
+    F: Fn(&T) -> usize,
+{
+    fn weigh(&self, item: &T) -> usize {
+        self(item)
+    }
+}
+
+/// Weighs any [`Buf`] by `remaining()`: what the layer uses for body data.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Remaining;
+
+impl<T: Buf> Weigher<T> for Remaining {
+    fn weigh(&self, item: &T) -> usize {
+        item.remaining()
+    }
+}
+
+/// What one [`ClientBuffer::push`] evicted to make room.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Evicted {
+    /// Frames dropped, oldest first.
+    pub frames: usize,
+    /// Their total weight.
+    pub bytes: usize,
+}
+
+/// A copyable snapshot of a [`ClientBuffer`]'s counters.
+///
+/// The counters keep one invariant: `pushed == sent + dropped + buffered`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BufferStats {
+    /// Frames waiting now.
+    pub buffered: usize,
+    /// Their total weight in bytes.
+    pub buffered_bytes: usize,
+    /// The frame limit.
+    pub capacity: usize,
+    /// The byte limit, if any.
+    pub max_bytes: Option<usize>,
+    /// Frames ever pushed.
+    pub pushed: u64,
+    /// Frames taken out with [`ClientBuffer::pop`] (for the layer: handed to
+    /// the connection).
+    pub sent: u64,
+    /// Frames dropped to make room.
+    pub dropped: u64,
+    /// Bytes dropped to make room.
+    pub dropped_bytes: u64,
+    /// The most frames ever buffered at once.
+    pub high_water: usize,
+    /// The most bytes ever buffered at once.
+    pub high_water_bytes: usize,
+    /// Below the pressure threshold (see [`ClientBuffer::is_healthy`]).
+    pub healthy: bool,
+}
+
+/// A bounded, drop-oldest ring buffer for one client.
+///
+/// Synchronous and lock-free inside: wrap it in your own mutex to share it,
+/// or let [`BackpressureLayer`](crate::BackpressureLayer) do that for a
+/// response body. Limits are in frames ([`BufferConfig::capacity`]) and
+/// optionally in bytes ([`BufferConfig::max_bytes`], each item weighed by a
+/// [`Weigher`]); whichever is reached first evicts the oldest items.
+///
+/// # An item larger than `max_bytes`
+///
+/// It is kept, alone: the ring empties to take it, and the eviction is
+/// counted. A producer's frame size bounds it, so memory stays bounded by
+/// `max(max_bytes, largest frame)`, and a stream of large frames still
+/// reaches the client instead of being starved.
+///
+/// # Example: the seed's slow-client scenario
+///
+/// ```
+/// use tower_backpressure::{BufferConfig, ClientBuffer};
+///
+/// let mut buffer = ClientBuffer::with_weigher(BufferConfig::new(10), |_: &u32| 0);
+/// for id in 0..20 {
+///     buffer.push(id);
+/// }
+/// assert_eq!(buffer.len(), 10);
+/// assert_eq!(buffer.stats().dropped, 10);
+///
+/// let sent: Vec<u32> = buffer.drain().collect();
+/// assert_eq!(sent, (10..20).collect::<Vec<_>>());
+/// assert!(buffer.is_empty());
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientBuffer<T, W = ByWeigh> {
+    items: VecDeque<(T, usize)>,
+    config: BufferConfig,
+    pressure_frames: usize,
+    pressure_bytes: usize,
+    weigher: W,
+    bytes: usize,
+    pushed: u64,
+    sent: u64,
+    dropped: u64,
+    dropped_bytes: u64,
+    high_water: usize,
+    high_water_bytes: usize,
+}
+
+impl<T> ClientBuffer<T> {
+    /// A buffer that weighs items by their [`Weigh`] impl.
+    ///
+    /// # Panics
+    ///
+    /// If `config` is invalid, with the [`ConfigError`]'s message; use
+    /// [`try_new`](Self::try_new) for configuration that comes from users.
+    pub fn new(config: BufferConfig) -> Self {
+        Self::with_weigher(config, ByWeigh)
+    }
+
+    /// Like [`new`](Self::new), but returns the error.
+    pub fn try_new(config: BufferConfig) -> Result<Self, ConfigError> {
+        Self::try_with_weigher(config, ByWeigh)
+    }
+}
+
+impl<T, W> ClientBuffer<T, W> {
+    /// A buffer that weighs items with `weigher`.
+    ///
+    /// # Panics
+    ///
+    /// If `config` is invalid, with the [`ConfigError`]'s message.
+    pub fn with_weigher(config: BufferConfig, weigher: W) -> Self {
+        match Self::try_with_weigher(config, weigher) {
+            Ok(buffer) => buffer,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Like [`with_weigher`](Self::with_weigher), but returns the error.
+    pub fn try_with_weigher(config: BufferConfig, weigher: W) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self {
+            // Grow on demand: a fast client never needs the whole capacity.
+            items: VecDeque::with_capacity(config.get_capacity().min(16)),
+            config,
+            pressure_frames: config.pressure_frames(),
+            pressure_bytes: config.pressure_bytes().unwrap_or(usize::MAX),
+            weigher,
+            bytes: 0,
+            pushed: 0,
+            sent: 0,
+            dropped: 0,
+            dropped_bytes: 0,
+            high_water: 0,
+            high_water_bytes: 0,
+        })
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &BufferConfig {
+        &self.config
+    }
+
+    /// Frames waiting.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// No frame waiting.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Total weight of the frames waiting.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Below the pressure threshold: fewer than `ceil(threshold × capacity)`
+    /// frames, and (with a byte limit) fewer than `ceil(threshold ×
+    /// max_bytes)` bytes.
+    pub fn is_healthy(&self) -> bool {
+        self.items.len() < self.pressure_frames && self.bytes < self.pressure_bytes
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> BufferStats {
+        BufferStats {
+            buffered: self.items.len(),
+            buffered_bytes: self.bytes,
+            capacity: self.config.get_capacity(),
+            max_bytes: self.config.get_max_bytes(),
+            pushed: self.pushed,
+            sent: self.sent,
+            dropped: self.dropped,
+            dropped_bytes: self.dropped_bytes,
+            high_water: self.high_water,
+            high_water_bytes: self.high_water_bytes,
+            healthy: self.is_healthy(),
+        }
+    }
+
+    /// Takes the oldest frame, counting it as sent.
+    pub fn pop(&mut self) -> Option<T> {
+        let (item, weight) = self.items.pop_front()?;
+        self.bytes -= weight;
+        self.sent += 1;
+        Some(item)
+    }
+
+    /// Takes every frame, oldest first, counting each as sent.
+    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
+        std::iter::from_fn(move || self.pop())
+    }
+
+    /// Discards every waiting frame, counting them as dropped; returns what
+    /// was discarded.
+    pub fn clear(&mut self) -> Evicted {
+        let evicted = Evicted {
+            frames: self.items.len(),
+            bytes: self.bytes,
+        };
+        self.items.clear();
+        self.bytes = 0;
+        self.dropped += evicted.frames as u64;
+        self.dropped_bytes += evicted.bytes as u64;
+        evicted
+    }
+
+    fn evict_oldest(&mut self) -> Option<(T, usize)> {
+        let (item, weight) = self.items.pop_front()?;
+        self.bytes -= weight;
+        self.dropped += 1;
+        self.dropped_bytes += weight as u64;
+        Some((item, weight))
+    }
+}
+
+impl<T, W: Weigher<T>> ClientBuffer<T, W> {
+    /// Appends `item`, dropping the oldest frames if a limit would be
+    /// exceeded; returns what was dropped.
+    pub fn push(&mut self, item: T) -> Evicted {
+        self.push_with(item, drop)
+    }
+
+    /// Like [`push`](Self::push), handing every evicted item, oldest first,
+    /// to `on_evict`.
+    pub fn push_with(&mut self, item: T, mut on_evict: impl FnMut(T)) -> Evicted {
+        let weight = self.weigher.weigh(&item);
+        let capacity = self.config.get_capacity();
+        let max_bytes = self.config.get_max_bytes().unwrap_or(usize::MAX);
+        let mut evicted = Evicted::default();
+        while self.items.len() >= capacity
+            || (!self.items.is_empty() && self.bytes.saturating_add(weight) > max_bytes)
+        {
+            let Some((old, w)) = self.evict_oldest() else {
+                break;
+            };
+            evicted.frames += 1;
+            evicted.bytes += w;
+            on_evict(old);
+        }
+        self.items.push_back((item, weight));
+        self.bytes += weight;
+        self.pushed += 1;
+        self.high_water = self.high_water.max(self.items.len());
+        self.high_water_bytes = self.high_water_bytes.max(self.bytes);
+        evicted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq)]
+    struct Event {
+        id: u32,
+    }
+    impl Weigh for Event {}
+
+    #[test]
+    fn seed_slow_client_scenario() {
+        let mut buffer = ClientBuffer::new(BufferConfig::new(10));
+        for id in 0..20 {
+            buffer.push(Event { id });
+        }
+        assert_eq!(buffer.len(), 10);
+        assert_eq!(buffer.stats().dropped, 10);
+
+        let sent: Vec<u32> = buffer.drain().map(|e| e.id).collect();
+        assert_eq!(buffer.len(), 0);
+        assert_eq!(sent.len(), 10);
+        assert_eq!(sent[0], 10);
+        assert_eq!(sent, (10..=19).collect::<Vec<_>>());
+        let s = buffer.stats();
+        assert_eq!(
+            (s.pushed, s.sent, s.dropped, s.high_water),
+            (20, 10, 10, 10)
+        );
+    }
+
+    #[test]
+    fn push_reports_what_it_evicted_in_order() {
+        let mut buffer = ClientBuffer::new(BufferConfig::new(3));
+        for i in 0..3u8 {
+            assert_eq!(buffer.push(Bytes::from(vec![i; 4])), Evicted::default());
+        }
+        let mut gone = Vec::new();
+        let ev = buffer.push_with(Bytes::from_static(b"new"), |b| gone.push(b[0]));
+        assert_eq!(
+            ev,
+            Evicted {
+                frames: 1,
+                bytes: 4
+            }
+        );
+        assert_eq!(gone, vec![0]);
+        assert_eq!(buffer.pop().unwrap()[0], 1);
+    }
+
+    #[test]
+    fn byte_limit_evicts_oldest_first_and_is_never_exceeded() {
+        let config = BufferConfig::new(1000).max_bytes(100);
+        let mut buffer = ClientBuffer::new(config);
+        for i in 0..50u8 {
+            buffer.push(Bytes::from(vec![i; 30]));
+            assert!(buffer.bytes() <= 100, "{} bytes buffered", buffer.bytes());
+        }
+        // 3 frames of 30 fit in 100 bytes.
+        assert_eq!(buffer.len(), 3);
+        let s = buffer.stats();
+        assert_eq!(s.buffered_bytes, 90);
+        assert_eq!(s.dropped, 47);
+        assert_eq!(s.dropped_bytes, 47 * 30);
+        assert_eq!(s.high_water_bytes, 90);
+        let firsts: Vec<u8> = buffer.drain().map(|b| b[0]).collect();
+        assert_eq!(firsts, vec![47, 48, 49]);
+    }
+
+    #[test]
+    fn mixed_sizes_evict_as_many_as_needed() {
+        let mut buffer = ClientBuffer::new(BufferConfig::new(100).max_bytes(10));
+        buffer.push(Bytes::from_static(b"aa"));
+        buffer.push(Bytes::from_static(b"bbb"));
+        buffer.push(Bytes::from_static(b"cccc"));
+        let ev = buffer.push(Bytes::from_static(b"dddddd"));
+        assert_eq!(
+            ev,
+            Evicted {
+                frames: 2,
+                bytes: 5
+            }
+        );
+        let rest: Vec<Bytes> = buffer.drain().collect();
+        assert_eq!(rest, vec![&b"cccc"[..], &b"dddddd"[..]]);
+    }
+
+    #[test]
+    fn oversized_item_is_kept_alone() {
+        let mut buffer = ClientBuffer::new(BufferConfig::new(10).max_bytes(8));
+        buffer.push(Bytes::from_static(b"abc"));
+        buffer.push(Bytes::from_static(b"def"));
+        let ev = buffer.push(Bytes::from(vec![b'x'; 20]));
+        assert_eq!(
+            ev,
+            Evicted {
+                frames: 2,
+                bytes: 6
+            }
+        );
+        assert_eq!(buffer.len(), 1);
+        assert_eq!(buffer.bytes(), 20);
+        // The next normal frame evicts the oversized one.
+        let ev = buffer.push(Bytes::from_static(b"ghi"));
+        assert_eq!(
+            ev,
+            Evicted {
+                frames: 1,
+                bytes: 20
+            }
+        );
+        assert_eq!(buffer.pop().unwrap(), &b"ghi"[..]);
+        assert_eq!(buffer.stats().sent, 1);
+    }
+
+    #[test]
+    fn health_follows_the_threshold() {
+        let mut buffer = ClientBuffer::new(BufferConfig::new(10).threshold(0.5));
+        for i in 0..4 {
+            buffer.push(Event { id: i });
+            assert!(buffer.is_healthy());
+        }
+        buffer.push(Event { id: 4 });
+        assert!(!buffer.is_healthy());
+        assert!(!buffer.stats().healthy);
+        buffer.pop();
+        assert!(buffer.is_healthy());
+    }
+
+    #[test]
+    fn byte_threshold_counts_too() {
+        let mut buffer = ClientBuffer::new(BufferConfig::new(100).max_bytes(100).threshold(0.5));
+        buffer.push(Bytes::from(vec![0; 49]));
+        assert!(buffer.is_healthy());
+        buffer.push(Bytes::from(vec![0; 1]));
+        assert!(!buffer.is_healthy());
+    }
+
+    #[test]
+    fn counters_keep_their_invariant() {
+        let mut buffer = ClientBuffer::new(BufferConfig::new(7).max_bytes(50));
+        for i in 0..1000usize {
+            buffer.push(Bytes::from(vec![0; i % 13]));
+            if i % 3 == 0 {
+                buffer.pop();
+            }
+            let s = buffer.stats();
+            assert_eq!(s.pushed, s.sent + s.dropped + s.buffered as u64);
+            assert!(s.buffered <= 7);
+        }
+        let cleared = buffer.clear();
+        let s = buffer.stats();
+        assert_eq!(s.buffered, 0);
+        assert_eq!(s.pushed, s.sent + s.dropped);
+        assert!(cleared.frames > 0);
+    }
+
+    #[test]
+    fn frames_weigh_their_data() {
+        assert_eq!(Frame::data(Bytes::from_static(b"hello")).weigh(), 5);
+        assert_eq!(Frame::<Bytes>::trailers(Default::default()).weigh(), 0);
+        assert_eq!(String::from("abc").weigh(), 3);
+        assert_eq!(vec![1u8, 2].weigh(), 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid buffer config: capacity must be at least 1")]
+    fn invalid_config_panics_in_new() {
+        let _ = ClientBuffer::<Bytes>::new(BufferConfig::new(0));
+    }
+
+    #[test]
+    fn try_new_returns_the_error() {
+        assert!(ClientBuffer::<Bytes>::try_new(BufferConfig::default().threshold(2.0)).is_err());
+    }
+}

@@ -1,0 +1,141 @@
+//! Who a wrapped response is streaming to.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::{Extensions, Method, Uri};
+
+/// A process-unique identifier of one wrapped response.
+///
+/// Ids start at 1 and increase; they are never reused within a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClientId(u64);
+
+impl ClientId {
+    pub(crate) fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The id as a number.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The peer address of a connection, as a request extension.
+///
+/// [`BackpressureLayer`](crate::BackpressureLayer) reads the client's address
+/// from this extension, or (with the `axum` feature) from axum's
+/// `ConnectInfo<SocketAddr>`. A hand-written hyper server inserts it before
+/// calling the service:
+///
+/// ```
+/// use tower_backpressure::PeerAddr;
+///
+/// let mut request = http::Request::new(());
+/// request.extensions_mut().insert(PeerAddr("127.0.0.1:50000".parse().unwrap()));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// The identity of one streaming response: who it goes to and what it
+/// answers.
+///
+/// Every [`BackpressureEvent`](crate::BackpressureEvent) carries one.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    id: ClientId,
+    peer: Option<SocketAddr>,
+    method: Method,
+    uri: Uri,
+}
+
+impl ClientInfo {
+    /// Identity for a request that is being answered now, with a fresh id.
+    pub fn new(method: Method, uri: Uri, peer: Option<SocketAddr>) -> Self {
+        Self {
+            id: ClientId::next(),
+            peer,
+            method,
+            uri,
+        }
+    }
+
+    /// The process-unique id.
+    pub fn id(&self) -> ClientId {
+        self.id
+    }
+
+    /// The peer's address, when the request carried one.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// The request's method.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The request's URI.
+    pub fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    /// The request's path.
+    pub fn path(&self) -> &str {
+        self.uri.path()
+    }
+}
+
+/// Reads the peer address from a request's extensions.
+pub(crate) fn peer_addr(extensions: &Extensions) -> Option<SocketAddr> {
+    if let Some(PeerAddr(addr)) = extensions.get::<PeerAddr>() {
+        return Some(*addr);
+    }
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::ConnectInfo(addr)) =
+        extensions.get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        return Some(*addr);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_and_increasing() {
+        let a = ClientInfo::new(Method::GET, Uri::from_static("/a"), None);
+        let b = ClientInfo::new(Method::GET, Uri::from_static("/b"), None);
+        assert!(b.id() > a.id());
+        assert_eq!(b.path(), "/b");
+    }
+
+    #[test]
+    fn peer_addr_comes_from_the_extension() {
+        let mut ext = Extensions::new();
+        assert_eq!(peer_addr(&ext), None);
+        let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        ext.insert(PeerAddr(addr));
+        assert_eq!(peer_addr(&ext), Some(addr));
+    }
+
+    #[cfg(feature = "axum")]
+    #[test]
+    fn peer_addr_comes_from_axum_connect_info() {
+        let mut ext = Extensions::new();
+        let addr: SocketAddr = "127.0.0.1:4001".parse().unwrap();
+        ext.insert(axum::extract::ConnectInfo(addr));
+        assert_eq!(peer_addr(&ext), Some(addr));
+    }
+}

@@ -1,0 +1,79 @@
+//! Tower middleware that makes slow clients harmless to streaming servers.
+//!
+//! A streaming response (Server-Sent Events, NDJSON, gRPC server streaming)
+//! is fed by a producer that must not wait for its slowest client.
+//! [`BackpressureLayer`] puts each selected response through a per-client
+//! [`ClientBuffer`]: a ring that drops the oldest frames when the client
+//! cannot keep up, so memory stays bounded and the producer never blocks.
+//! Backpressure is reported through a pluggable [`BackpressureObserver`].
+//!
+//! # Example: axum
+//!
+//! ```no_run
+//! use std::{convert::Infallible, time::Duration};
+//!
+//! use axum::{Router, response::sse::{Event, Sse}, routing::get};
+//! use futures::stream::{self, Stream};
+//! use tower_backpressure::{BackpressureLayer, BufferConfig, TracingObserver};
+//!
+//! async fn events() -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+//!     let ticks = stream::unfold(0u64, |n| async move {
+//!         tokio::time::sleep(Duration::from_millis(1)).await;
+//!         Some((Ok(Event::default().id(n.to_string()).data("tick")), n + 1))
+//!     });
+//!     Sse::new(ticks)
+//! }
+//!
+//! # #[tokio::main]
+//! # async fn main() {
+//! let app = Router::new().route("/events", get(events)).layer(
+//!     BackpressureLayer::new(BufferConfig::default().max_bytes(1 << 20))
+//!         .observer(TracingObserver::new()),
+//! );
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await.unwrap();
+//! axum::serve(listener, app).await.unwrap();
+//! # }
+//! ```
+//!
+//! # What is and is not dropped
+//!
+//! Only data frames of selected responses (by default `text/event-stream`,
+//! `application/x-ndjson`, `application/jsonl`, `application/grpc*`, never one
+//! with `Content-Encoding` or an exact size) can be dropped, oldest first.
+//! Trailers, errors and the end of the stream always arrive, after the data
+//! kept before them. Put the layer *inside* any compression layer.
+//!
+//! # Features
+//!
+//! - `tracing` (default): [`TracingObserver`].
+//! - `axum`: read the peer address from axum's `ConnectInfo<SocketAddr>`.
+
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
+
+mod buffer;
+mod client;
+mod config;
+mod error;
+pub mod middleware;
+pub mod observer;
+pub mod predicate;
+
+pub use crate::buffer::{BufferStats, ByWeigh, ClientBuffer, Evicted, Weigh, Weigher};
+pub use crate::client::{ClientId, ClientInfo, PeerAddr};
+pub use crate::config::{BufferConfig, ConfigError};
+pub use crate::error::PumpStopped;
+pub use crate::middleware::{Backpressure, BackpressureBody, BackpressureLayer, ResponseFuture};
+#[cfg(feature = "tracing")]
+pub use crate::observer::TracingObserver;
+pub use crate::observer::{BackpressureEvent, BackpressureObserver, CloseReason, EventKind};
+pub use crate::predicate::{DefaultPredicate, Predicate};
+
+/// The error type of a buffered body: the inner body's error, boxed, or
+/// [`PumpStopped`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,370 @@
+//! The pluggable trait that hears backpressure events.
+//!
+//! [`BackpressureObserver`] is one small trait in the style of tower-http's
+//! `trace` hooks. It is implemented by:
+//!
+//! - `()`: off (the default of [`BackpressureLayer`](crate::BackpressureLayer));
+//! - every `Fn(&BackpressureEvent<'_>) + Send + Sync + 'static` closure;
+//! - `Arc<O>` for a shared observer;
+//! - a pair `(A, B)` of observers, both of which hear every event (nest pairs
+//!   to fan out further);
+//! - [`TracingObserver`] (feature `tracing`, on by default), which logs.
+//!
+//! # When events fire
+//!
+//! For every wrapped response, in this order:
+//!
+//! 1. [`Opened`](EventKind::Opened) once, when the response is wrapped.
+//! 2. Any number of episodes: [`Pressure`](EventKind::Pressure) when the
+//!    buffer crosses its threshold upward, then [`Recovered`](EventKind::Recovered)
+//!    when the client has taken enough frames to be back under it. One pair per
+//!    episode, not one per frame.
+//! 3. [`Dropped`](EventKind::Dropped) whenever frames were evicted, batched: at
+//!    most once per wake-up of the pump task, with the count since the last
+//!    report.
+//! 4. [`Closed`](EventKind::Closed) exactly once, last, with its
+//!    [`CloseReason`]: also when the body is dropped before its end.
+//!
+//! # Callbacks run on the hot path
+//!
+//! Events other than `Opened` are delivered while the client's buffer is
+//! locked, which keeps them in order. A callback must be quick and must not
+//! block or await: record a number, send on a non-blocking channel, log. If a
+//! callback panics inside the pump task, the pump stops and the response
+//! ends with an error ([`PumpStopped`](crate::PumpStopped)); if it panics while
+//! hyper polls the body, hyper's connection task unwinds as for any panicking
+//! body.
+
+use std::sync::Arc;
+
+use crate::buffer::BufferStats;
+use crate::client::ClientInfo;
+
+/// One backpressure event of one client.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct BackpressureEvent<'a> {
+    /// Who the response streams to.
+    pub client: &'a ClientInfo,
+    /// What happened.
+    pub kind: EventKind,
+    /// The client's buffer right after it happened.
+    pub stats: BufferStats,
+}
+
+/// What happened to a client's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// The response was wrapped and its pump started.
+    Opened,
+    /// The buffer crossed the threshold upward: the client is falling behind.
+    Pressure,
+    /// Frames were evicted since the last report.
+    Dropped {
+        /// Frames evicted.
+        count: u64,
+        /// Their bytes.
+        bytes: u64,
+    },
+    /// The buffer is back under the threshold.
+    Recovered,
+    /// The response ended; the last event of a client.
+    Closed {
+        /// Why it ended.
+        reason: CloseReason,
+    },
+}
+
+/// Why a wrapped response ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// Every kept frame, the trailers and the end of the stream were handed
+    /// to the connection.
+    Completed,
+    /// The body was dropped before its end: the client disconnected (or the
+    /// server dropped the response).
+    ClientGone,
+    /// The inner body failed (or its pump stopped); the error was handed to
+    /// the connection after the data kept before it.
+    InnerError,
+}
+
+impl CloseReason {
+    /// A short lowercase name: `completed`, `client_gone`, `inner_error`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CloseReason::Completed => "completed",
+            CloseReason::ClientGone => "client_gone",
+            CloseReason::InnerError => "inner_error",
+        }
+    }
+}
+
+/// Hears the backpressure events of every wrapped response.
+///
+/// See the [module docs](self) for when each event fires. Callbacks run on
+/// the hot path and must not block.
+///
+/// # Example
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+/// use tower_backpressure::{BackpressureLayer, BufferConfig, EventKind};
+///
+/// let dropped = Arc::new(AtomicU64::new(0));
+/// let counter = dropped.clone();
+/// let layer = BackpressureLayer::new(BufferConfig::default()).observer(
+///     move |event: &tower_backpressure::BackpressureEvent<'_>| {
+///         if let EventKind::Dropped { count, .. } = event.kind {
+///             counter.fetch_add(count, Ordering::Relaxed);
+///         }
+///     },
+/// );
+/// # let _ = layer;
+/// ```
+pub trait BackpressureObserver: Send + Sync + 'static {
+    /// Called for every event.
+    fn on_event(&self, event: &BackpressureEvent<'_>);
+}
+
+impl BackpressureObserver for () {
+    #[inline]
+    fn on_event(&self, _: &BackpressureEvent<'_>) {}
+}
+
+impl<F> BackpressureObserver for F
+where
+    F: Fn(&BackpressureEvent<'_>) + Send + Sync + 'static,
+{
+    fn on_event(&self, event: &BackpressureEvent<'_>) {
+        self(event)
+    }
+}
+
+impl<O: BackpressureObserver + ?Sized> BackpressureObserver for Arc<O> {
+    fn on_event(&self, event: &BackpressureEvent<'_>) {
+        (**self).on_event(event)
+    }
+}
+
+impl<A, B> BackpressureObserver for (A, B)
+where
+    A: BackpressureObserver,
+    B: BackpressureObserver,
+{
+    fn on_event(&self, event: &BackpressureEvent<'_>) {
+        self.0.on_event(event);
+        self.1.on_event(event);
+    }
+}
+
+#[cfg(feature = "tracing")]
+pub use self::tracing_observer::TracingObserver;
+
+#[cfg(feature = "tracing")]
+mod tracing_observer {
+    use super::*;
+
+    /// Logs backpressure through the `tracing` crate (feature `tracing`).
+    ///
+    /// - `warn` when a client comes under pressure, with the seed's numbers:
+    ///   `client 7 backpressure: 812/1000 buffered, 0 dropped`;
+    /// - `info` when it recovers;
+    /// - `debug` when a response opens or closes, and for each batch of drops.
+    ///
+    /// Fields: `client`, `peer`, `path`, `buffered`, `capacity`, `dropped`.
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct TracingObserver {
+        _priv: (),
+    }
+
+    impl TracingObserver {
+        /// A new observer.
+        pub fn new() -> Self {
+            Self::default()
+        }
+    }
+
+    impl BackpressureObserver for TracingObserver {
+        fn on_event(&self, event: &BackpressureEvent<'_>) {
+            let c = event.client;
+            let s = &event.stats;
+            let id = c.id().as_u64();
+            let peer = c.peer_addr().map(tracing::field::display);
+            let path = c.path();
+            match event.kind {
+                EventKind::Opened => tracing::debug!(
+                    client = id,
+                    peer,
+                    path,
+                    capacity = s.capacity,
+                    "client {id} stream opened"
+                ),
+                EventKind::Pressure => tracing::warn!(
+                    client = id,
+                    peer,
+                    path,
+                    buffered = s.buffered,
+                    capacity = s.capacity,
+                    dropped = s.dropped,
+                    "client {id} backpressure: {}/{} buffered, {} dropped",
+                    s.buffered,
+                    s.capacity,
+                    s.dropped
+                ),
+                EventKind::Dropped { count, bytes } => tracing::debug!(
+                    client = id,
+                    peer,
+                    path,
+                    count,
+                    bytes,
+                    dropped = s.dropped,
+                    "client {id} dropped {count} frames ({bytes} bytes)"
+                ),
+                EventKind::Recovered => tracing::info!(
+                    client = id,
+                    peer,
+                    path,
+                    buffered = s.buffered,
+                    capacity = s.capacity,
+                    dropped = s.dropped,
+                    "client {id} recovered: {}/{} buffered, {} dropped",
+                    s.buffered,
+                    s.capacity,
+                    s.dropped
+                ),
+                EventKind::Closed { reason } => tracing::debug!(
+                    client = id,
+                    peer,
+                    path,
+                    reason = reason.as_str(),
+                    sent = s.sent,
+                    dropped = s.dropped,
+                    "client {id} stream closed ({}): {} sent, {} dropped",
+                    reason.as_str(),
+                    s.sent,
+                    s.dropped
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use http::{Method, Uri};
+
+    use super::*;
+
+    fn event(client: &ClientInfo, kind: EventKind) -> BackpressureEvent<'_> {
+        BackpressureEvent {
+            client,
+            kind,
+            stats: BufferStats::default(),
+        }
+    }
+
+    #[test]
+    fn pairs_closures_and_arcs_all_hear_every_event() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let a = {
+            let seen = seen.clone();
+            move |e: &BackpressureEvent<'_>| seen.lock().unwrap().push(("a", e.kind))
+        };
+        let b = Arc::new({
+            let seen = seen.clone();
+            move |e: &BackpressureEvent<'_>| seen.lock().unwrap().push(("b", e.kind))
+        });
+        let observer = ((a, b), ());
+        let client = ClientInfo::new(Method::GET, Uri::from_static("/"), None);
+        observer.on_event(&event(&client, EventKind::Pressure));
+        observer.on_event(&event(
+            &client,
+            EventKind::Closed {
+                reason: CloseReason::Completed,
+            },
+        ));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![
+                ("a", EventKind::Pressure),
+                ("b", EventKind::Pressure),
+                (
+                    "a",
+                    EventKind::Closed {
+                        reason: CloseReason::Completed
+                    }
+                ),
+                (
+                    "b",
+                    EventKind::Closed {
+                        reason: CloseReason::Completed
+                    }
+                ),
+            ]
+        );
+    }
+
+    #[cfg(feature = "tracing")]
+    #[test]
+    fn tracing_observer_warns_with_the_seed_numbers() {
+        #[derive(Clone, Default)]
+        struct Capture(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let client = ClientInfo::new(Method::GET, Uri::from_static("/events"), None);
+        let id = client.id();
+        let o = TracingObserver::new();
+        tracing::subscriber::with_default(subscriber, || {
+            let mut e = event(&client, EventKind::Pressure);
+            e.stats.buffered = 812;
+            e.stats.capacity = 1000;
+            e.stats.dropped = 3;
+            o.on_event(&e);
+            o.on_event(&event(&client, EventKind::Recovered));
+            o.on_event(&event(
+                &client,
+                EventKind::Closed {
+                    reason: CloseReason::ClientGone,
+                },
+            ));
+        });
+        let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert!(lines[0].contains("WARN"), "{out}");
+        assert!(
+            lines[0].contains(&format!(
+                "client {id} backpressure: 812/1000 buffered, 3 dropped"
+            )),
+            "{out}"
+        );
+        assert!(
+            lines[1].contains("INFO") && lines[1].contains("recovered"),
+            "{out}"
+        );
+        assert!(
+            lines[2].contains("DEBUG") && lines[2].contains("client_gone"),
+            "{out}"
+        );
+    }
+}
