@@ -118,11 +118,10 @@ mod tests {
 
     use super::*;
 
-    fn streaming(
-        ct: &str,
-    ) -> http::Response<
-        StreamBody<futures_util::stream::Empty<Result<http_body::Frame<Bytes>, std::io::Error>>>,
-    > {
+    type EmptyStream =
+        StreamBody<futures_util::stream::Empty<Result<http_body::Frame<Bytes>, std::io::Error>>>;
+
+    fn streaming(ct: &str) -> http::Response<EmptyStream> {
         http::Response::builder()
             .header(header::CONTENT_TYPE, ct)
             .body(StreamBody::new(futures_util::stream::empty()))

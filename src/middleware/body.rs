@@ -159,7 +159,14 @@ impl<D, O: BackpressureObserver> Drop for Consumer<D, O> {
     fn drop(&mut self) {
         let waker = {
             let mut st = self.shared.lock();
-            self.shared.close(&mut st, CloseReason::ClientGone);
+            // hyper drops a body that says `is_end_stream` without polling
+            // it again: that is a completed stream, not a client gone.
+            let reason = if st.at_end() {
+                CloseReason::Completed
+            } else {
+                CloseReason::ClientGone
+            };
+            self.shared.close(&mut st, reason);
             st.pump_waker.take()
         };
         if let Some(w) = waker {

@@ -36,6 +36,13 @@ pub(crate) struct State<D> {
     pub(crate) pump_waker: Option<Waker>,
 }
 
+impl<D> State<D> {
+    /// The inner body ended and everything it left was handed out.
+    pub(crate) fn at_end(&self) -> bool {
+        self.end && self.buffer.is_empty() && self.trailers.is_none() && self.error.is_none()
+    }
+}
+
 impl<D, O: BackpressureObserver> Shared<D, O> {
     pub(crate) fn new(
         buffer: ClientBuffer<D, Remaining>,

@@ -1,0 +1,203 @@
+//! Shared helpers: a real hyper server on 127.0.0.1:0, a real client, and an
+//! observer that records every event.
+#![allow(dead_code, unreachable_pub)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::mpsc;
+use tower_backpressure::{BackpressureEvent, BufferStats, ClientId, EventKind, PeerAddr};
+
+/// A failure guard only: every wait in these tests ends on a signal; this
+/// bounds how long a broken build can hang.
+pub const GUARD: Duration = Duration::from_secs(60);
+
+pub async fn guard<F: Future>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(GUARD, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// One observed event, owned.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub id: ClientId,
+    pub peer: Option<SocketAddr>,
+    pub path: String,
+    pub kind: EventKind,
+    pub stats: BufferStats,
+}
+
+/// An observer that forwards every event to a channel.
+pub fn recorder() -> (
+    impl Fn(&BackpressureEvent<'_>) + Send + Sync + 'static,
+    mpsc::UnboundedReceiver<Seen>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let observer = move |e: &BackpressureEvent<'_>| {
+        let _ = tx.send(Seen {
+            id: e.client.id(),
+            peer: e.client.peer_addr(),
+            path: e.client.path().to_owned(),
+            kind: e.kind,
+            stats: e.stats,
+        });
+    };
+    (observer, rx)
+}
+
+/// Waits for the next event matching `pred`, returning it and every event
+/// seen on the way.
+pub async fn wait_for(
+    rx: &mut mpsc::UnboundedReceiver<Seen>,
+    all: &mut Vec<Seen>,
+    pred: impl Fn(&Seen) -> bool,
+) -> Seen {
+    guard("an observer event", async {
+        loop {
+            let seen = rx.recv().await.expect("observer channel closed");
+            all.push(seen.clone());
+            if pred(&seen) {
+                return seen;
+            }
+        }
+    })
+    .await
+}
+
+/// Serves `svc` over HTTP/1.1 on 127.0.0.1:0, one task per connection, with
+/// the peer address as a [`PeerAddr`] extension.
+pub async fn serve<S, B>(svc: S) -> SocketAddr
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                return;
+            };
+            let svc = tower::ServiceBuilder::new()
+                .map_request(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(PeerAddr(peer));
+                    req
+                })
+                .service(svc.clone());
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(
+                        TokioIo::new(stream),
+                        hyper_util::service::TowerToHyperService::new(svc),
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A real HTTP/1.1 client connection; `recv_buffer` shrinks the socket's
+/// receive buffer so that a client that stops reading stalls the server soon.
+pub struct Client {
+    pub local: SocketAddr,
+    pub sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>,
+    pub conn: tokio::task::JoinHandle<()>,
+}
+
+pub async fn connect(addr: SocketAddr, recv_buffer: Option<u32>) -> Client {
+    let socket = TcpSocket::new_v4().unwrap();
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let stream = socket.connect(addr).await.unwrap();
+    let local = stream.local_addr().unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Client {
+        local,
+        sender,
+        conn,
+    }
+}
+
+pub async fn get(client: &mut Client, path: &str) -> Response<Incoming> {
+    let req = Request::get(path)
+        .header("host", "localhost")
+        .header("te", "trailers")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    guard("response headers", client.sender.send_request(req))
+        .await
+        .unwrap()
+}
+
+/// Everything a client read: the data, concatenated, and the trailers.
+pub struct Read {
+    pub data: Vec<u8>,
+    pub trailers: Option<http::HeaderMap>,
+}
+
+pub async fn read_all(body: Incoming) -> Read {
+    let collected = guard("the whole body", body.collect()).await.unwrap();
+    let trailers = collected.trailers().cloned();
+    Read {
+        data: collected.to_bytes().to_vec(),
+        trailers,
+    }
+}
+
+/// An SSE event of exactly `size` bytes carrying `seq` as its id.
+pub fn sse_event(seq: u64, size: usize) -> Bytes {
+    let head = format!("id: {seq}\ndata: ");
+    let pad = size - head.len() - 2;
+    let mut s = head;
+    s.extend(std::iter::repeat_n('x', pad));
+    s.push_str("\n\n");
+    Bytes::from(s)
+}
+
+/// The ids of a concatenation of SSE events.
+pub fn sse_ids(data: &[u8]) -> Vec<u64> {
+    std::str::from_utf8(data)
+        .unwrap()
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let line = e.lines().next().unwrap();
+            line.strip_prefix("id: ")
+                .unwrap_or_else(|| panic!("not an event: {e:?}"))
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Sends on drop: tells a test that a body (and so its pump) is gone.
+pub struct DropSignal(pub Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
