@@ -77,3 +77,8 @@ pub use crate::predicate::{DefaultPredicate, Predicate};
 /// The error type of a buffered body: the inner body's error, boxed, or
 /// [`PumpStopped`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The README's snippets, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
