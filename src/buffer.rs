@@ -1,11 +1,12 @@
 //! The per-client ring buffer, usable on its own.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
 
 use bytes::{Buf, Bytes};
 use http_body::Frame;
 
-use crate::config::{BufferConfig, ConfigError};
+use crate::config::{BufferConfig, ConfigError, Overflow};
 
 /// How many bytes an item counts for against
 /// [`BufferConfig::max_bytes`].
@@ -92,20 +93,62 @@ impl<T: Buf> Weigher<T> for Remaining {
     }
 }
 
-/// What one [`ClientBuffer::push`] evicted to make room.
+/// What one push dropped to make room (or, under
+/// [`Overflow::DropNewest`], the pushed item itself).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Evicted {
-    /// Frames dropped, oldest first.
+pub struct Dropped {
+    /// Frames dropped.
     pub frames: usize,
     /// Their total weight.
     pub bytes: usize,
 }
 
+/// How a frame may be treated when the buffer is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FrameClass {
+    /// May be dropped (the default).
+    #[default]
+    Droppable,
+    /// Never dropped. Critical frames count against the limits, but when
+    /// only critical frames are left the buffer grows past its limits rather
+    /// than lose one.
+    Critical,
+    /// Droppable, and superseded by a newer frame with the same key: only the
+    /// newest frame of a key waits in the buffer (a keep-alive, a "latest
+    /// price" per symbol). A superseded frame counts as
+    /// [`replaced`](BufferStats::replaced), not as dropped, and leaves no gap.
+    Replace(u64),
+}
+
+/// Frames lost at one point of a stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gap {
+    /// Frames dropped.
+    pub frames: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+impl Gap {
+    fn add(&mut self, other: Gap) {
+        self.frames += other.frames;
+        self.bytes += other.bytes;
+    }
+
+    /// No frame was lost.
+    pub fn is_empty(&self) -> bool {
+        self.frames == 0
+    }
+}
+
 /// A copyable snapshot of a [`ClientBuffer`]'s counters.
 ///
-/// The counters keep one invariant: `pushed == sent + dropped + buffered`.
+/// The counters keep one invariant:
+/// `pushed == sent + dropped + replaced + buffered`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct BufferStats {
     /// Frames waiting now.
     pub buffered: usize,
@@ -115,7 +158,8 @@ pub struct BufferStats {
     pub capacity: usize,
     /// The byte limit, if any.
     pub max_bytes: Option<usize>,
-    /// Frames ever pushed.
+    /// Frames ever pushed (including any refused under
+    /// [`Overflow::DropNewest`]).
     pub pushed: u64,
     /// Frames taken out with [`ClientBuffer::pop`] (for the layer: handed to
     /// the connection).
@@ -124,6 +168,9 @@ pub struct BufferStats {
     pub dropped: u64,
     /// Bytes dropped to make room.
     pub dropped_bytes: u64,
+    /// Frames superseded by a newer frame of the same
+    /// [`FrameClass::Replace`] key.
+    pub replaced: u64,
     /// The most frames ever buffered at once.
     pub high_water: usize,
     /// The most bytes ever buffered at once.
@@ -132,17 +179,36 @@ pub struct BufferStats {
     pub healthy: bool,
 }
 
-/// A bounded, drop-oldest ring buffer for one client.
+struct Slot<T> {
+    /// `None`: removed from the middle (a tombstone, skipped by `pop`).
+    item: Option<T>,
+    weight: usize,
+    seq: u64,
+    critical: bool,
+    key: Option<u64>,
+    /// Frames dropped right before this one.
+    gap: Gap,
+}
+
+/// A bounded ring buffer for one client that drops the oldest frames.
 ///
 /// Synchronous and lock-free inside: wrap it in your own mutex to share it,
 /// or let [`BackpressureLayer`](crate::BackpressureLayer) do that for a
 /// response body. Limits are in frames ([`BufferConfig::capacity`]) and
 /// optionally in bytes ([`BufferConfig::max_bytes`], each item weighed by a
-/// [`Weigher`]); whichever is reached first evicts the oldest items.
+/// [`Weigher`]); whichever is reached first makes room by dropping, as
+/// [`BufferConfig::overflow`] says: the oldest droppable frame
+/// ([`Overflow::DropOldest`], the default, and also what the buffer itself
+/// does under `Pause` and `Disconnect`, which the layer applies before
+/// pushing) or the incoming one ([`Overflow::DropNewest`]).
+///
+/// Every drop is remembered at its place in the stream:
+/// [`pop_with_gap`](Self::pop_with_gap) tells, with each item, how many
+/// frames were lost right before it.
 ///
 /// # An item larger than `max_bytes`
 ///
-/// It is kept, alone: the ring empties to take it, and the eviction is
+/// It is kept, alone: the ring empties to take it, and the evictions are
 /// counted. A producer's frame size bounds it, so memory stays bounded by
 /// `max(max_bytes, largest frame)`, and a stream of large frames still
 /// reaches the client instead of being starved.
@@ -159,24 +225,41 @@ pub struct BufferStats {
 /// assert_eq!(buffer.len(), 10);
 /// assert_eq!(buffer.stats().dropped, 10);
 ///
-/// let sent: Vec<u32> = buffer.drain().collect();
-/// assert_eq!(sent, (10..20).collect::<Vec<_>>());
+/// let (first, gap) = buffer.pop_with_gap().unwrap();
+/// assert_eq!((first, gap.frames), (10, 10));
+/// let rest: Vec<u32> = buffer.drain().collect();
+/// assert_eq!(rest, (11..20).collect::<Vec<_>>());
 /// assert!(buffer.is_empty());
 /// ```
-#[derive(Debug, Clone)]
 pub struct ClientBuffer<T, W = ByWeigh> {
-    items: VecDeque<(T, usize)>,
+    slots: VecDeque<Slot<T>>,
+    /// Latest live slot of each replace key.
+    keys: HashMap<u64, u64>,
     config: BufferConfig,
     pressure_frames: usize,
     pressure_bytes: usize,
     weigher: W,
+    live: usize,
     bytes: usize,
+    next_seq: u64,
+    /// Frames dropped after the last live slot: attached to the next push.
+    trailing_gap: Gap,
     pushed: u64,
     sent: u64,
     dropped: u64,
     dropped_bytes: u64,
+    replaced: u64,
     high_water: usize,
     high_water_bytes: usize,
+}
+
+impl<T, W> fmt::Debug for ClientBuffer<T, W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuffer")
+            .field("config", &self.config)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<T> ClientBuffer<T> {
@@ -214,16 +297,21 @@ impl<T, W> ClientBuffer<T, W> {
         config.validate()?;
         Ok(Self {
             // Grow on demand: a fast client never needs the whole capacity.
-            items: VecDeque::with_capacity(config.get_capacity().min(16)),
+            slots: VecDeque::with_capacity(config.get_capacity().min(16)),
+            keys: HashMap::new(),
             config,
             pressure_frames: config.pressure_frames(),
             pressure_bytes: config.pressure_bytes().unwrap_or(usize::MAX),
             weigher,
+            live: 0,
             bytes: 0,
+            next_seq: 0,
+            trailing_gap: Gap::default(),
             pushed: 0,
             sent: 0,
             dropped: 0,
             dropped_bytes: 0,
+            replaced: 0,
             high_water: 0,
             high_water_bytes: 0,
         })
@@ -236,12 +324,12 @@ impl<T, W> ClientBuffer<T, W> {
 
     /// Frames waiting.
     pub fn len(&self) -> usize {
-        self.items.len()
+        self.live
     }
 
     /// No frame waiting.
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.live == 0
     }
 
     /// Total weight of the frames waiting.
@@ -249,17 +337,36 @@ impl<T, W> ClientBuffer<T, W> {
         self.bytes
     }
 
+    /// Whether an item of `weight` bytes fits without dropping anything.
+    pub fn has_room_for(&self, weight: usize) -> bool {
+        self.live < self.config.get_capacity()
+            && (self.live == 0
+                || self.bytes.saturating_add(weight)
+                    <= self.config.get_max_bytes().unwrap_or(usize::MAX))
+    }
+
+    /// Whether the buffer is at a limit: the next push would drop.
+    pub fn is_full(&self) -> bool {
+        !self.has_room_for(1)
+    }
+
     /// Below the pressure threshold: fewer than `ceil(threshold × capacity)`
     /// frames, and (with a byte limit) fewer than `ceil(threshold ×
     /// max_bytes)` bytes.
     pub fn is_healthy(&self) -> bool {
-        self.items.len() < self.pressure_frames && self.bytes < self.pressure_bytes
+        self.live < self.pressure_frames && self.bytes < self.pressure_bytes
+    }
+
+    /// Frames dropped after the newest waiting frame, not yet attached to a
+    /// frame (they will be, to the next one pushed).
+    pub fn trailing_gap(&self) -> Gap {
+        self.trailing_gap
     }
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> BufferStats {
         BufferStats {
-            buffered: self.items.len(),
+            buffered: self.live,
             buffered_bytes: self.bytes,
             capacity: self.config.get_capacity(),
             max_bytes: self.config.get_max_bytes(),
@@ -267,6 +374,7 @@ impl<T, W> ClientBuffer<T, W> {
             sent: self.sent,
             dropped: self.dropped,
             dropped_bytes: self.dropped_bytes,
+            replaced: self.replaced,
             high_water: self.high_water,
             high_water_bytes: self.high_water_bytes,
             healthy: self.is_healthy(),
@@ -275,10 +383,29 @@ impl<T, W> ClientBuffer<T, W> {
 
     /// Takes the oldest frame, counting it as sent.
     pub fn pop(&mut self) -> Option<T> {
-        let (item, weight) = self.items.pop_front()?;
-        self.bytes -= weight;
-        self.sent += 1;
-        Some(item)
+        self.pop_with_gap().map(|(item, _)| item)
+    }
+
+    /// Takes the oldest frame with the frames dropped right before it.
+    pub fn pop_with_gap(&mut self) -> Option<(T, Gap)> {
+        loop {
+            let slot = self.slots.pop_front()?;
+            if let Some(item) = slot.item {
+                self.live -= 1;
+                self.bytes -= slot.weight;
+                self.sent += 1;
+                self.forget_key(&slot.key, slot.seq);
+                return Some((item, slot.gap));
+            }
+        }
+    }
+
+    /// The weight of the oldest frame and the gap before it, without taking
+    /// it.
+    pub fn peek(&self) -> Option<(&T, usize, Gap)> {
+        self.slots
+            .iter()
+            .find_map(|s| s.item.as_ref().map(|i| (i, s.weight, s.gap)))
     }
 
     /// Takes every frame, oldest first, counting each as sent.
@@ -288,55 +415,198 @@ impl<T, W> ClientBuffer<T, W> {
 
     /// Discards every waiting frame, counting them as dropped; returns what
     /// was discarded.
-    pub fn clear(&mut self) -> Evicted {
-        let evicted = Evicted {
-            frames: self.items.len(),
-            bytes: self.bytes,
-        };
-        self.items.clear();
+    pub fn clear(&mut self) -> Dropped {
+        let mut evicted = Dropped::default();
+        while let Some(slot) = self.slots.pop_front() {
+            if slot.item.is_some() {
+                evicted.frames += 1;
+                evicted.bytes += slot.weight;
+            }
+            self.trailing_gap.add(slot.gap);
+        }
+        self.trailing_gap.add(Gap {
+            frames: evicted.frames as u64,
+            bytes: evicted.bytes as u64,
+        });
+        self.keys.clear();
+        self.live = 0;
         self.bytes = 0;
         self.dropped += evicted.frames as u64;
         self.dropped_bytes += evicted.bytes as u64;
         evicted
     }
 
-    fn evict_oldest(&mut self) -> Option<(T, usize)> {
-        let (item, weight) = self.items.pop_front()?;
-        self.bytes -= weight;
+    /// Empties the buffer without counting anything: for a response that
+    /// has closed, whose frames will never be delivered.
+    pub(crate) fn discard(&mut self) {
+        self.slots.clear();
+        self.keys.clear();
+        self.live = 0;
+        self.bytes = 0;
+    }
+
+    /// Counts an incoming frame dropped before it reached the ring (a memory
+    /// budget refused it).
+    pub(crate) fn count_rejected(&mut self, weight: usize) {
+        self.pushed += 1;
+        self.dropped += 1;
+        self.dropped_bytes += weight as u64;
+        self.trailing_gap.add(Gap {
+            frames: 1,
+            bytes: weight as u64,
+        });
+    }
+
+    /// Drops the oldest droppable frame; `None` if every waiting frame is
+    /// critical.
+    pub fn evict_oldest(&mut self) -> Option<(T, usize)> {
+        let index = self
+            .slots
+            .iter()
+            .position(|s| s.item.is_some() && !s.critical)?;
+        let (item, weight) = self.remove_at(index);
         self.dropped += 1;
         self.dropped_bytes += weight as u64;
         Some((item, weight))
     }
+
+    /// Removes the live slot at `index`, handing its gap (plus itself unless
+    /// `replaced`) on to the next live slot.
+    fn remove_at(&mut self, index: usize) -> (T, usize) {
+        let slot = &mut self.slots[index];
+        let item = slot.item.take().expect("live slot");
+        let (weight, key, seq) = (slot.weight, slot.key, slot.seq);
+        let gap = std::mem::take(&mut slot.gap);
+        self.live -= 1;
+        self.bytes -= weight;
+        self.forget_key(&key, seq);
+        let mut carried = gap;
+        carried.add(Gap {
+            frames: 1,
+            bytes: weight as u64,
+        });
+        self.carry_gap(index, carried);
+        self.compact();
+        (item, weight)
+    }
+
+    fn carry_gap(&mut self, index: usize, gap: Gap) {
+        match self
+            .slots
+            .iter_mut()
+            .skip(index + 1)
+            .find(|s| s.item.is_some())
+        {
+            Some(next) => next.gap.add(gap),
+            None => self.trailing_gap.add(gap),
+        }
+    }
+
+    fn forget_key(&mut self, key: &Option<u64>, seq: u64) {
+        if let Some(k) = key {
+            if self.keys.get(k) == Some(&seq) {
+                self.keys.remove(k);
+            }
+        }
+    }
+
+    /// Drops tombstones from the front, and all of them once they outnumber
+    /// live slots, so the ring stays within a constant factor of its limits.
+    fn compact(&mut self) {
+        while self.slots.front().is_some_and(|s| s.item.is_none()) {
+            self.slots.pop_front();
+        }
+        if self.slots.len() > 2 * self.live + 16 {
+            self.slots.retain(|s| s.item.is_some());
+        }
+    }
+
+    fn index_of(&self, seq: u64) -> Option<usize> {
+        self.slots.binary_search_by_key(&seq, |s| s.seq).ok()
+    }
 }
 
 impl<T, W: Weigher<T>> ClientBuffer<T, W> {
-    /// Appends `item`, dropping the oldest frames if a limit would be
+    /// Appends a droppable `item`, dropping frames if a limit would be
     /// exceeded; returns what was dropped.
-    pub fn push(&mut self, item: T) -> Evicted {
-        self.push_with(item, drop)
+    pub fn push(&mut self, item: T) -> Dropped {
+        self.push_with(item, FrameClass::Droppable, drop)
     }
 
-    /// Like [`push`](Self::push), handing every evicted item, oldest first,
-    /// to `on_evict`.
-    pub fn push_with(&mut self, item: T, mut on_evict: impl FnMut(T)) -> Evicted {
+    /// Appends `item` of `class`, handing every dropped item (oldest first;
+    /// under [`Overflow::DropNewest`] possibly `item` itself) to `on_drop`.
+    pub fn push_with(&mut self, item: T, class: FrameClass, mut on_drop: impl FnMut(T)) -> Dropped {
         let weight = self.weigher.weigh(&item);
+        self.pushed += 1;
+        let key = match class {
+            FrameClass::Replace(key) => {
+                if let Some(index) = self.keys.get(&key).and_then(|&seq| self.index_of(seq)) {
+                    let slot = &mut self.slots[index];
+                    let old = slot.item.take().expect("keys point at live slots");
+                    let gap = std::mem::take(&mut slot.gap);
+                    self.live -= 1;
+                    self.bytes -= slot.weight;
+                    self.replaced += 1;
+                    self.keys.remove(&key);
+                    // What was lost before the superseded frame is still lost.
+                    if !gap.is_empty() {
+                        self.carry_gap(index, gap);
+                    }
+                    self.compact();
+                    drop(old);
+                }
+                Some(key)
+            }
+            _ => None,
+        };
+        let critical = class == FrameClass::Critical;
         let capacity = self.config.get_capacity();
         let max_bytes = self.config.get_max_bytes().unwrap_or(usize::MAX);
-        let mut evicted = Evicted::default();
-        while self.items.len() >= capacity
-            || (!self.items.is_empty() && self.bytes.saturating_add(weight) > max_bytes)
+        let mut evicted = Dropped::default();
+        while self.live >= capacity
+            || (self.live > 0 && self.bytes.saturating_add(weight) > max_bytes)
         {
-            let Some((old, w)) = self.evict_oldest() else {
-                break;
-            };
-            evicted.frames += 1;
-            evicted.bytes += w;
-            on_evict(old);
+            let drop_new = !critical
+                && (self.config.get_overflow() == Overflow::DropNewest
+                    || !self.slots.iter().any(|s| s.item.is_some() && !s.critical));
+            if drop_new {
+                self.dropped += 1;
+                self.dropped_bytes += weight as u64;
+                self.trailing_gap.add(Gap {
+                    frames: 1,
+                    bytes: weight as u64,
+                });
+                evicted.frames += 1;
+                evicted.bytes += weight;
+                on_drop(item);
+                return evicted;
+            }
+            match self.evict_oldest() {
+                Some((old, w)) => {
+                    evicted.frames += 1;
+                    evicted.bytes += w;
+                    on_drop(old);
+                }
+                // Only critical frames left and this one is critical too.
+                None => break,
+            }
         }
-        self.items.push_back((item, weight));
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if let Some(k) = key {
+            self.keys.insert(k, seq);
+        }
+        self.slots.push_back(Slot {
+            item: Some(item),
+            weight,
+            seq,
+            critical,
+            key,
+            gap: std::mem::take(&mut self.trailing_gap),
+        });
+        self.live += 1;
         self.bytes += weight;
-        self.pushed += 1;
-        self.high_water = self.high_water.max(self.items.len());
+        self.high_water = self.high_water.max(self.live);
         self.high_water_bytes = self.high_water_bytes.max(self.bytes);
         evicted
     }
@@ -377,13 +647,17 @@ mod tests {
     fn push_reports_what_it_evicted_in_order() {
         let mut buffer = ClientBuffer::new(BufferConfig::new(3));
         for i in 0..3u8 {
-            assert_eq!(buffer.push(Bytes::from(vec![i; 4])), Evicted::default());
+            assert_eq!(buffer.push(Bytes::from(vec![i; 4])), Dropped::default());
         }
         let mut gone = Vec::new();
-        let ev = buffer.push_with(Bytes::from_static(b"new"), |b| gone.push(b[0]));
+        let ev = buffer.push_with(
+            Bytes::from_static(b"new"),
+            FrameClass::Droppable,
+            |b: Bytes| gone.push(b[0]),
+        );
         assert_eq!(
             ev,
-            Evicted {
+            Dropped {
                 frames: 1,
                 bytes: 4
             }
@@ -420,7 +694,7 @@ mod tests {
         let ev = buffer.push(Bytes::from_static(b"dddddd"));
         assert_eq!(
             ev,
-            Evicted {
+            Dropped {
                 frames: 2,
                 bytes: 5
             }
@@ -437,7 +711,7 @@ mod tests {
         let ev = buffer.push(Bytes::from(vec![b'x'; 20]));
         assert_eq!(
             ev,
-            Evicted {
+            Dropped {
                 frames: 2,
                 bytes: 6
             }
@@ -448,7 +722,7 @@ mod tests {
         let ev = buffer.push(Bytes::from_static(b"ghi"));
         assert_eq!(
             ev,
-            Evicted {
+            Dropped {
                 frames: 1,
                 bytes: 20
             }

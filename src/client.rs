@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{Extensions, Method, Uri};
@@ -56,6 +57,7 @@ pub struct ClientInfo {
     peer: Option<SocketAddr>,
     method: Method,
     uri: Uri,
+    route: Option<Arc<str>>,
 }
 
 impl ClientInfo {
@@ -66,7 +68,21 @@ impl ClientInfo {
             peer,
             method,
             uri,
+            route: None,
         }
+    }
+
+    /// Sets the route template (e.g. `/rooms/{id}/events`), a low-cardinality
+    /// name for metrics.
+    pub fn with_route(mut self, route: impl Into<Arc<str>>) -> Self {
+        self.route = Some(route.into());
+        self
+    }
+
+    /// The route template, when known: with the `axum` feature, from axum's
+    /// `MatchedPath`.
+    pub fn route(&self) -> Option<&str> {
+        self.route.as_deref()
     }
 
     /// The process-unique id.
@@ -93,6 +109,15 @@ impl ClientInfo {
     pub fn path(&self) -> &str {
         self.uri.path()
     }
+}
+
+/// Reads the route template from a request's extensions.
+pub(crate) fn route(_extensions: &Extensions) -> Option<Arc<str>> {
+    #[cfg(feature = "axum")]
+    if let Some(m) = _extensions.get::<axum::extract::MatchedPath>() {
+        return Some(Arc::from(m.as_str()));
+    }
+    None
 }
 
 /// Reads the peer address from a request's extensions.

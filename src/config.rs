@@ -1,6 +1,7 @@
 //! Buffer limits and the seed's presets.
 
 use std::fmt;
+use std::time::Duration;
 
 /// Limits of one client's ring buffer.
 ///
@@ -10,12 +11,15 @@ use std::fmt;
 /// value is refused there with a [`ConfigError`], never discovered
 /// mid-stream.
 ///
-/// | preset | capacity | threshold | for |
-/// |---|---|---|---|
-/// | [`default`](Self::default) | 1000 | 0.8 | general use |
-/// | [`low_latency`](Self::low_latency) | 100 | 0.3 | real-time dashboards: small buffer, early warning |
-/// | [`high_throughput`](Self::high_throughput) | 5000 | 0.8 | analytics feeds: large buffer, late warning |
-/// | [`mobile`](Self::mobile) | 2000 | 0.5 | unstable networks: room to recover after a stall |
+/// | preset | capacity | threshold | flush | for |
+/// |---|---|---|---|---|
+/// | [`default`](Self::default) | 1000 | 0.8 | immediate | general use |
+/// | [`low_latency`](Self::low_latency) | 100 | 0.3 | immediate | real-time dashboards: small buffer, early warning |
+/// | [`high_throughput`](Self::high_throughput) | 5000 | 0.8 | coalesce 100 frames / 64 KiB | analytics feeds: large buffer, late warning, fewer writes |
+/// | [`mobile`](Self::mobile) | 2000 | 0.5 | every 200 ms | unstable networks: room to recover, fewer radio wake-ups |
+///
+/// Every preset drops the oldest frames ([`Overflow::DropOldest`]) and
+/// evicts no client ([`Eviction::none`]).
 ///
 /// # Example
 ///
@@ -37,6 +41,9 @@ pub struct BufferConfig {
     capacity: usize,
     max_bytes: Option<usize>,
     threshold: f64,
+    overflow: Overflow,
+    flush: Flush,
+    eviction: Eviction,
 }
 
 impl Default for BufferConfig {
@@ -46,6 +53,9 @@ impl Default for BufferConfig {
             capacity: 1000,
             max_bytes: None,
             threshold: 0.8,
+            overflow: Overflow::DropOldest,
+            flush: Flush::Immediate,
+            eviction: Eviction::none(),
         }
     }
 }
@@ -56,28 +66,72 @@ impl BufferConfig {
         Self::default().capacity(capacity)
     }
 
-    /// Small buffer, early warning: 100 frames, threshold 0.3.
+    /// Small buffer, early warning: 100 frames, threshold 0.3, each frame
+    /// written as soon as the connection takes it.
     ///
     /// For real-time dashboards where an old frame is worth little: the
     /// client skips ahead quickly and operators hear about it early.
     pub fn low_latency() -> Self {
-        Self::new(100).threshold(0.3)
+        Self::new(100).threshold(0.3).flush(Flush::Immediate)
     }
 
-    /// Large buffer, late warning: 5000 frames, threshold 0.8.
+    /// Large buffer, late warning: 5000 frames, threshold 0.8, waiting frames
+    /// coalesced into writes of up to 100 frames or 64 KiB.
     ///
     /// For analytics feeds where completeness matters more than latency and
-    /// short bursts should be absorbed without alerts.
+    /// short bursts should be absorbed without alerts; at high rates fewer,
+    /// larger writes cost less (the seed's batch flush).
     pub fn high_throughput() -> Self {
-        Self::new(5000).threshold(0.8)
+        Self::new(5000)
+            .threshold(0.8)
+            .flush(Flush::coalesce(100, 64 * 1024))
     }
 
-    /// Medium buffer with room to recover: 2000 frames, threshold 0.5.
+    /// Medium buffer with room to recover: 2000 frames, threshold 0.5,
+    /// released every 200 ms.
     ///
     /// For mobile and unstable networks, where a client stalls for seconds
-    /// and then catches up.
+    /// and then catches up; batching writes every 200 ms (the seed's
+    /// adaptive flush period) lets the radio sleep between them.
     pub fn mobile() -> Self {
-        Self::new(2000).threshold(0.5)
+        Self::new(2000)
+            .threshold(0.5)
+            .flush(Flush::interval(Duration::from_millis(200)))
+    }
+
+    /// What happens when the buffer is full. Default
+    /// [`Overflow::DropOldest`].
+    pub fn overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+
+    /// How waiting frames are handed to the connection. Default
+    /// [`Flush::Immediate`].
+    pub fn flush(mut self, flush: Flush) -> Self {
+        self.flush = flush;
+        self
+    }
+
+    /// When to give up on a client. Default [`Eviction::none`].
+    pub fn evict(mut self, eviction: Eviction) -> Self {
+        self.eviction = eviction;
+        self
+    }
+
+    /// The overflow policy.
+    pub fn get_overflow(&self) -> Overflow {
+        self.overflow
+    }
+
+    /// The flush strategy.
+    pub fn get_flush(&self) -> Flush {
+        self.flush
+    }
+
+    /// The eviction rules.
+    pub fn get_eviction(&self) -> Eviction {
+        self.eviction
     }
 
     /// Maximum number of frames kept; the oldest is dropped past it.
@@ -140,6 +194,40 @@ impl BufferConfig {
                 self.threshold
             )));
         }
+        match self.flush {
+            Flush::Immediate => {}
+            Flush::Coalesce {
+                max_frames,
+                max_bytes,
+            }
+            | Flush::Interval {
+                max_frames,
+                max_bytes,
+                ..
+            } if max_frames == 0 || max_bytes == 0 => {
+                return Err(ConfigError::new(format!(
+                    "flush limits must be at least 1, got {max_frames} frames and {max_bytes} bytes"
+                )));
+            }
+            Flush::Interval { period, .. } if period.is_zero() => {
+                return Err(ConfigError::new(
+                    "flush interval must be longer than zero".into(),
+                ));
+            }
+            _ => {}
+        }
+        let e = self.eviction;
+        for (name, d) in [
+            ("after_stall", e.stall),
+            ("after_pressure_for", e.pressure),
+            ("after_dropped_within", e.dropped_within.map(|(_, w)| w)),
+        ] {
+            if d.is_some_and(|d| d.is_zero()) {
+                return Err(ConfigError::new(format!(
+                    "eviction {name} needs a duration longer than zero"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -152,6 +240,159 @@ impl BufferConfig {
     pub(crate) fn pressure_bytes(&self) -> Option<usize> {
         self.max_bytes
             .map(|m| ((m as f64 * self.threshold).ceil() as usize).clamp(1, m))
+    }
+}
+
+/// What happens when a frame arrives and the buffer is full.
+///
+/// | policy | the producer | the slow client | peers that do the same |
+/// |---|---|---|---|
+/// | `DropOldest` | never waits | gets the newest frames, a gap before them | tokio `broadcast` (receiver lags) |
+/// | `DropNewest` | never waits | gets the oldest frames, a gap after them | the NATS client (slow consumer) |
+/// | `Pause` | waits for room: backpressure reaches it | gets every frame, late | a bounded channel |
+/// | `Disconnect` | never waits | is cut off: reset connection / `RST_STREAM` | Centrifugo, Spring's decorator (terminate) |
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Overflow {
+    /// Drop the oldest droppable frame (the default).
+    #[default]
+    DropOldest,
+    /// Drop the incoming frame.
+    DropNewest,
+    /// Stop pulling from the inner body until there is room, so backpressure
+    /// reaches the producer: for producers that can wait. Nothing is dropped.
+    Pause,
+    /// End the response with an error ([`Evicted`](crate::Evicted) with
+    /// [`EvictReason::Overflow`](crate::EvictReason::Overflow)), which hyper
+    /// turns into a reset connection (HTTP/1) or `RST_STREAM` (HTTP/2).
+    Disconnect,
+}
+
+/// How waiting frames are handed to the connection.
+///
+/// Coalescing joins several data frames into one, which only bodies whose
+/// data is `bytes::Bytes` can do (axum, tonic and hyper bodies are); frames of
+/// other data types go out one by one, at the same moments. A frame is never
+/// joined across a gap marker or trailers, and order is always kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Flush {
+    /// Each frame goes out as soon as the connection takes it (the default).
+    Immediate,
+    /// When several data frames wait, hand them out as one frame of up to
+    /// `max_frames` frames or `max_bytes` bytes: fewer writes at high rates.
+    Coalesce {
+        /// Most frames joined into one.
+        max_frames: usize,
+        /// Most bytes joined into one (a single larger frame still goes out
+        /// whole).
+        max_bytes: usize,
+    },
+    /// Release waiting frames at most every `period`, coalescing what
+    /// accumulated (the seed's periodic flush). The end of the stream is never
+    /// held back past one period.
+    Interval {
+        /// Time between releases.
+        period: Duration,
+        /// Most frames joined into one.
+        max_frames: usize,
+        /// Most bytes joined into one.
+        max_bytes: usize,
+    },
+}
+
+impl Default for Flush {
+    fn default() -> Self {
+        Flush::Immediate
+    }
+}
+
+impl Flush {
+    /// [`Flush::Coalesce`] with these limits.
+    pub fn coalesce(max_frames: usize, max_bytes: usize) -> Self {
+        Flush::Coalesce {
+            max_frames,
+            max_bytes,
+        }
+    }
+
+    /// [`Flush::Interval`] every `period`, joining up to 1024 frames or
+    /// 256 KiB into one.
+    pub fn interval(period: Duration) -> Self {
+        Flush::Interval {
+            period,
+            max_frames: 1024,
+            max_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Rules that give up on a client that will not recover; any combination,
+/// none by default.
+///
+/// An evicted client's response ends with an error ([`Evicted`](crate::Evicted)),
+/// which hyper turns into a reset connection or `RST_STREAM`, and `Closed`
+/// reports [`CloseReason::Evicted`](crate::CloseReason::Evicted) with the rule
+/// that fired.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_backpressure::{BufferConfig, Eviction};
+///
+/// let config = BufferConfig::default().evict(
+///     Eviction::none()
+///         .after_dropped(10_000)
+///         .after_stall(Duration::from_secs(30)),
+/// );
+/// # config.validate().unwrap();
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Eviction {
+    pub(crate) dropped: Option<u64>,
+    pub(crate) dropped_within: Option<(u64, Duration)>,
+    pub(crate) stall: Option<Duration>,
+    pub(crate) pressure: Option<Duration>,
+}
+
+impl Eviction {
+    /// No rule: never evict.
+    pub const fn none() -> Self {
+        Self {
+            dropped: None,
+            dropped_within: None,
+            stall: None,
+            pressure: None,
+        }
+    }
+
+    /// Evict once more than `frames` frames were dropped in total.
+    pub fn after_dropped(mut self, frames: u64) -> Self {
+        self.dropped = Some(frames);
+        self
+    }
+
+    /// Evict once more than `frames` frames were dropped within any `window`.
+    pub fn after_dropped_within(mut self, frames: u64, window: Duration) -> Self {
+        self.dropped_within = Some((frames, window));
+        self
+    }
+
+    /// Evict when the client has taken no frame for `timeout` while frames
+    /// wait (a write deadline, like NATS's or Spring's send time limit).
+    pub fn after_stall(mut self, timeout: Duration) -> Self {
+        self.stall = Some(timeout);
+        self
+    }
+
+    /// Evict when the buffer has stayed over its threshold for `timeout`.
+    pub fn after_pressure_for(mut self, timeout: Duration) -> Self {
+        self.pressure = Some(timeout);
+        self
+    }
+
+    /// Whether any rule is set.
+    pub fn is_none(&self) -> bool {
+        *self == Self::none()
     }
 }
 
@@ -187,6 +428,15 @@ mod tests {
         assert_eq!((c.get_capacity(), c.get_threshold()), (5000, 0.8));
         let c = BufferConfig::mobile();
         assert_eq!((c.get_capacity(), c.get_threshold()), (2000, 0.5));
+        assert_eq!(BufferConfig::low_latency().get_flush(), Flush::Immediate);
+        assert_eq!(
+            BufferConfig::high_throughput().get_flush(),
+            Flush::coalesce(100, 64 * 1024)
+        );
+        assert_eq!(
+            BufferConfig::mobile().get_flush(),
+            Flush::interval(Duration::from_millis(200))
+        );
         for c in [
             BufferConfig::default(),
             BufferConfig::low_latency(),
@@ -207,6 +457,15 @@ mod tests {
         assert!(msg(BufferConfig::default().threshold(1.01)).contains("threshold"));
         assert!(msg(BufferConfig::default().threshold(f64::NAN)).contains("threshold"));
         BufferConfig::default().threshold(1.0).validate().unwrap();
+        assert!(msg(BufferConfig::default().flush(Flush::coalesce(0, 10))).contains("flush"));
+        assert!(
+            msg(BufferConfig::default().flush(Flush::interval(Duration::ZERO)))
+                .contains("interval")
+        );
+        assert!(
+            msg(BufferConfig::default().evict(Eviction::none().after_stall(Duration::ZERO)))
+                .contains("after_stall")
+        );
     }
 
     #[test]

@@ -46,7 +46,10 @@
 //! # Features
 //!
 //! - `tracing` (default): [`TracingObserver`].
-//! - `axum`: read the peer address from axum's `ConnectInfo<SocketAddr>`.
+//! - `axum`: read the peer address from axum's `ConnectInfo<SocketAddr>` and
+//!   the route from `MatchedPath`.
+//! - `metrics`: `MetricsObserver`, through the `metrics` facade.
+//! - `serde`: `Serialize` for stats and registry snapshots.
 
 #![forbid(unsafe_code)]
 #![warn(
@@ -56,23 +59,39 @@
     rust_2018_idioms
 )]
 
+mod budget;
 mod buffer;
 mod client;
 mod config;
 mod error;
+mod handle;
+#[cfg(feature = "metrics")]
+mod metrics;
 pub mod middleware;
 pub mod observer;
+pub mod policy;
 pub mod predicate;
+pub mod registry;
 
-pub use crate::buffer::{BufferStats, ByWeigh, ClientBuffer, Evicted, Weigh, Weigher};
+pub use crate::budget::{BudgetStats, MemoryBudget};
+pub use crate::buffer::{BufferStats, ByWeigh, ClientBuffer, Dropped, Weigh, Weigher};
 pub use crate::client::{ClientId, ClientInfo, PeerAddr};
-pub use crate::config::{BufferConfig, ConfigError};
-pub use crate::error::PumpStopped;
+pub use crate::config::{BufferConfig, ConfigError, Eviction, Flush, Overflow};
+pub use crate::error::{Evicted, PumpStopped};
+pub use crate::handle::{ClientHandle, Health};
+#[cfg(feature = "metrics")]
+pub use crate::metrics::MetricsObserver;
 pub use crate::middleware::{Backpressure, BackpressureBody, BackpressureLayer, ResponseFuture};
 #[cfg(feature = "tracing")]
 pub use crate::observer::TracingObserver;
-pub use crate::observer::{BackpressureEvent, BackpressureObserver, CloseReason, EventKind};
+pub use crate::observer::{
+    BackpressureEvent, BackpressureObserver, CloseReason, EventKind, EvictReason,
+};
+pub use crate::policy::{
+    Classify, FrameClass, Gap, GapAction, GapMarker, GrpcDataLoss, NdjsonGapMarker, SseGapMarker,
+};
 pub use crate::predicate::{DefaultPredicate, Predicate};
+pub use crate::registry::{ClientRegistry, HealthService};
 
 /// The error type of a buffered body: the inner body's error, boxed, or
 /// [`PumpStopped`].

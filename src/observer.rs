@@ -35,13 +35,15 @@
 //! hyper polls the body, hyper's connection task unwinds as for any panicking
 //! body.
 
+use std::fmt;
 use std::sync::Arc;
 
 use crate::buffer::BufferStats;
 use crate::client::ClientInfo;
+use crate::handle::HandleInner;
 
 /// One backpressure event of one client.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 #[non_exhaustive]
 pub struct BackpressureEvent<'a> {
     /// Who the response streams to.
@@ -50,6 +52,18 @@ pub struct BackpressureEvent<'a> {
     pub kind: EventKind,
     /// The client's buffer right after it happened.
     pub stats: BufferStats,
+    /// For the crate's own observers (the registry).
+    pub(crate) handle: &'a Arc<HandleInner>,
+}
+
+impl fmt::Debug for BackpressureEvent<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackpressureEvent")
+            .field("client", self.client)
+            .field("kind", &self.kind)
+            .field("stats", &self.stats)
+            .finish()
+    }
 }
 
 /// What happened to a client's buffer.
@@ -89,15 +103,56 @@ pub enum CloseReason {
     /// The inner body failed (or its pump stopped); the error was handed to
     /// the connection after the data kept before it.
     InnerError,
+    /// The layer gave up on the client (an [`Overflow::Disconnect`](crate::Overflow::Disconnect)
+    /// policy, an [`Eviction`](crate::Eviction) rule, or a gap marker that
+    /// ends the stream).
+    Evicted(EvictReason),
+}
+
+/// The rule that ended a slow client's response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum EvictReason {
+    /// The buffer was full under [`Overflow::Disconnect`](crate::Overflow::Disconnect).
+    Overflow,
+    /// More frames dropped in total than [`Eviction::after_dropped`](crate::Eviction::after_dropped) allows.
+    DroppedTotal,
+    /// More frames dropped within the window of
+    /// [`Eviction::after_dropped_within`](crate::Eviction::after_dropped_within).
+    DroppedWindow,
+    /// No frame taken for [`Eviction::after_stall`](crate::Eviction::after_stall)
+    /// while frames waited.
+    Stalled,
+    /// Over the threshold for [`Eviction::after_pressure_for`](crate::Eviction::after_pressure_for).
+    Pressure,
+    /// A [`GapMarker`](crate::GapMarker) ended the stream at a gap (e.g.
+    /// gRPC `DATA_LOSS`).
+    DataLoss,
+}
+
+impl EvictReason {
+    /// A short lowercase name, e.g. `stalled`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EvictReason::Overflow => "overflow",
+            EvictReason::DroppedTotal => "dropped_total",
+            EvictReason::DroppedWindow => "dropped_window",
+            EvictReason::Stalled => "stalled",
+            EvictReason::Pressure => "pressure",
+            EvictReason::DataLoss => "data_loss",
+        }
+    }
 }
 
 impl CloseReason {
-    /// A short lowercase name: `completed`, `client_gone`, `inner_error`.
+    /// A short lowercase name: `completed`, `client_gone`, `inner_error`,
+    /// `evicted`.
     pub fn as_str(&self) -> &'static str {
         match self {
             CloseReason::Completed => "completed",
             CloseReason::ClientGone => "client_gone",
             CloseReason::InnerError => "inner_error",
+            CloseReason::Evicted(_) => "evicted",
         }
     }
 }
@@ -236,6 +291,21 @@ mod tracing_observer {
                     s.capacity,
                     s.dropped
                 ),
+                EventKind::Closed {
+                    reason: CloseReason::Evicted(rule),
+                } => tracing::warn!(
+                    client = id,
+                    peer,
+                    path,
+                    reason = "evicted",
+                    rule = rule.as_str(),
+                    sent = s.sent,
+                    dropped = s.dropped,
+                    "client {id} evicted ({}): {} sent, {} dropped",
+                    rule.as_str(),
+                    s.sent,
+                    s.dropped
+                ),
                 EventKind::Closed { reason } => tracing::debug!(
                     client = id,
                     peer,
@@ -261,11 +331,12 @@ mod tests {
 
     use super::*;
 
-    fn event(client: &ClientInfo, kind: EventKind) -> BackpressureEvent<'_> {
+    fn event(handle: &Arc<HandleInner>, kind: EventKind) -> BackpressureEvent<'_> {
         BackpressureEvent {
-            client,
+            client: &handle.info,
             kind,
             stats: BufferStats::default(),
+            handle,
         }
     }
 
@@ -281,7 +352,7 @@ mod tests {
             move |e: &BackpressureEvent<'_>| seen.lock().unwrap().push(("b", e.kind))
         });
         let observer = ((a, b), ());
-        let client = ClientInfo::new(Method::GET, Uri::from_static("/"), None);
+        let client = HandleInner::new(ClientInfo::new(Method::GET, Uri::from_static("/"), None));
         observer.on_event(&event(&client, EventKind::Pressure));
         observer.on_event(&event(
             &client,
@@ -331,8 +402,12 @@ mod tests {
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
-        let client = ClientInfo::new(Method::GET, Uri::from_static("/events"), None);
-        let id = client.id();
+        let client = HandleInner::new(ClientInfo::new(
+            Method::GET,
+            Uri::from_static("/events"),
+            None,
+        ));
+        let id = client.info.id();
         let o = TracingObserver::new();
         tracing::subscriber::with_default(subscriber, || {
             let mut e = event(&client, EventKind::Pressure);

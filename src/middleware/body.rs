@@ -1,15 +1,24 @@
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
+use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
+use tokio::time::Sleep;
 
-use super::shared::Shared;
+use super::shared::{Shared, State, wake};
 use crate::BoxError;
-use crate::observer::{BackpressureObserver, CloseReason};
+use crate::buffer::FrameClass;
+use crate::config::{Flush, Overflow};
+use crate::error::Evicted;
+use crate::handle::now;
+use crate::observer::{BackpressureObserver, CloseReason, EvictReason};
+use crate::policy::{Classify, GapAction, GapMarker};
 
 /// How many frames the pump takes from the inner body in one poll before it
 /// yields to the runtime (an inner body that is always ready must not starve
@@ -21,41 +30,49 @@ const PUMP_BUDGET: usize = 128;
 /// Either the inner body untouched (the response was not selected, see
 /// [`Predicate`](crate::Predicate)), or the consumer end of a client buffer
 /// that a pump task fills from the inner body. In the second case data
-/// frames come out oldest first and may have gaps; trailers, an error and
-/// the end of the stream come after every data frame kept before them and
-/// are never dropped. The size hint is never exact.
+/// frames come out oldest first and may have gaps (each announced by the
+/// layer's [`GapMarker`], if any); trailers, an error and the end of the
+/// stream come after every data frame kept before them and are never
+/// dropped. The size hint is never exact.
 ///
 /// Dropping it (hyper does when the client disconnects) stops the pump
-/// within one wake-up and fires `Closed` with
-/// [`CloseReason::ClientGone`] if the stream had not ended.
+/// within one wake-up and fires `Closed` with [`CloseReason::ClientGone`] if
+/// the stream had not ended.
 #[pin_project]
-pub struct BackpressureBody<B: Body, O: BackpressureObserver = ()> {
+pub struct BackpressureBody<B: Body, O: BackpressureObserver = (), M = ()> {
     #[pin]
-    kind: Kind<B, O>,
+    kind: Kind<B, O, M>,
 }
 
 #[pin_project(project = KindProj)]
-enum Kind<B: Body, O: BackpressureObserver> {
+enum Kind<B: Body, O: BackpressureObserver, M> {
     Passthrough {
         #[pin]
         inner: B,
     },
     Buffered {
-        consumer: Consumer<B::Data, O>,
+        consumer: Consumer<B::Data, O, M>,
     },
 }
 
-impl<B: Body, O: BackpressureObserver> BackpressureBody<B, O> {
+impl<B: Body, O: BackpressureObserver, M> BackpressureBody<B, O, M> {
     pub(crate) fn passthrough(inner: B) -> Self {
         Self {
             kind: Kind::Passthrough { inner },
         }
     }
 
-    pub(crate) fn buffered(shared: Arc<Shared<B::Data, O>>) -> Self {
+    pub(crate) fn buffered(shared: Arc<Shared<B::Data, O>>, marker: M) -> Self {
         Self {
             kind: Kind::Buffered {
-                consumer: Consumer { shared },
+                consumer: Consumer {
+                    shared,
+                    marker,
+                    pending: None,
+                    timer: None,
+                    release_left: 0,
+                    next_release: None,
+                },
             },
         }
     }
@@ -66,7 +83,7 @@ impl<B: Body, O: BackpressureObserver> BackpressureBody<B, O> {
     }
 }
 
-impl<B: Body, O: BackpressureObserver> fmt::Debug for BackpressureBody<B, O> {
+impl<B: Body, O: BackpressureObserver, M> fmt::Debug for BackpressureBody<B, O, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.kind {
             Kind::Passthrough { .. } => "passthrough",
@@ -78,11 +95,13 @@ impl<B: Body, O: BackpressureObserver> fmt::Debug for BackpressureBody<B, O> {
     }
 }
 
-impl<B, O> Body for BackpressureBody<B, O>
+impl<B, O, M> Body for BackpressureBody<B, O, M>
 where
     B: Body,
+    B::Data: 'static,
     B::Error: Into<BoxError>,
     O: BackpressureObserver,
+    M: GapMarker<B::Data>,
 {
     type Data = B::Data;
     type Error = BoxError;
@@ -114,17 +133,97 @@ where
 }
 
 /// The end hyper polls: takes frames from the front of the buffer.
-struct Consumer<D, O: BackpressureObserver> {
+struct Consumer<D, O: BackpressureObserver, M> {
     shared: Arc<Shared<D, O>>,
+    marker: M,
+    /// A frame held back while its gap marker goes out first.
+    pending: Option<D>,
+    /// `Flush::Interval`: the wait for the next release.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// `Flush::Interval`: frames that may still go out in this release.
+    release_left: usize,
+    next_release: Option<Instant>,
 }
 
-impl<D, O: BackpressureObserver> Consumer<D, O> {
+impl<D, O, M> Consumer<D, O, M>
+where
+    D: Buf + 'static,
+    O: BackpressureObserver,
+    M: GapMarker<D>,
+{
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<D>, BoxError>>> {
+        if let Some(data) = self.pending.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
         let shared = &*self.shared;
         let mut st = shared.lock();
-        if let Some(data) = st.buffer.pop() {
-            shared.after_pop(&mut st);
-            return Poll::Ready(Some(Ok(Frame::data(data))));
+        if let Some(reason) = st.evicted.take() {
+            return Poll::Ready(Some(Err(Evicted::new(reason).into())));
+        }
+        if !st.closed && !st.buffer.is_empty() {
+            let (max_frames, max_bytes) = match shared.config.get_flush() {
+                Flush::Immediate => (1, 0),
+                Flush::Coalesce {
+                    max_frames,
+                    max_bytes,
+                } => (max_frames, max_bytes),
+                Flush::Interval {
+                    period,
+                    max_frames,
+                    max_bytes,
+                } => {
+                    if self.release_left == 0 {
+                        let t = now();
+                        if let Some(at) = self.next_release.filter(|at| t < *at) {
+                            let deadline = tokio::time::Instant::from_std(at);
+                            let timer = self.timer.get_or_insert_with(|| {
+                                Box::pin(tokio::time::sleep_until(deadline))
+                            });
+                            if timer.deadline() != deadline {
+                                timer.as_mut().reset(deadline);
+                            }
+                            // Only the timer wakes it: new frames wait for the
+                            // release anyway (an eviction is seen then too).
+                            if timer.as_mut().poll(cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                        }
+                        self.release_left = st.buffer.len();
+                        self.next_release = Some(now() + period);
+                    }
+                    (max_frames.min(self.release_left), max_bytes)
+                }
+            };
+            let (first, gap) = st.buffer.pop_with_gap().expect("not empty");
+            let mut taken = 1;
+            let data = if max_frames > 1 {
+                coalesce(first, &mut st, max_frames, max_bytes, &mut taken)
+            } else {
+                first
+            };
+            self.release_left = self.release_left.saturating_sub(taken);
+            let pump = shared.after_pop(&mut st);
+            let out = if gap.is_empty() {
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            } else {
+                match self.marker.on_gap(gap) {
+                    GapAction::Skip => Poll::Ready(Some(Ok(Frame::data(data)))),
+                    GapAction::Insert(marker) => {
+                        self.pending = Some(data);
+                        Poll::Ready(Some(Ok(Frame::data(marker))))
+                    }
+                    GapAction::End(trailers) => {
+                        shared.close(&mut st, CloseReason::Evicted(EvictReason::DataLoss));
+                        let pump = st.pump_waker.take();
+                        drop(st);
+                        wake(pump);
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                }
+            };
+            drop(st);
+            wake(pump);
+            return out;
         }
         if let Some(trailers) = st.trailers.take() {
             shared.close(&mut st, CloseReason::Completed);
@@ -150,18 +249,58 @@ impl<D, O: BackpressureObserver> Consumer<D, O> {
     }
 
     fn is_end_stream(&self) -> bool {
+        if self.pending.is_some() {
+            return false;
+        }
         let st = self.shared.lock();
-        st.closed || (st.end && st.buffer.is_empty() && st.trailers.is_none() && st.error.is_none())
+        (st.closed && st.evicted.is_none()) || st.at_end()
     }
 }
 
-impl<D, O: BackpressureObserver> Drop for Consumer<D, O> {
+/// Joins the frames waiting after `first` into one, up to the limits and
+/// never across a gap, when the data is `Bytes`; any other data type goes
+/// out frame by frame.
+fn coalesce<D: Buf + 'static>(
+    first: D,
+    st: &mut State<D>,
+    max_frames: usize,
+    max_bytes: usize,
+    taken: &mut usize,
+) -> D {
+    let fits = |st: &State<D>, len: usize| {
+        st.buffer
+            .peek()
+            .is_some_and(|(_, w, gap)| gap.is_empty() && len + w <= max_bytes)
+    };
+    let Some(head) = (&first as &dyn Any).downcast_ref::<Bytes>() else {
+        return first;
+    };
+    if !fits(st, head.len()) {
+        return first;
+    }
+    let mut joined = BytesMut::with_capacity(max_bytes.min(64 * 1024));
+    joined.extend_from_slice(head);
+    while *taken < max_frames && fits(st, joined.len()) {
+        let (next, _) = st.buffer.pop_with_gap().expect("peeked");
+        if let Some(b) = (&next as &dyn Any).downcast_ref::<Bytes>() {
+            joined.extend_from_slice(b);
+        }
+        *taken += 1;
+    }
+    let mut out: Option<D> = None;
+    if let Some(slot) = (&mut out as &mut dyn Any).downcast_mut::<Option<Bytes>>() {
+        *slot = Some(joined.freeze());
+    }
+    out.expect("D is Bytes")
+}
+
+impl<D, O: BackpressureObserver, M> Drop for Consumer<D, O, M> {
     fn drop(&mut self) {
         let waker = {
             let mut st = self.shared.lock();
             // hyper drops a body that says `is_end_stream` without polling
             // it again: that is a completed stream, not a client gone.
-            let reason = if st.at_end() {
+            let reason = if st.at_end() && self.pending.is_none() {
                 CloseReason::Completed
             } else {
                 CloseReason::ClientGone
@@ -169,43 +308,49 @@ impl<D, O: BackpressureObserver> Drop for Consumer<D, O> {
             self.shared.close(&mut st, reason);
             st.pump_waker.take()
         };
-        if let Some(w) = waker {
-            w.wake();
-        }
+        wake(waker);
     }
 }
 
 /// The task that drains the inner body into the buffer as fast as it yields
 /// frames.
 #[pin_project(PinnedDrop)]
-pub(crate) struct Pump<B: Body, O: BackpressureObserver> {
+pub(crate) struct Pump<B: Body, O: BackpressureObserver, C> {
     #[pin]
     inner: B,
     shared: Arc<Shared<B::Data, O>>,
+    classify: C,
+    timer: Option<Pin<Box<Sleep>>>,
     finished: bool,
 }
 
-impl<B: Body, O: BackpressureObserver> Pump<B, O> {
-    pub(crate) fn new(inner: B, shared: Arc<Shared<B::Data, O>>) -> Self {
+impl<B: Body, O: BackpressureObserver, C> Pump<B, O, C> {
+    pub(crate) fn new(inner: B, shared: Arc<Shared<B::Data, O>>, classify: C) -> Self {
         Self {
             inner,
             shared,
+            classify,
+            timer: None,
             finished: false,
         }
     }
 }
 
-impl<B, O> Future for Pump<B, O>
+impl<B, O, C> Future for Pump<B, O, C>
 where
     B: Body,
+    B::Data: Send,
     B::Error: Into<BoxError>,
     O: BackpressureObserver,
+    C: Classify<B::Data>,
 {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         let shared = &**this.shared;
+        let overflow = shared.config.get_overflow();
+        let mut paused;
         {
             let mut st = shared.lock();
             if st.closed {
@@ -216,64 +361,150 @@ where
                 Some(w) if w.will_wake(cx.waker()) => {}
                 _ => st.pump_waker = Some(cx.waker().clone()),
             }
-        }
-        let mut budget = PUMP_BUDGET;
-        let result = loop {
-            let frame = match this.inner.as_mut().poll_frame(cx) {
-                Poll::Pending => break Poll::Pending,
-                Poll::Ready(frame) => frame,
-            };
-            let mut st = shared.lock();
-            if st.closed {
+            if let Some(reason) = shared.timed_out(&st, now()) {
+                let consumer = shared.evict(&mut st, reason);
+                drop(st);
+                wake(consumer);
                 *this.finished = true;
                 return Poll::Ready(());
             }
-            let ended = match frame {
+            if overflow == Overflow::Pause && st.buffer.is_full() {
+                st.pump_paused = true;
+            }
+            paused = st.pump_paused;
+        }
+        let mut budget = PUMP_BUDGET;
+        while !paused {
+            let frame = match this.inner.as_mut().poll_frame(cx) {
+                Poll::Pending => break,
+                Poll::Ready(frame) => frame,
+            };
+            let data = match frame {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        let evicted = st.buffer.push(data);
-                        shared.after_push(&mut st, evicted);
-                        false
-                    }
+                    Ok(data) => Some(data),
                     Err(frame) => {
                         // Trailers are the last frame of a body.
+                        let mut st = shared.lock();
                         st.trailers = frame.into_trailers().ok();
-                        true
+                        return finish(this.finished, shared, st);
                     }
                 },
                 Some(Err(error)) => {
+                    let mut st = shared.lock();
                     st.error = Some(error.into());
-                    true
+                    return finish(this.finished, shared, st);
                 }
-                None => true,
+                None => None,
             };
-            if ended {
-                st.end = true;
-                shared.report_drops(&mut st);
+            let Some(data) = data else {
+                let st = shared.lock();
+                return finish(this.finished, shared, st);
+            };
+            let mut class = this.classify.classify(&data);
+            if overflow == Overflow::Pause && class == FrameClass::Droppable {
+                // Nothing is dropped under `Pause`: at most one frame past the
+                // limits, then the pump stops pulling.
+                class = FrameClass::Critical;
             }
-            let waker = st.consumer_waker.take();
-            drop(st);
-            if let Some(w) = waker {
-                w.wake();
-            }
-            if ended {
+            let weight = data.remaining();
+            let reserved = match &shared.budget {
+                None => Some(0),
+                Some(b) if class == FrameClass::Critical => {
+                    b.force(weight);
+                    Some(weight)
+                }
+                Some(b) => b.reserve(weight).then_some(weight),
+            };
+            let mut st = shared.lock();
+            if st.closed {
+                shared.settle_budget(&st, reserved.unwrap_or(0));
                 *this.finished = true;
                 return Poll::Ready(());
             }
+            let evict = if overflow == Overflow::Disconnect
+                && class != FrameClass::Critical
+                && !st.buffer.has_room_for(weight)
+            {
+                shared.settle_budget(&st, reserved.unwrap_or(0));
+                Some(EvictReason::Overflow)
+            } else {
+                let was_empty = st.buffer.is_empty();
+                let dropped = match reserved {
+                    Some(reserved) => {
+                        let dropped = st.buffer.push_with(data, class, drop);
+                        shared.settle_budget(&st, reserved);
+                        dropped
+                    }
+                    None => {
+                        st.buffer.count_rejected(weight);
+                        if let Some(b) = &shared.budget {
+                            b.count_dropped(1);
+                        }
+                        crate::buffer::Dropped {
+                            frames: 1,
+                            bytes: weight,
+                        }
+                    }
+                };
+                shared.after_push(&mut st, was_empty, dropped)
+            };
+            if let Some(reason) = evict {
+                let consumer = shared.evict(&mut st, reason);
+                drop(st);
+                wake(consumer);
+                *this.finished = true;
+                return Poll::Ready(());
+            }
+            if overflow == Overflow::Pause && st.buffer.is_full() {
+                st.pump_paused = true;
+                paused = true;
+            }
+            let consumer = st.consumer_waker.take();
+            drop(st);
+            wake(consumer);
             budget -= 1;
             if budget == 0 {
                 cx.waker().wake_by_ref();
-                break Poll::Pending;
+                break;
             }
-        };
+        }
         let mut st = shared.lock();
         shared.report_drops(&mut st);
-        result
+        // Wake up for the next time-based eviction rule.
+        if let Some(at) = shared.next_deadline(&st) {
+            drop(st);
+            let deadline = tokio::time::Instant::from_std(at);
+            let timer = this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+        }
+        Poll::Pending
     }
 }
 
+/// The inner body has ended: the end goes after the kept data.
+fn finish<D, O: BackpressureObserver>(
+    finished: &mut bool,
+    shared: &Shared<D, O>,
+    mut st: std::sync::MutexGuard<'_, State<D>>,
+) -> Poll<()> {
+    st.end = true;
+    shared.report_drops(&mut st);
+    let consumer = st.consumer_waker.take();
+    drop(st);
+    wake(consumer);
+    *finished = true;
+    Poll::Ready(())
+}
+
 #[pin_project::pinned_drop]
-impl<B: Body, O: BackpressureObserver> PinnedDrop for Pump<B, O> {
+impl<B: Body, O: BackpressureObserver, C> PinnedDrop for Pump<B, O, C> {
     fn drop(self: Pin<&mut Self>) {
         if self.finished {
             return;
@@ -284,8 +515,6 @@ impl<B: Body, O: BackpressureObserver> PinnedDrop for Pump<B, O> {
             st.pump_stopped = true;
             st.consumer_waker.take()
         };
-        if let Some(w) = waker {
-            w.wake();
-        }
+        wake(waker);
     }
 }

@@ -1,68 +1,59 @@
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use http::{Method, Response, Uri, header};
+use http::{Response, header};
 use http_body::Body;
 use pin_project::pin_project;
 
 use super::body::{BackpressureBody, Pump};
 use super::shared::Shared;
 use crate::BoxError;
+use crate::budget::MemoryBudget;
 use crate::buffer::{ClientBuffer, Remaining};
-use crate::client::ClientInfo;
 use crate::config::BufferConfig;
+use crate::handle::HandleInner;
 use crate::observer::{BackpressureObserver, EventKind};
+use crate::policy::{Classify, GapMarker};
 use crate::predicate::{Predicate, can_drop_frames};
 
-/// What the service kept of the request to name the client.
-pub(crate) struct RequestParts {
-    pub(crate) method: Method,
-    pub(crate) uri: Uri,
-    pub(crate) peer: Option<SocketAddr>,
+/// What wrapping a response needs, besides the response.
+pub(crate) struct Wrap<P, O, M, C> {
+    pub(crate) handle: Arc<HandleInner>,
+    pub(crate) config: BufferConfig,
+    pub(crate) predicate: P,
+    pub(crate) observer: Arc<O>,
+    pub(crate) marker: M,
+    pub(crate) classify: C,
+    pub(crate) budget: Option<MemoryBudget>,
 }
 
 /// Response future of [`Backpressure`](crate::Backpressure).
 #[pin_project]
-pub struct ResponseFuture<F, P, O> {
+pub struct ResponseFuture<F, P, O, M = (), C = ()> {
     #[pin]
     inner: F,
-    request: Option<RequestParts>,
-    config: BufferConfig,
-    predicate: P,
-    observer: Arc<O>,
+    wrap: Option<Wrap<P, O, M, C>>,
 }
 
-impl<F, P, O> ResponseFuture<F, P, O> {
-    pub(crate) fn new(
-        inner: F,
-        request: RequestParts,
-        config: BufferConfig,
-        predicate: P,
-        observer: Arc<O>,
-    ) -> Self {
+impl<F, P, O, M, C> ResponseFuture<F, P, O, M, C> {
+    pub(crate) fn new(inner: F, wrap: Wrap<P, O, M, C>) -> Self {
         Self {
             inner,
-            request: Some(request),
-            config,
-            predicate,
-            observer,
+            wrap: Some(wrap),
         }
     }
 }
 
-impl<F, P, O> fmt::Debug for ResponseFuture<F, P, O> {
+impl<F, P, O, M, C> fmt::Debug for ResponseFuture<F, P, O, M, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
 
-impl<F, P, O, B, E> Future for ResponseFuture<F, P, O>
+impl<F, P, O, M, C, B, E> Future for ResponseFuture<F, P, O, M, C>
 where
     F: Future<Output = Result<Response<B>, E>>,
     B: Body + Send + 'static,
@@ -70,17 +61,19 @@ where
     B::Error: Into<BoxError>,
     P: Predicate,
     O: BackpressureObserver,
+    M: GapMarker<B::Data>,
+    C: Classify<B::Data>,
 {
-    type Output = Result<Response<BackpressureBody<B, O>>, E>;
+    type Output = Result<Response<BackpressureBody<B, O, M>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = ready!(this.inner.poll(cx))?;
-        let request = this
-            .request
+        let wrap = this
+            .wrap
             .take()
             .expect("ResponseFuture polled after completion");
-        if !(this.predicate.should_buffer(&response) && can_drop_frames(&response)) {
+        if !(wrap.predicate.should_buffer(&response) && can_drop_frames(&response)) {
             return Poll::Ready(Ok(response.map(BackpressureBody::passthrough)));
         }
         // The pump is a tokio task; without a runtime, leave the body alone.
@@ -90,14 +83,14 @@ where
         let (mut parts, inner) = response.into_parts();
         // Frames may be dropped: the length is no longer known.
         parts.headers.remove(header::CONTENT_LENGTH);
-        let client = ClientInfo::new(request.method, request.uri, request.peer);
-        let buffer = ClientBuffer::with_weigher(*this.config, Remaining);
-        let shared = Arc::new(Shared::new(buffer, client, this.observer.clone()));
-        shared.emit(EventKind::Opened, shared.lock().buffer.stats());
-        runtime.spawn(Pump::new(inner, shared.clone()));
+        let buffer = ClientBuffer::with_weigher(wrap.config, Remaining);
+        let shared = Shared::new(buffer, wrap.handle, wrap.observer, wrap.budget);
+        let stats = shared.lock().buffer.stats();
+        shared.emit(EventKind::Opened, stats);
+        runtime.spawn(Pump::new(inner, shared.clone(), wrap.classify));
         Poll::Ready(Ok(Response::from_parts(
             parts,
-            BackpressureBody::buffered(shared),
+            BackpressureBody::buffered(shared, wrap.marker),
         )))
     }
 }

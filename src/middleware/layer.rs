@@ -4,6 +4,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use super::service::Backpressure;
+use crate::budget::MemoryBudget;
 use crate::config::{BufferConfig, ConfigError};
 use crate::observer::BackpressureObserver;
 use crate::predicate::{DefaultPredicate, Predicate};
@@ -14,11 +15,18 @@ use crate::predicate::{DefaultPredicate, Predicate};
 /// that survive, not the other way round): with `ServiceBuilder`, list it
 /// after `CompressionLayer`; with axum's `Router::layer`, call it before.
 ///
+/// Pluggable parts change the layer's type, as in tower-http:
+/// [`observer`](Self::observer), [`buffer_when`](Self::buffer_when),
+/// [`gap_marker`](Self::gap_marker) and [`classify`](Self::classify).
+///
 /// See the [crate docs](crate) for an example.
-pub struct BackpressureLayer<P = DefaultPredicate, O = ()> {
+pub struct BackpressureLayer<P = DefaultPredicate, O = (), M = (), C = ()> {
     config: BufferConfig,
     predicate: P,
     observer: Arc<O>,
+    marker: M,
+    classify: C,
+    budget: Option<MemoryBudget>,
 }
 
 impl BackpressureLayer {
@@ -49,17 +57,26 @@ impl BackpressureLayer {
             config,
             predicate: DefaultPredicate::new(),
             observer: Arc::new(()),
+            marker: (),
+            classify: (),
+            budget: None,
         })
     }
 }
 
-impl<P, O> BackpressureLayer<P, O> {
+impl<P, O, M, C> BackpressureLayer<P, O, M, C> {
     /// Replaces the observer that hears backpressure events.
-    pub fn observer<O2: BackpressureObserver>(self, observer: O2) -> BackpressureLayer<P, O2> {
+    pub fn observer<O2: BackpressureObserver>(
+        self,
+        observer: O2,
+    ) -> BackpressureLayer<P, O2, M, C> {
         BackpressureLayer {
             config: self.config,
             predicate: self.predicate,
             observer: Arc::new(observer),
+            marker: self.marker,
+            classify: self.classify,
+            budget: self.budget,
         }
     }
 
@@ -68,12 +85,47 @@ impl<P, O> BackpressureLayer<P, O> {
     /// Whatever it says, a response with a `Content-Encoding` or a body of
     /// exact size is never buffered.
     #[doc(alias = "predicate")]
-    pub fn buffer_when<P2: Predicate>(self, predicate: P2) -> BackpressureLayer<P2, O> {
+    pub fn buffer_when<P2: Predicate>(self, predicate: P2) -> BackpressureLayer<P2, O, M, C> {
         BackpressureLayer {
             config: self.config,
             predicate,
             observer: self.observer,
+            marker: self.marker,
+            classify: self.classify,
+            budget: self.budget,
         }
+    }
+
+    /// Sets the [`GapMarker`](crate::GapMarker) that tells a client what it
+    /// missed, e.g. [`SseGapMarker`](crate::SseGapMarker).
+    pub fn gap_marker<M2>(self, marker: M2) -> BackpressureLayer<P, O, M2, C> {
+        BackpressureLayer {
+            config: self.config,
+            predicate: self.predicate,
+            observer: self.observer,
+            marker,
+            classify: self.classify,
+            budget: self.budget,
+        }
+    }
+
+    /// Sets the [`Classify`](crate::Classify) hook that marks frames
+    /// droppable, critical or replaceable by key.
+    pub fn classify<C2>(self, classify: C2) -> BackpressureLayer<P, O, M, C2> {
+        BackpressureLayer {
+            config: self.config,
+            predicate: self.predicate,
+            observer: self.observer,
+            marker: self.marker,
+            classify,
+            budget: self.budget,
+        }
+    }
+
+    /// Puts every client of this layer under a shared [`MemoryBudget`].
+    pub fn memory_budget(mut self, budget: MemoryBudget) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     /// The buffer configuration.
@@ -82,39 +134,46 @@ impl<P, O> BackpressureLayer<P, O> {
     }
 
     /// Wraps `inner`; the same as [`Layer::layer`].
-    pub fn into_service<S>(self, inner: S) -> Backpressure<S, P, O> {
+    pub fn into_service<S>(self, inner: S) -> Backpressure<S, P, O, M, C> {
         Backpressure {
             inner,
             config: self.config,
             predicate: self.predicate,
             observer: self.observer,
+            marker: self.marker,
+            classify: self.classify,
+            budget: self.budget,
         }
     }
 }
 
-impl<S, P: Clone, O> Layer<S> for BackpressureLayer<P, O> {
-    type Service = Backpressure<S, P, O>;
+impl<S, P: Clone, O, M: Clone, C: Clone> Layer<S> for BackpressureLayer<P, O, M, C> {
+    type Service = Backpressure<S, P, O, M, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
         self.clone().into_service(inner)
     }
 }
 
-impl<P: Clone, O> Clone for BackpressureLayer<P, O> {
+impl<P: Clone, O, M: Clone, C: Clone> Clone for BackpressureLayer<P, O, M, C> {
     fn clone(&self) -> Self {
         Self {
             config: self.config,
             predicate: self.predicate.clone(),
             observer: self.observer.clone(),
+            marker: self.marker.clone(),
+            classify: self.classify.clone(),
+            budget: self.budget.clone(),
         }
     }
 }
 
-impl<P: fmt::Debug, O> fmt::Debug for BackpressureLayer<P, O> {
+impl<P: fmt::Debug, O, M, C> fmt::Debug for BackpressureLayer<P, O, M, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BackpressureLayer")
             .field("config", &self.config)
             .field("predicate", &self.predicate)
+            .field("budget", &self.budget)
             .finish_non_exhaustive()
     }
 }

@@ -7,23 +7,31 @@ use http_body::Body;
 use tower_service::Service;
 
 use super::body::BackpressureBody;
-use super::future::{RequestParts, ResponseFuture};
+use super::future::{ResponseFuture, Wrap};
 use super::layer::BackpressureLayer;
 use crate::BoxError;
-use crate::client::peer_addr;
+use crate::budget::MemoryBudget;
+use crate::client::{ClientInfo, peer_addr, route};
 use crate::config::BufferConfig;
+use crate::handle::{ClientHandle, HandleInner};
 use crate::observer::BackpressureObserver;
+use crate::policy::{Classify, GapMarker};
 use crate::predicate::{DefaultPredicate, Predicate};
 
 /// Middleware that puts streaming response bodies through a per-client
 /// drop-oldest buffer filled by a pump task.
 ///
-/// See the [crate docs](crate) for an example.
-pub struct Backpressure<S, P = DefaultPredicate, O = ()> {
+/// Built by [`BackpressureLayer`]; see the [crate docs](crate) for an
+/// example. Before calling the inner service it inserts a [`ClientHandle`]
+/// into the request's extensions.
+pub struct Backpressure<S, P = DefaultPredicate, O = (), M = (), C = ()> {
     pub(crate) inner: S,
     pub(crate) config: BufferConfig,
     pub(crate) predicate: P,
     pub(crate) observer: Arc<O>,
+    pub(crate) marker: M,
+    pub(crate) classify: C,
+    pub(crate) budget: Option<MemoryBudget>,
 }
 
 impl<S> Backpressure<S> {
@@ -46,7 +54,7 @@ impl<S> Backpressure<S> {
     }
 }
 
-impl<S, P, O> Backpressure<S, P, O> {
+impl<S, P, O, M, C> Backpressure<S, P, O, M, C> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -68,18 +76,21 @@ impl<S, P, O> Backpressure<S, P, O> {
     }
 }
 
-impl<S: Clone, P: Clone, O> Clone for Backpressure<S, P, O> {
+impl<S: Clone, P: Clone, O, M: Clone, C: Clone> Clone for Backpressure<S, P, O, M, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
             config: self.config,
             predicate: self.predicate.clone(),
             observer: self.observer.clone(),
+            marker: self.marker.clone(),
+            classify: self.classify.clone(),
+            budget: self.budget.clone(),
         }
     }
 }
 
-impl<S: fmt::Debug, P: fmt::Debug, O> fmt::Debug for Backpressure<S, P, O> {
+impl<S: fmt::Debug, P: fmt::Debug, O, M, C> fmt::Debug for Backpressure<S, P, O, M, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Backpressure")
             .field("inner", &self.inner)
@@ -89,7 +100,7 @@ impl<S: fmt::Debug, P: fmt::Debug, O> fmt::Debug for Backpressure<S, P, O> {
     }
 }
 
-impl<S, P, O, ReqBody, ResBody> Service<Request<ReqBody>> for Backpressure<S, P, O>
+impl<S, P, O, M, C, ReqBody, ResBody> Service<Request<ReqBody>> for Backpressure<S, P, O, M, C>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body + Send + 'static,
@@ -97,28 +108,39 @@ where
     ResBody::Error: Into<BoxError>,
     P: Predicate,
     O: BackpressureObserver,
+    M: GapMarker<ResBody::Data>,
+    C: Classify<ResBody::Data>,
 {
-    type Response = Response<BackpressureBody<ResBody, O>>;
+    type Response = Response<BackpressureBody<ResBody, O, M>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, P, O>;
+    type Future = ResponseFuture<S::Future, P, O, M, C>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        // Clones here are reference counts or inline values: no allocation.
-        let request = RequestParts {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            peer: peer_addr(req.extensions()),
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        // Method and URI clones are reference counts or inline values.
+        let mut info = ClientInfo::new(
+            req.method().clone(),
+            req.uri().clone(),
+            peer_addr(req.extensions()),
+        );
+        if let Some(route) = route(req.extensions()) {
+            info = info.with_route(route);
+        }
+        let handle = HandleInner::new(info);
+        req.extensions_mut()
+            .insert(ClientHandle::new(handle.clone()));
+        let wrap = Wrap {
+            handle,
+            config: self.config,
+            predicate: self.predicate.clone(),
+            observer: self.observer.clone(),
+            marker: self.marker.clone(),
+            classify: self.classify.clone(),
+            budget: self.budget.clone(),
         };
-        ResponseFuture::new(
-            self.inner.call(req),
-            request,
-            self.config,
-            self.predicate.clone(),
-            self.observer.clone(),
-        )
+        ResponseFuture::new(self.inner.call(req), wrap)
     }
 }

@@ -1,19 +1,30 @@
 //! The state shared by a pump task and the body hyper polls.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
+use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 
 use crate::BoxError;
-use crate::buffer::{BufferStats, ClientBuffer, Evicted, Remaining};
-use crate::client::ClientInfo;
-use crate::observer::{BackpressureEvent, BackpressureObserver, CloseReason, EventKind};
+use crate::budget::{BudgetMember, MemoryBudget};
+use crate::buffer::{BufferStats, ClientBuffer, Dropped, Remaining};
+use crate::config::BufferConfig;
+use crate::handle::{ClientState, HandleInner, Health, now};
+use crate::observer::{
+    BackpressureEvent, BackpressureObserver, CloseReason, EventKind, EvictReason,
+};
 
 pub(crate) struct Shared<D, O> {
     state: Mutex<State<D>>,
-    pub(crate) client: ClientInfo,
+    pub(crate) handle: Arc<HandleInner>,
+    pub(crate) config: BufferConfig,
     observer: Arc<O>,
+    pub(crate) budget: Option<MemoryBudget>,
+    /// The buffer's bytes, mirrored for the budget's lock-free scans.
+    budget_bytes: AtomicUsize,
 }
 
 pub(crate) struct State<D> {
@@ -28,10 +39,20 @@ pub(crate) struct State<D> {
     pub(crate) pump_stopped: bool,
     /// `Closed` has fired: the consumer is done or gone; the pump must stop.
     pub(crate) closed: bool,
-    /// Between a `Pressure` and its `Recovered`.
-    pressure: bool,
+    /// Evicted by a rule: the consumer ends with this error next.
+    pub(crate) evicted: Option<EvictReason>,
+    /// The pump waits for room (`Overflow::Pause`).
+    pub(crate) pump_paused: bool,
+    /// Between a `Pressure` and its `Recovered`, and since when.
+    pressure: Option<Instant>,
     /// Evictions not yet reported.
-    unreported: Evicted,
+    unreported: Dropped,
+    /// When the client last took a frame (or the response was wrapped).
+    last_taken: Instant,
+    /// Since when frames have waited without the client taking one.
+    pub(crate) waiting_since: Option<Instant>,
+    /// Recent drop batches, for `Eviction::after_dropped_within`.
+    drop_window: VecDeque<(Instant, u64)>,
     pub(crate) consumer_waker: Option<Waker>,
     pub(crate) pump_waker: Option<Waker>,
 }
@@ -43,13 +64,25 @@ impl<D> State<D> {
     }
 }
 
-impl<D, O: BackpressureObserver> Shared<D, O> {
+fn take_wake(waker: Option<Waker>) {
+    if let Some(w) = waker {
+        w.wake();
+    }
+}
+
+pub(crate) fn wake(waker: Option<Waker>) {
+    take_wake(waker)
+}
+
+impl<D: Send + 'static, O: BackpressureObserver> Shared<D, O> {
     pub(crate) fn new(
         buffer: ClientBuffer<D, Remaining>,
-        client: ClientInfo,
+        handle: Arc<HandleInner>,
         observer: Arc<O>,
-    ) -> Self {
-        Self {
+        budget: Option<MemoryBudget>,
+    ) -> Arc<Self> {
+        let config = *buffer.config();
+        let shared = Arc::new(Self {
             state: Mutex::new(State {
                 buffer,
                 trailers: None,
@@ -57,16 +90,33 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
                 end: false,
                 pump_stopped: false,
                 closed: false,
-                pressure: false,
-                unreported: Evicted::default(),
+                evicted: None,
+                pump_paused: false,
+                pressure: None,
+                unreported: Dropped::default(),
+                last_taken: now(),
+                waiting_since: None,
+                drop_window: VecDeque::new(),
                 consumer_waker: None,
                 pump_waker: None,
             }),
-            client,
+            handle,
+            config,
             observer,
+            budget,
+            budget_bytes: AtomicUsize::new(0),
+        });
+        let state: Arc<dyn ClientState> = shared.clone();
+        shared.handle.attach(Arc::downgrade(&state));
+        if let Some(budget) = &shared.budget {
+            let member: Arc<dyn BudgetMember> = shared.clone();
+            budget.join(Arc::downgrade(&member));
         }
+        shared
     }
+}
 
+impl<D, O: BackpressureObserver> Shared<D, O> {
     pub(crate) fn lock(&self) -> MutexGuard<'_, State<D>> {
         // A panicking observer poisons nothing we cannot continue from: the
         // state is updated before callbacks run.
@@ -75,28 +125,80 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
 
     pub(crate) fn emit(&self, kind: EventKind, stats: BufferStats) {
         self.observer.on_event(&BackpressureEvent {
-            client: &self.client,
+            client: &self.handle.info,
             kind,
             stats,
+            handle: &self.handle,
         });
     }
 
-    /// After a push: records evictions and fires `Pressure` on the upward
-    /// crossing. Called with the lock held.
-    pub(crate) fn after_push(&self, st: &mut State<D>, evicted: Evicted) {
-        st.unreported.frames += evicted.frames;
-        st.unreported.bytes += evicted.bytes;
-        if !st.pressure && !st.buffer.is_healthy() {
-            st.pressure = true;
-            self.emit(EventKind::Pressure, st.buffer.stats());
+    /// Brings the budget in line with the buffer after a change; `reserved`
+    /// bytes were taken from the budget for it beforehand.
+    pub(crate) fn settle_budget(&self, st: &State<D>, reserved: usize) {
+        if let Some(budget) = &self.budget {
+            let now = st.buffer.bytes();
+            let prev = self.budget_bytes.swap(now, Ordering::AcqRel);
+            budget.release((prev + reserved).saturating_sub(now));
         }
     }
 
-    /// Reports the evictions gathered since the last report, once per pump
-    /// wake-up. Called with the lock held.
+    /// After a push: records drops, fires `Pressure` on the upward crossing,
+    /// and applies the drop-count eviction rules. Called with the lock held;
+    /// returns a rule that fired.
+    pub(crate) fn after_push(
+        &self,
+        st: &mut State<D>,
+        was_empty: bool,
+        dropped: Dropped,
+    ) -> Option<EvictReason> {
+        if was_empty && !st.buffer.is_empty() && self.config.get_eviction().stall.is_some() {
+            st.waiting_since = Some(now().max(st.last_taken));
+        }
+        if st.pressure.is_none() && !st.buffer.is_healthy() {
+            st.pressure = Some(if self.config.get_eviction().pressure.is_some() {
+                now()
+            } else {
+                st.last_taken
+            });
+            self.handle.set_health(Health::Pressure);
+            self.emit(EventKind::Pressure, st.buffer.stats());
+        }
+        if dropped.frames == 0 {
+            return None;
+        }
+        st.unreported.frames += dropped.frames;
+        st.unreported.bytes += dropped.bytes;
+        let rules = self.config.get_eviction();
+        if let Some(max) = rules.dropped {
+            if st.buffer.stats().dropped > max {
+                return Some(EvictReason::DroppedTotal);
+            }
+        }
+        if let Some((max, window)) = rules.dropped_within {
+            let t = now();
+            match st.drop_window.back_mut() {
+                Some((at, n)) if *at == t => *n += dropped.frames as u64,
+                _ => st.drop_window.push_back((t, dropped.frames as u64)),
+            }
+            while st
+                .drop_window
+                .front()
+                .is_some_and(|(at, _)| t.duration_since(*at) > window)
+            {
+                st.drop_window.pop_front();
+            }
+            if st.drop_window.iter().map(|(_, n)| n).sum::<u64>() > max {
+                return Some(EvictReason::DroppedWindow);
+            }
+        }
+        None
+    }
+
+    /// Reports the drops gathered since the last report. Called with the
+    /// lock held.
     pub(crate) fn report_drops(&self, st: &mut State<D>) {
         if st.unreported.frames > 0 && !st.closed {
-            let Evicted { frames, bytes } = std::mem::take(&mut st.unreported);
+            let Dropped { frames, bytes } = std::mem::take(&mut st.unreported);
             self.emit(
                 EventKind::Dropped {
                     count: frames as u64,
@@ -107,22 +209,132 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
         }
     }
 
-    /// After a pop: fires `Recovered` on the downward crossing. Called with
-    /// the lock held.
-    pub(crate) fn after_pop(&self, st: &mut State<D>) {
-        if st.pressure && st.buffer.is_healthy() {
-            st.pressure = false;
+    /// After the consumer took frames: fires `Recovered` on the downward
+    /// crossing, notes the time, and returns the pump's waker if it waits for
+    /// room. Called with the lock held.
+    pub(crate) fn after_pop(&self, st: &mut State<D>) -> Option<Waker> {
+        let t = now();
+        st.last_taken = t;
+        st.waiting_since = (!st.buffer.is_empty()).then_some(t);
+        if st.pressure.is_some() && st.buffer.is_healthy() {
+            st.pressure = None;
+            self.handle.set_health(Health::Healthy);
             self.emit(EventKind::Recovered, st.buffer.stats());
         }
+        self.settle_budget(st, 0);
+        if st.pump_paused && !st.buffer.is_full() {
+            st.pump_paused = false;
+            return st.pump_waker.take();
+        }
+        None
     }
 
-    /// Fires `Closed` unless it has fired; the pump stops at its next look.
-    /// Called with the lock held.
+    /// Fires `Closed` unless it has fired, and frees what will never be
+    /// delivered; the pump stops at its next look. Called with the lock held.
     pub(crate) fn close(&self, st: &mut State<D>, reason: CloseReason) {
         if !st.closed {
             self.report_drops(st);
             st.closed = true;
-            self.emit(EventKind::Closed { reason }, st.buffer.stats());
+            let stats = st.buffer.stats();
+            self.emit(EventKind::Closed { reason }, stats);
+            self.handle.set_closed(reason, stats);
+            st.buffer.discard();
+            self.settle_budget(st, 0);
+        }
+    }
+
+    /// Gives up on the client: `Closed` with the rule, and the consumer ends
+    /// with [`Evicted`](crate::Evicted). Returns the consumer's waker.
+    pub(crate) fn evict(&self, st: &mut State<D>, reason: EvictReason) -> Option<Waker> {
+        if st.closed {
+            return None;
+        }
+        st.evicted = Some(reason);
+        self.close(st, CloseReason::Evicted(reason));
+        st.consumer_waker.take()
+    }
+
+    /// The next moment a time-based eviction rule could fire.
+    pub(crate) fn next_deadline(&self, st: &State<D>) -> Option<Instant> {
+        let rules = self.config.get_eviction();
+        let stall = rules
+            .stall
+            .zip(st.waiting_since)
+            .filter(|_| !st.buffer.is_empty())
+            .map(|(d, since)| since + d);
+        let pressure = rules.pressure.zip(st.pressure).map(|(d, since)| since + d);
+        match (stall, pressure) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A time-based rule that has fired by `t`.
+    pub(crate) fn timed_out(&self, st: &State<D>, t: Instant) -> Option<EvictReason> {
+        let rules = self.config.get_eviction();
+        if let (Some(d), Some(since)) = (rules.stall, st.waiting_since) {
+            if !st.buffer.is_empty() && t >= since + d {
+                return Some(EvictReason::Stalled);
+            }
+        }
+        if let (Some(d), Some(since)) = (rules.pressure, st.pressure) {
+            if t >= since + d {
+                return Some(EvictReason::Pressure);
+            }
+        }
+        None
+    }
+}
+
+impl<D: Send, O: BackpressureObserver> ClientState for Shared<D, O> {
+    fn stats(&self) -> BufferStats {
+        self.lock().buffer.stats()
+    }
+
+    fn idle(&self) -> Duration {
+        now().saturating_duration_since(self.lock().last_taken)
+    }
+}
+
+impl<D: Send, O: BackpressureObserver> BudgetMember for Shared<D, O> {
+    fn budget_bytes(&self) -> usize {
+        self.budget_bytes.load(Ordering::Acquire)
+    }
+
+    fn shed(&self, need: usize) -> usize {
+        let mut st = self.lock();
+        if st.closed {
+            return 0;
+        }
+        let mut freed = Dropped::default();
+        while freed.bytes < need {
+            match st.buffer.evict_oldest() {
+                Some((_, w)) => {
+                    freed.frames += 1;
+                    freed.bytes += w;
+                }
+                None => break,
+            }
+        }
+        if freed.frames > 0 {
+            if let Some(budget) = &self.budget {
+                budget.count_dropped(freed.frames as u64);
+            }
+            let reason = self.after_push(&mut st, false, freed);
+            self.report_drops(&mut st);
+            self.settle_budget(&st, 0);
+            if let Some(reason) = reason {
+                take_wake(self.evict(&mut st, reason));
+            }
+        }
+        freed.bytes
+    }
+}
+
+impl<D, O> Drop for Shared<D, O> {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.release(*self.budget_bytes.get_mut());
         }
     }
 }

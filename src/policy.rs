@@ -1,0 +1,207 @@
+//! Slow-client policies that plug into the layer: frame classes and gap
+//! markers.
+//!
+//! - A [`Classify`] hook marks each data frame [`FrameClass::Droppable`],
+//!   [`FrameClass::Critical`] (never dropped) or [`FrameClass::Replace`]
+//!   (only the newest frame of a key waits).
+//! - A [`GapMarker`] tells the client what it missed: at the point of each
+//!   gap, before the next delivered frame, it inserts one frame built from the
+//!   [`Gap`], or ends the stream with trailers ([`GrpcDataLoss`]). A marker
+//!   is built when the frame after the gap is handed out, so it never counts
+//!   against the limits and can never be dropped itself.
+//!
+//! ```
+//! use tower_backpressure::{BackpressureLayer, BufferConfig, FrameClass, SseGapMarker};
+//!
+//! let layer = BackpressureLayer::new(BufferConfig::default())
+//!     .gap_marker(SseGapMarker::new())
+//!     // SSE comments (`: keep-alive`) replace each other.
+//!     .classify(|frame: &bytes::Bytes| {
+//!         if frame.starts_with(b":") { FrameClass::Replace(0) } else { FrameClass::Droppable }
+//!     });
+//! # let _ = layer;
+//! ```
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+
+pub use crate::buffer::{FrameClass, Gap};
+
+/// Decides the [`FrameClass`] of each data frame.
+///
+/// Implemented by `()` (every frame droppable, the default) and by closures
+/// `Fn(&D) -> FrameClass`. Runs in the pump task for every frame: keep it
+/// cheap.
+pub trait Classify<D>: Clone + Send + Sync + 'static {
+    /// The class of `frame`.
+    fn classify(&self, frame: &D) -> FrameClass;
+}
+
+impl<D> Classify<D> for () {
+    #[inline]
+    fn classify(&self, _: &D) -> FrameClass {
+        FrameClass::Droppable
+    }
+}
+
+impl<D, F> Classify<D> for F
+where
+    F: Fn(&D) -> FrameClass + Clone + Send + Sync + 'static,
+{
+    fn classify(&self, frame: &D) -> FrameClass {
+        self(frame)
+    }
+}
+
+/// What a [`GapMarker`] does at a gap.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum GapAction<D> {
+    /// Nothing: the client sees the next frame.
+    Skip,
+    /// Insert this frame before the next delivered frame.
+    Insert(D),
+    /// End the stream here with these trailers instead of delivering a
+    /// stream with holes. `Closed` reports
+    /// [`EvictReason::DataLoss`](crate::EvictReason::DataLoss).
+    End(HeaderMap),
+}
+
+/// Tells the client what it missed.
+///
+/// Implemented by `()` (no marker, the default), [`SseGapMarker`],
+/// [`NdjsonGapMarker`], [`GrpcDataLoss`] and closures `Fn(Gap) -> GapAction<D>`.
+/// It runs while hyper polls the body, once per gap.
+pub trait GapMarker<D>: Clone + Send + Sync + 'static {
+    /// The action for a gap of `gap.frames` frames.
+    fn on_gap(&self, gap: Gap) -> GapAction<D>;
+}
+
+impl<D> GapMarker<D> for () {
+    #[inline]
+    fn on_gap(&self, _: Gap) -> GapAction<D> {
+        GapAction::Skip
+    }
+}
+
+impl<D, F> GapMarker<D> for F
+where
+    F: Fn(Gap) -> GapAction<D> + Clone + Send + Sync + 'static,
+{
+    fn on_gap(&self, gap: Gap) -> GapAction<D> {
+        self(gap)
+    }
+}
+
+/// An SSE event before the next delivered one:
+///
+/// ```text
+/// event: lagged
+/// data: {"dropped":42}
+///
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SseGapMarker {
+    _priv: (),
+}
+
+impl SseGapMarker {
+    /// The marker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl GapMarker<Bytes> for SseGapMarker {
+    fn on_gap(&self, gap: Gap) -> GapAction<Bytes> {
+        GapAction::Insert(Bytes::from(format!(
+            "event: lagged\ndata: {{\"dropped\":{}}}\n\n",
+            gap.frames
+        )))
+    }
+}
+
+/// An NDJSON line before the next delivered one:
+/// `{"type":"lagged","dropped":42}`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NdjsonGapMarker {
+    _priv: (),
+}
+
+impl NdjsonGapMarker {
+    /// The marker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl GapMarker<Bytes> for NdjsonGapMarker {
+    fn on_gap(&self, gap: Gap) -> GapAction<Bytes> {
+        GapAction::Insert(Bytes::from(format!(
+            "{{\"type\":\"lagged\",\"dropped\":{}}}\n",
+            gap.frames
+        )))
+    }
+}
+
+/// For gRPC: end the call at the first gap with `grpc-status: 15`
+/// (`DATA_LOSS`) and a message, rather than deliver a stream with holes.
+///
+/// Every message kept before the gap is delivered first.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcDataLoss {
+    _priv: (),
+}
+
+impl GrpcDataLoss {
+    /// The marker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<D> GapMarker<D> for GrpcDataLoss {
+    fn on_gap(&self, gap: Gap) -> GapAction<D> {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("15"));
+        let message = format!("client too slow: {} messages dropped", gap.frames);
+        trailers.insert(
+            "grpc-message",
+            HeaderValue::from_str(&message.replace(' ', "%20")).expect("percent-encoded ASCII"),
+        );
+        GapAction::End(trailers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_made_markers_render_the_count() {
+        let gap = Gap {
+            frames: 42,
+            bytes: 1000,
+        };
+        assert_eq!(
+            SseGapMarker::new().on_gap(gap),
+            GapAction::Insert(Bytes::from_static(
+                b"event: lagged\ndata: {\"dropped\":42}\n\n"
+            ))
+        );
+        assert_eq!(
+            NdjsonGapMarker::new().on_gap(gap),
+            GapAction::Insert(Bytes::from_static(
+                b"{\"type\":\"lagged\",\"dropped\":42}\n"
+            ))
+        );
+        let GapAction::<Bytes>::End(t) = GrpcDataLoss::new().on_gap(gap) else {
+            panic!("grpc ends the call");
+        };
+        assert_eq!(t["grpc-status"], "15");
+        assert_eq!(
+            t["grpc-message"],
+            "client%20too%20slow:%2042%20messages%20dropped"
+        );
+    }
+}
