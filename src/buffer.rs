@@ -436,6 +436,11 @@ impl<T, W> ClientBuffer<T, W> {
         evicted
     }
 
+    /// Takes the trailing gap: the stream ends after it.
+    pub(crate) fn take_trailing_gap(&mut self) -> Gap {
+        std::mem::take(&mut self.trailing_gap)
+    }
+
     /// Empties the buffer without counting anything: for a response that
     /// has closed, whose frames will never be delivered.
     pub(crate) fn discard(&mut self) {
@@ -615,6 +620,7 @@ impl<T, W: Weigher<T>> ClientBuffer<T, W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Overflow;
 
     #[derive(Debug, PartialEq)]
     struct Event {
@@ -790,5 +796,144 @@ mod tests {
     #[test]
     fn try_new_returns_the_error() {
         assert!(ClientBuffer::<Bytes>::try_new(BufferConfig::default().threshold(2.0)).is_err());
+    }
+
+    fn ids(buffer: &mut ClientBuffer<Event>) -> Vec<(u32, u64)> {
+        std::iter::from_fn(|| buffer.pop_with_gap())
+            .map(|(e, g)| (e.id, g.frames))
+            .collect()
+    }
+
+    #[test]
+    fn gaps_sit_where_frames_were_lost() {
+        let mut buffer = ClientBuffer::new(BufferConfig::new(3));
+        for id in 0..3 {
+            buffer.push(Event { id });
+        }
+        assert_eq!(buffer.pop().unwrap().id, 0);
+        for id in 3..7 {
+            buffer.push(Event { id });
+        }
+        // 1, 2 and 3 were dropped, right before 4.
+        assert_eq!(ids(&mut buffer), vec![(4, 3), (5, 0), (6, 0)]);
+    }
+
+    #[test]
+    fn drop_newest_keeps_the_oldest_and_marks_the_gap_after_them() {
+        let config = BufferConfig::new(3).overflow(Overflow::DropNewest);
+        let mut buffer = ClientBuffer::new(config);
+        for id in 0..10 {
+            buffer.push(Event { id });
+        }
+        assert_eq!(buffer.trailing_gap().frames, 7);
+        assert_eq!(ids(&mut buffer), vec![(0, 0), (1, 0), (2, 0)]);
+        buffer.push(Event { id: 10 });
+        assert_eq!(ids(&mut buffer), vec![(10, 7)]);
+        let s = buffer.stats();
+        assert_eq!((s.pushed, s.sent, s.dropped), (11, 4, 7));
+    }
+
+    #[test]
+    fn critical_frames_are_never_dropped() {
+        let mut buffer = ClientBuffer::new(BufferConfig::new(3));
+        buffer.push_with(Event { id: 0 }, FrameClass::Critical, drop);
+        for id in 1..10 {
+            buffer.push(Event { id });
+        }
+        // The critical frame stays first; droppable ones rotate behind it,
+        // and the gap sits after it.
+        assert_eq!(ids(&mut buffer), vec![(0, 0), (8, 7), (9, 0)]);
+
+        // Only critical frames: the buffer grows past its limit.
+        for id in 0..5 {
+            buffer.push_with(Event { id }, FrameClass::Critical, drop);
+        }
+        assert_eq!(buffer.len(), 5);
+        // A droppable frame cannot push one out: it is dropped itself.
+        let d = buffer.push(Event { id: 99 });
+        assert_eq!(d.frames, 1);
+        assert_eq!(buffer.len(), 5);
+        assert_eq!(buffer.trailing_gap().frames, 1);
+    }
+
+    #[test]
+    fn replace_keeps_only_the_newest_of_a_key_without_a_gap() {
+        let mut buffer = ClientBuffer::new(BufferConfig::new(10));
+        buffer.push_with(Event { id: 0 }, FrameClass::Replace(7), drop);
+        buffer.push(Event { id: 1 });
+        buffer.push_with(Event { id: 2 }, FrameClass::Replace(7), drop);
+        buffer.push_with(Event { id: 3 }, FrameClass::Replace(8), drop);
+        buffer.push_with(Event { id: 4 }, FrameClass::Replace(7), drop);
+        assert_eq!(buffer.len(), 3);
+        let s = buffer.stats();
+        assert_eq!((s.replaced, s.dropped), (2, 0));
+        assert_eq!(ids(&mut buffer), vec![(1, 0), (3, 0), (4, 0)]);
+        let s = buffer.stats();
+        assert_eq!(
+            s.pushed,
+            s.sent + s.dropped + s.replaced + s.buffered as u64
+        );
+        // After the key's frame went out, the key starts afresh.
+        buffer.push_with(Event { id: 5 }, FrameClass::Replace(7), drop);
+        assert_eq!(ids(&mut buffer), vec![(5, 0)]);
+    }
+
+    #[test]
+    fn a_replaced_frame_hands_its_gap_on() {
+        let mut buffer = ClientBuffer::new(BufferConfig::new(2));
+        buffer.push(Event { id: 0 });
+        buffer.push(Event { id: 1 });
+        buffer.push_with(Event { id: 2 }, FrameClass::Replace(1), drop); // drops 0
+        buffer.push_with(Event { id: 3 }, FrameClass::Replace(1), drop); // replaces 2
+        // 0 was lost before 1; nothing is lost between 1 and 3.
+        assert_eq!(ids(&mut buffer), vec![(1, 1), (3, 0)]);
+    }
+
+    #[test]
+    fn tombstones_stay_bounded_when_a_critical_frame_blocks_the_front() {
+        let mut buffer = ClientBuffer::new(BufferConfig::new(4));
+        buffer.push_with(Event { id: 0 }, FrameClass::Critical, drop);
+        for id in 1..100_000 {
+            buffer.push(Event { id });
+            assert!(buffer.slots.len() <= 2 * buffer.len() + 17);
+        }
+        assert_eq!(buffer.len(), 4);
+        let got = ids(&mut buffer);
+        assert_eq!(got[0], (0, 0));
+        assert_eq!(got.last().unwrap().0, 99_999);
+        let lost: u64 = got.iter().map(|(_, g)| g).sum();
+        assert_eq!(lost, buffer.stats().dropped);
+    }
+
+    #[test]
+    fn counters_keep_their_invariant_under_every_class() {
+        for overflow in [Overflow::DropOldest, Overflow::DropNewest] {
+            let mut buffer =
+                ClientBuffer::new(BufferConfig::new(5).max_bytes(60).overflow(overflow));
+            let mut seen_gap = 0;
+            for i in 0..2000usize {
+                let class = match i % 7 {
+                    0 => FrameClass::Critical,
+                    1 | 2 => FrameClass::Replace((i % 3) as u64),
+                    _ => FrameClass::Droppable,
+                };
+                buffer.push_with(Bytes::from(vec![0; i % 17]), class, drop);
+                if i % 4 == 0 {
+                    if let Some((_, g)) = buffer.pop_with_gap() {
+                        seen_gap += g.frames;
+                    }
+                }
+                let s = buffer.stats();
+                assert_eq!(
+                    s.pushed,
+                    s.sent + s.dropped + s.replaced + s.buffered as u64
+                );
+            }
+            while let Some((_, g)) = buffer.pop_with_gap() {
+                seen_gap += g.frames;
+            }
+            seen_gap += buffer.trailing_gap().frames;
+            assert_eq!(seen_gap, buffer.stats().dropped, "{overflow:?}");
+        }
     }
 }

@@ -2,7 +2,9 @@
 
 use std::fmt;
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use tokio::sync::watch;
 
@@ -182,8 +184,8 @@ impl fmt::Debug for ClientHandle {
     }
 }
 
-/// A monotonic clock read, kept apart so the hot path has one place to read
-/// time.
+/// The clock of every timed rule: tokio's, so that tests with paused time
+/// see rules fire as they would in real time.
 pub(crate) fn now() -> Instant {
     Instant::now()
 }

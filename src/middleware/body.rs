@@ -4,12 +4,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use super::shared::{Shared, State, wake};
 use crate::BoxError;
@@ -158,6 +157,7 @@ where
         let shared = &*self.shared;
         let mut st = shared.lock();
         if let Some(reason) = st.evicted.take() {
+            shared.refresh_done(&st);
             return Poll::Ready(Some(Err(Evicted::new(reason).into())));
         }
         if !st.closed && !st.buffer.is_empty() {
@@ -175,7 +175,7 @@ where
                     if self.release_left == 0 {
                         let t = now();
                         if let Some(at) = self.next_release.filter(|at| t < *at) {
-                            let deadline = tokio::time::Instant::from_std(at);
+                            let deadline = at;
                             let timer = self.timer.get_or_insert_with(|| {
                                 Box::pin(tokio::time::sleep_until(deadline))
                             });
@@ -225,6 +225,21 @@ where
             wake(pump);
             return out;
         }
+        if st.end && !st.closed && !st.buffer.trailing_gap().is_empty() {
+            // Frames were lost after the last one delivered: say so before
+            // the end.
+            let gap = st.buffer.take_trailing_gap();
+            match self.marker.on_gap(gap) {
+                GapAction::Skip => {}
+                GapAction::Insert(marker) => return Poll::Ready(Some(Ok(Frame::data(marker)))),
+                GapAction::End(trailers) => {
+                    st.trailers = None;
+                    st.error = None;
+                    shared.close(&mut st, CloseReason::Evicted(EvictReason::DataLoss));
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+            }
+        }
         if let Some(trailers) = st.trailers.take() {
             shared.close(&mut st, CloseReason::Completed);
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
@@ -249,11 +264,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        if self.pending.is_some() {
-            return false;
-        }
-        let st = self.shared.lock();
-        (st.closed && st.evicted.is_none()) || st.at_end()
+        self.pending.is_none() && self.shared.is_done()
     }
 }
 
@@ -473,7 +484,7 @@ where
         // Wake up for the next time-based eviction rule.
         if let Some(at) = shared.next_deadline(&st) {
             drop(st);
-            let deadline = tokio::time::Instant::from_std(at);
+            let deadline = at;
             let timer = this
                 .timer
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -496,6 +507,7 @@ fn finish<D, O: BackpressureObserver>(
 ) -> Poll<()> {
     st.end = true;
     shared.report_drops(&mut st);
+    shared.refresh_done(&st);
     let consumer = st.consumer_waker.take();
     drop(st);
     wake(consumer);

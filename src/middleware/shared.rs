@@ -1,10 +1,12 @@
 //! The state shared by a pump task and the body hyper polls.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use http::HeaderMap;
 
@@ -25,6 +27,9 @@ pub(crate) struct Shared<D, O> {
     pub(crate) budget: Option<MemoryBudget>,
     /// The buffer's bytes, mirrored for the budget's lock-free scans.
     budget_bytes: AtomicUsize,
+    /// Nothing more will come out: `is_end_stream` reads this without the
+    /// lock (hyper asks after every frame).
+    done: AtomicBool,
 }
 
 pub(crate) struct State<D> {
@@ -60,7 +65,11 @@ pub(crate) struct State<D> {
 impl<D> State<D> {
     /// The inner body ended and everything it left was handed out.
     pub(crate) fn at_end(&self) -> bool {
-        self.end && self.buffer.is_empty() && self.trailers.is_none() && self.error.is_none()
+        self.end
+            && self.buffer.is_empty()
+            && self.buffer.trailing_gap().is_empty()
+            && self.trailers.is_none()
+            && self.error.is_none()
     }
 }
 
@@ -105,6 +114,7 @@ impl<D: Send + 'static, O: BackpressureObserver> Shared<D, O> {
             observer,
             budget,
             budget_bytes: AtomicUsize::new(0),
+            done: AtomicBool::new(false),
         });
         let state: Arc<dyn ClientState> = shared.clone();
         shared.handle.attach(Arc::downgrade(&state));
@@ -121,6 +131,18 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
         // A panicking observer poisons nothing we cannot continue from: the
         // state is updated before callbacks run.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records whether anything more will come out. Called with the lock
+    /// held after every change that could end the stream.
+    pub(crate) fn refresh_done(&self, st: &State<D>) {
+        let done = (st.closed && st.evicted.is_none()) || st.at_end();
+        self.done.store(done, Ordering::Release);
+    }
+
+    /// Nothing more will come out (see `refresh_done`).
+    pub(crate) fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
     }
 
     pub(crate) fn emit(&self, kind: EventKind, stats: BufferStats) {
@@ -222,6 +244,9 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
             self.emit(EventKind::Recovered, st.buffer.stats());
         }
         self.settle_budget(st, 0);
+        if st.end && st.buffer.is_empty() {
+            self.refresh_done(st);
+        }
         if st.pump_paused && !st.buffer.is_full() {
             st.pump_paused = false;
             return st.pump_waker.take();
@@ -240,6 +265,7 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
             self.handle.set_closed(reason, stats);
             st.buffer.discard();
             self.settle_budget(st, 0);
+            self.refresh_done(st);
         }
     }
 
