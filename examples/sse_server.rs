@@ -1,0 +1,259 @@
+//! A Server-Sent Events server whose every client goes through
+//! [`BackpressureLayer`].
+//!
+//! One producer task emits events at `--rate` events per second; every
+//! connected client gets the same events, each with `id: <seq>` (one
+//! sequence shared by all clients, starting at 0) and a `data:` payload of
+//! `--size` bytes. A client that reads too slowly does not slow the producer
+//! or the other clients: its own buffer of `--capacity` frames drops its
+//! oldest events, and `TracingObserver` logs the episode on stderr.
+//!
+//! ```text
+//! cargo run --release --example sse_server -- --rate 5000
+//! curl -N http://127.0.0.1:3000/events
+//! ```
+//!
+//! To see a slow client lose events, throttle curl:
+//! `curl -N --limit-rate 20k http://127.0.0.1:3000/events`.
+//!
+//! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
+//! port); once connections are accepted, exactly one line
+//! `listening on http://HOST:PORT` is printed on stdout; SIGINT and SIGTERM
+//! end the open streams and exit with status 0. Logs go to stderr.
+
+use std::convert::Infallible;
+use std::io::{IsTerminal as _, Write as _};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::sse::{Event, Sse};
+use axum::routing::get;
+use clap::Parser;
+use futures::{Stream, StreamExt};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tower::util::MapRequestLayer;
+use tower_backpressure::{BackpressureLayer, BufferConfig, PeerAddr, TracingObserver};
+
+/// How long open streams get to finish after SIGINT/SIGTERM: a stalled
+/// client may never take the events still buffered for it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Server-Sent Events at a fixed rate, each client behind a drop-oldest buffer.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on; port 0 picks a free one.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:3000")]
+    addr: String,
+    /// Events per second, shared by all clients.
+    #[arg(long, value_name = "EVENTS_PER_SEC", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    rate: u64,
+    /// Size of each event's `data:` payload.
+    #[arg(long, value_name = "BYTES", default_value_t = 256)]
+    size: usize,
+    /// Frames buffered per client before the oldest are dropped.
+    #[arg(long, value_name = "FRAMES", default_value_t = 1000)]
+    capacity: usize,
+    /// Bytes buffered per client before the oldest are dropped (default: no limit).
+    #[arg(long, value_name = "BYTES")]
+    max_bytes: Option<usize>,
+    /// Fraction of the limits at which a client counts as under pressure, in (0, 1].
+    #[arg(long, value_name = "F", default_value_t = 0.8)]
+    threshold: f64,
+}
+
+#[derive(Clone)]
+struct AppState {
+    events: broadcast::Sender<u64>,
+    payload: Arc<str>,
+    /// Turns `true` on SIGINT/SIGTERM: every stream ends.
+    shutdown: watch::Receiver<bool>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    // Refuse a bad configuration now, not when the first client connects.
+    let mut config = BufferConfig::new(args.capacity).threshold(args.threshold);
+    if let Some(max_bytes) = args.max_bytes {
+        config = config.max_bytes(max_bytes);
+    }
+    let layer = match BackpressureLayer::try_new(config) {
+        Ok(layer) => layer.observer(TracingObserver::new()),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+
+    // The layer does the real buffering, per client. This channel only has
+    // to outlast a short scheduling hiccup: each client's pump drains its
+    // receiver as fast as events come, however slowly the client reads.
+    let (events, _) = broadcast::channel(4096);
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(produce(events.clone(), args.rate));
+
+    let state = AppState {
+        events,
+        payload: "x".repeat(args.size).into(),
+        shutdown: shutdown.clone(),
+    };
+    let app = Router::new()
+        .route("/events", get(sse_events))
+        .with_state(state)
+        .layer(layer)
+        // Outside the backpressure layer, so it runs first.
+        .layer(MapRequestLayer::new(peer_addr_from_connect_info));
+
+    let listener = match TcpListener::bind(&args.addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("error: cannot listen on {}: {e}", args.addr);
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = listener
+        .local_addr()
+        .expect("a bound socket has an address");
+    println!("listening on http://{local}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(
+        rate = args.rate,
+        size = args.size,
+        capacity = args.capacity,
+        max_bytes = args.max_bytes,
+        threshold = args.threshold,
+        "serving GET /events"
+    );
+
+    let mut stopped = shutdown;
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    })
+    .into_future();
+    let mut server = std::pin::pin!(server);
+
+    tokio::select! {
+        result = &mut server => {
+            // Only an error ends the server before a signal.
+            if let Err(e) = result {
+                eprintln!("error: server failed: {e}");
+            }
+            return ExitCode::FAILURE;
+        }
+        () = shutdown_signal() => {}
+    }
+
+    tracing::info!("shutting down: ending open streams");
+    stop.send_replace(true);
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(Ok(())) => tracing::info!("stopped"),
+        Ok(Err(e)) => tracing::warn!("server error while stopping: {e}"),
+        Err(_) => tracing::warn!(
+            "some clients did not take their last events within {SHUTDOWN_GRACE:?}; closing them"
+        ),
+    }
+    ExitCode::SUCCESS
+}
+
+/// `GET /events`: this client's view of the shared event sequence.
+async fn sse_events(
+    State(app): State<AppState>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let payload = app.payload;
+    let mut shutdown = app.shutdown;
+    let stream = BroadcastStream::new(app.events.subscribe())
+        .filter_map(move |message| {
+            futures::future::ready(match message {
+                Ok(seq) => Some(Ok(Event::default().id(seq.to_string()).data(&*payload))),
+                // Only if this client's pump task was starved of CPU for
+                // 4096 events: the client sees a gap in the ids, as for a drop.
+                Err(BroadcastStreamRecvError::Lagged(_)) => None,
+            })
+        })
+        // SSE streams never end by themselves; end them on shutdown so that
+        // graceful shutdown does not wait forever.
+        .take_until(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        });
+    Sse::new(stream)
+}
+
+/// The one producer: `rate` events per second, ids 0, 1, 2, ...
+async fn produce(events: broadcast::Sender<u64>, rate: u64) {
+    let start = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    // Every tick emits what is due since the start, so a late tick is made
+    // up by the next one and high rates need no tick per event.
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut seq: u64 = 0;
+    loop {
+        ticker.tick().await;
+        let due = (start.elapsed().as_nanos() * u128::from(rate) / 1_000_000_000) as u64;
+        while seq < due {
+            // An error only means that no client is connected right now.
+            let _ = events.send(seq);
+            seq += 1;
+        }
+    }
+}
+
+/// The layer reads the client's address from a [`PeerAddr`] extension (or,
+/// with the crate's `axum` feature, from axum's `ConnectInfo` directly).
+fn peer_addr_from_connect_info(mut request: Request) -> Request {
+    if let Some(ConnectInfo(addr)) = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .copied()
+    {
+        request.extensions_mut().insert(PeerAddr(addr));
+    }
+    request
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!("cannot listen for SIGINT: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}
