@@ -19,8 +19,8 @@ use crate::observer::{
     BackpressureEvent, BackpressureObserver, CloseReason, EventKind, EvictReason,
 };
 
-pub(crate) struct Shared<D, O> {
-    state: Mutex<State<D>>,
+pub(crate) struct Shared<D, O, W = Remaining> {
+    state: Mutex<State<D, W>>,
     pub(crate) handle: Arc<HandleInner>,
     pub(crate) config: BufferConfig,
     observer: Arc<O>,
@@ -32,8 +32,8 @@ pub(crate) struct Shared<D, O> {
     done: AtomicBool,
 }
 
-pub(crate) struct State<D> {
-    pub(crate) buffer: ClientBuffer<D, Remaining>,
+pub(crate) struct State<D, W = Remaining> {
+    pub(crate) buffer: ClientBuffer<D, W>,
     /// Trailers from the inner body: after every kept data frame.
     pub(crate) trailers: Option<HeaderMap>,
     /// The inner body's error: after every kept data frame.
@@ -62,7 +62,7 @@ pub(crate) struct State<D> {
     pub(crate) pump_waker: Option<Waker>,
 }
 
-impl<D> State<D> {
+impl<D, W> State<D, W> {
     /// The inner body ended and everything it left was handed out.
     pub(crate) fn at_end(&self) -> bool {
         self.end
@@ -83,9 +83,9 @@ pub(crate) fn wake(waker: Option<Waker>) {
     take_wake(waker)
 }
 
-impl<D: Send + 'static, O: BackpressureObserver> Shared<D, O> {
+impl<D: Send + 'static, O: BackpressureObserver, W: Send + 'static> Shared<D, O, W> {
     pub(crate) fn new(
-        buffer: ClientBuffer<D, Remaining>,
+        buffer: ClientBuffer<D, W>,
         handle: Arc<HandleInner>,
         observer: Arc<O>,
         budget: Option<MemoryBudget>,
@@ -126,8 +126,8 @@ impl<D: Send + 'static, O: BackpressureObserver> Shared<D, O> {
     }
 }
 
-impl<D, O: BackpressureObserver> Shared<D, O> {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State<D>> {
+impl<D, O: BackpressureObserver, W> Shared<D, O, W> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State<D, W>> {
         // A panicking observer poisons nothing we cannot continue from: the
         // state is updated before callbacks run.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -135,7 +135,7 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
 
     /// Records whether anything more will come out. Called with the lock
     /// held after every change that could end the stream.
-    pub(crate) fn refresh_done(&self, st: &State<D>) {
+    pub(crate) fn refresh_done(&self, st: &State<D, W>) {
         let done = (st.closed && st.evicted.is_none()) || st.at_end();
         self.done.store(done, Ordering::Release);
     }
@@ -156,7 +156,7 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
 
     /// Brings the budget in line with the buffer after a change; `reserved`
     /// bytes were taken from the budget for it beforehand.
-    pub(crate) fn settle_budget(&self, st: &State<D>, reserved: usize) {
+    pub(crate) fn settle_budget(&self, st: &State<D, W>, reserved: usize) {
         if let Some(budget) = &self.budget {
             let now = st.buffer.bytes();
             let prev = self.budget_bytes.swap(now, Ordering::AcqRel);
@@ -169,7 +169,7 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
     /// returns a rule that fired.
     pub(crate) fn after_push(
         &self,
-        st: &mut State<D>,
+        st: &mut State<D, W>,
         was_empty: bool,
         dropped: Dropped,
     ) -> Option<EvictReason> {
@@ -218,7 +218,7 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
 
     /// Reports the drops gathered since the last report. Called with the
     /// lock held.
-    pub(crate) fn report_drops(&self, st: &mut State<D>) {
+    pub(crate) fn report_drops(&self, st: &mut State<D, W>) {
         if st.unreported.frames > 0 && !st.closed {
             let Dropped { frames, bytes } = std::mem::take(&mut st.unreported);
             self.emit(
@@ -234,7 +234,7 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
     /// After the consumer took frames: fires `Recovered` on the downward
     /// crossing, notes the time, and returns the pump's waker if it waits for
     /// room. Called with the lock held.
-    pub(crate) fn after_pop(&self, st: &mut State<D>) -> Option<Waker> {
+    pub(crate) fn after_pop(&self, st: &mut State<D, W>) -> Option<Waker> {
         let t = now();
         st.last_taken = t;
         st.waiting_since = (!st.buffer.is_empty()).then_some(t);
@@ -256,7 +256,7 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
 
     /// Fires `Closed` unless it has fired, and frees what will never be
     /// delivered; the pump stops at its next look. Called with the lock held.
-    pub(crate) fn close(&self, st: &mut State<D>, reason: CloseReason) {
+    pub(crate) fn close(&self, st: &mut State<D, W>, reason: CloseReason) {
         if !st.closed {
             self.report_drops(st);
             st.closed = true;
@@ -271,7 +271,7 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
 
     /// Gives up on the client: `Closed` with the rule, and the consumer ends
     /// with [`Evicted`](crate::Evicted). Returns the consumer's waker.
-    pub(crate) fn evict(&self, st: &mut State<D>, reason: EvictReason) -> Option<Waker> {
+    pub(crate) fn evict(&self, st: &mut State<D, W>, reason: EvictReason) -> Option<Waker> {
         if st.closed {
             return None;
         }
@@ -281,7 +281,7 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
     }
 
     /// The next moment a time-based eviction rule could fire.
-    pub(crate) fn next_deadline(&self, st: &State<D>) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self, st: &State<D, W>) -> Option<Instant> {
         let rules = self.config.get_eviction();
         let stall = rules
             .stall
@@ -296,7 +296,7 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
     }
 
     /// A time-based rule that has fired by `t`.
-    pub(crate) fn timed_out(&self, st: &State<D>, t: Instant) -> Option<EvictReason> {
+    pub(crate) fn timed_out(&self, st: &State<D, W>, t: Instant) -> Option<EvictReason> {
         let rules = self.config.get_eviction();
         if let (Some(d), Some(since)) = (rules.stall, st.waiting_since) {
             if !st.buffer.is_empty() && t >= since + d {
@@ -312,7 +312,7 @@ impl<D, O: BackpressureObserver> Shared<D, O> {
     }
 }
 
-impl<D: Send, O: BackpressureObserver> ClientState for Shared<D, O> {
+impl<D: Send, O: BackpressureObserver, W: Send> ClientState for Shared<D, O, W> {
     fn stats(&self) -> BufferStats {
         self.lock().buffer.stats()
     }
@@ -322,7 +322,7 @@ impl<D: Send, O: BackpressureObserver> ClientState for Shared<D, O> {
     }
 }
 
-impl<D: Send, O: BackpressureObserver> BudgetMember for Shared<D, O> {
+impl<D: Send, O: BackpressureObserver, W: Send> BudgetMember for Shared<D, O, W> {
     fn budget_bytes(&self) -> usize {
         self.budget_bytes.load(Ordering::Acquire)
     }
@@ -357,7 +357,7 @@ impl<D: Send, O: BackpressureObserver> BudgetMember for Shared<D, O> {
     }
 }
 
-impl<D, O> Drop for Shared<D, O> {
+impl<D, O, W> Drop for Shared<D, O, W> {
     fn drop(&mut self) {
         if let Some(budget) = &self.budget {
             budget.release(*self.budget_bytes.get_mut());
