@@ -160,7 +160,10 @@ where
             shared.refresh_done(&st);
             return Poll::Ready(Some(Err(Evicted::new(reason).into())));
         }
-        if !st.closed && !st.buffer.is_empty() {
+        if st.closed {
+            return Poll::Ready(None);
+        }
+        if !st.buffer.is_empty() {
             let (max_frames, max_bytes) = match shared.config.get_flush() {
                 Flush::Immediate => (1, 0),
                 Flush::Coalesce {
@@ -225,7 +228,7 @@ where
             wake(pump);
             return out;
         }
-        if st.end && !st.closed && !st.buffer.trailing_gap().is_empty() {
+        if st.end && !st.buffer.trailing_gap().is_empty() {
             // Frames were lost after the last one delivered: say so before
             // the end.
             let gap = st.buffer.take_trailing_gap();
@@ -233,8 +236,6 @@ where
                 GapAction::Skip => {}
                 GapAction::Insert(marker) => return Poll::Ready(Some(Ok(Frame::data(marker)))),
                 GapAction::End(trailers) => {
-                    st.trailers = None;
-                    st.error = None;
                     shared.close(&mut st, CloseReason::Evicted(EvictReason::DataLoss));
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                 }
@@ -248,7 +249,7 @@ where
             shared.close(&mut st, CloseReason::InnerError);
             return Poll::Ready(Some(Err(error)));
         }
-        if st.end || st.closed {
+        if st.end {
             shared.close(&mut st, CloseReason::Completed);
             return Poll::Ready(None);
         }

@@ -264,6 +264,9 @@ impl<D, O: BackpressureObserver, W> Shared<D, O, W> {
             self.emit(EventKind::Closed { reason }, stats);
             self.handle.set_closed(reason, stats);
             st.buffer.discard();
+            // Nothing more goes out after `Closed`.
+            st.trailers = None;
+            st.error = None;
             self.settle_budget(st, 0);
             self.refresh_done(st);
         }

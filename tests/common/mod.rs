@@ -201,3 +201,139 @@ impl Drop for DropSignal {
         }
     }
 }
+
+pub type BoxStream =
+    futures::stream::BoxStream<'static, Result<http_body::Frame<Bytes>, std::convert::Infallible>>;
+
+/// A body fed through a channel by the test (the producer), with signals
+/// for "the pump took the end" and "the inner body was dropped".
+pub struct Producer {
+    pub tx: mpsc::Sender<Bytes>,
+    pub inner_done: tokio::sync::oneshot::Receiver<()>,
+    pub inner_dropped: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// `capacity` is the channel's: a producer blocks once it is full.
+pub fn channel_body(capacity: usize, trailers: Option<http::HeaderMap>) -> (Producer, BoxStream) {
+    use futures::StreamExt;
+    let (tx, rx) = mpsc::channel::<Bytes>(capacity);
+    let (done_tx, inner_done) = tokio::sync::oneshot::channel();
+    let (dropped_tx, inner_dropped) = tokio::sync::oneshot::channel();
+    let signal = DropSignal(Some(dropped_tx));
+    let mut done_tx = Some(done_tx);
+    let data =
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(|b| Ok(http_body::Frame::data(b)));
+    let end = futures::stream::once(async move {
+        let _ = done_tx.take().unwrap().send(());
+        trailers.map(|t| Ok(http_body::Frame::trailers(t)))
+    })
+    .filter_map(futures::future::ready);
+    let body = data
+        .chain(end)
+        .map(move |f| {
+            let _keep = &signal;
+            f
+        })
+        .boxed();
+    (
+        Producer {
+            tx,
+            inner_done,
+            inner_dropped,
+        },
+        body,
+    )
+}
+
+/// A service answering its one request with `body` as `content_type`.
+pub fn one_response<ReqBody>(
+    body: BoxStream,
+    content_type: &'static str,
+) -> impl tower::Service<
+    Request<ReqBody>,
+    Response = Response<http_body_util::StreamBody<BoxStream>>,
+    Error = Infallible,
+    Future = std::future::Ready<
+        Result<Response<http_body_util::StreamBody<BoxStream>>, Infallible>,
+    >,
+> + Clone
++ Send
++ 'static {
+    let body = std::sync::Arc::new(std::sync::Mutex::new(Some(body)));
+    tower::service_fn(move |_req: Request<ReqBody>| {
+        let body = body.lock().unwrap().take().expect("one request only");
+        std::future::ready(Ok(Response::builder()
+            .header(http::header::CONTENT_TYPE, content_type)
+            .header(http::header::TRAILER, "x-last-seq")
+            .body(http_body_util::StreamBody::new(body))
+            .unwrap()))
+    })
+}
+
+/// Sends `n` SSE events of `size` bytes, ids from 0.
+pub async fn produce(tx: mpsc::Sender<Bytes>, n: u64, size: usize) {
+    for seq in 0..n {
+        if tx.send(sse_event(seq, size)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One item of a parsed SSE stream: an event id or a `lagged` marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sse {
+    Id(u64),
+    Lagged(u64),
+}
+
+pub fn parse_sse(data: &[u8]) -> Vec<Sse> {
+    std::str::from_utf8(data)
+        .unwrap()
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            if let Some(rest) = e.strip_prefix("event: lagged\ndata: {\"dropped\":") {
+                Sse::Lagged(rest.trim_end_matches('}').parse().unwrap())
+            } else {
+                let line = e.lines().next().unwrap();
+                Sse::Id(line.strip_prefix("id: ").unwrap().parse().unwrap())
+            }
+        })
+        .collect()
+}
+
+/// Checks a stream of ids from `0..n` with markers: ids strictly increase,
+/// every gap has exactly one marker right before the next id (or the end)
+/// with the true count, and no marker stands where nothing was lost.
+/// Returns (ids delivered, frames reported lost).
+pub fn check_gaps(items: &[Sse], n: u64) -> (u64, u64) {
+    let mut next = 0u64; // the id expected if nothing was lost
+    let mut announced: Option<u64> = None;
+    let (mut delivered, mut lost) = (0, 0);
+    for item in items {
+        match *item {
+            Sse::Lagged(k) => {
+                assert!(announced.is_none(), "two markers in a row: {items:?}");
+                assert!(k > 0);
+                announced = Some(k);
+                lost += k;
+            }
+            Sse::Id(id) => {
+                assert!(id >= next, "ids must strictly increase");
+                assert_eq!(
+                    announced.take().unwrap_or(0),
+                    id - next,
+                    "the marker before id {id} must count the gap exactly"
+                );
+                next = id + 1;
+                delivered += 1;
+            }
+        }
+    }
+    assert_eq!(
+        announced.take().unwrap_or(0),
+        n - next,
+        "a gap at the end is announced before the end"
+    );
+    (delivered, lost)
+}
