@@ -1,0 +1,421 @@
+//! The client registry and its health service, the metrics observer, the
+//! handle a handler sees, and the flush strategies.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{ServiceBuilder, ServiceExt};
+use tower_backpressure::{
+    BackpressureLayer, BufferConfig, ClientHandle, ClientRegistry, CloseReason, EventKind, Flush,
+    Health, SseGapMarker,
+};
+
+const N: u64 = 20_000;
+
+#[tokio::test]
+async fn registry_lists_open_clients_with_true_numbers_and_forgets_them_when_they_go() {
+    let registry = ClientRegistry::new();
+    let (observer, mut events) = recorder();
+    let layer = BackpressureLayer::new(BufferConfig::new(64).threshold(0.5))
+        .observer((registry.clone(), observer));
+    let (producer, body) = channel_body(8, None);
+    let addr = serve(
+        ServiceBuilder::new()
+            .layer(layer)
+            .service(one_response(body, "text/event-stream")),
+    )
+    .await;
+    assert!(registry.is_empty());
+    let mut client = connect(addr, Some(4096)).await;
+    let response = common::get(&mut client, "/events").await;
+    assert_eq!(
+        registry.len(),
+        1,
+        "the entry appears when the response opens"
+    );
+
+    guard("the producer", produce(producer.tx, N, 1000)).await;
+    guard("the end of the inner body", producer.inner_done)
+        .await
+        .unwrap();
+    let snap = registry.snapshot();
+    assert_eq!(snap.clients.len(), 1);
+    let c = &snap.clients[0];
+    assert_eq!(c.peer, Some(client.local));
+    assert_eq!((c.method.as_str(), c.path.as_str()), ("GET", "/events"));
+    assert_eq!(c.capacity, 64);
+    assert!(
+        !c.healthy,
+        "a stalled client with a full buffer is unhealthy"
+    );
+    assert!(c.buffered > 0 && c.buffered <= 64);
+    assert_eq!(
+        c.sent + c.dropped + c.buffered as u64,
+        N,
+        "the numbers add up"
+    );
+    assert!(c.dropped > 0);
+    assert_eq!(snap.totals.clients, 1);
+    assert_eq!(snap.totals.unhealthy, 1);
+    assert_eq!(snap.totals.dropped, c.dropped);
+
+    // The client disconnects: its entry leaves.
+    drop(response);
+    client.conn.abort();
+    drop(client);
+    let mut all = Vec::new();
+    let closed = wait_for(&mut events, &mut all, |s| {
+        matches!(s.kind, EventKind::Closed { .. })
+    })
+    .await;
+    assert_eq!(
+        closed.kind,
+        EventKind::Closed {
+            reason: CloseReason::ClientGone
+        }
+    );
+    assert!(registry.is_empty(), "a gone client leaves the table");
+    assert_eq!(registry.snapshot().totals.clients, 0);
+}
+
+#[tokio::test]
+async fn health_service_answers_get_with_json_and_other_methods_with_405() {
+    let registry = ClientRegistry::new();
+    let app = axum::Router::new()
+        .route(
+            "/events",
+            axum::routing::get(|| async {
+                let s = futures::stream::pending::<
+                    Result<axum::response::sse::Event, std::convert::Infallible>,
+                >();
+                axum::response::sse::Sse::new(s)
+            }),
+        )
+        .layer(BackpressureLayer::new(BufferConfig::default()).observer(registry.clone()))
+        .route_service("/health/clients", registry.service());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap()
+    });
+
+    let mut streaming = connect(addr, None).await;
+    let _events = common::get(&mut streaming, "/events").await;
+
+    let mut client = connect(addr, None).await;
+    let res = common::get(&mut client, "/health/clients").await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "application/json");
+    let body = read_all(res.into_body()).await;
+    let json: serde_json::Value = serde_json::from_slice(&body.data).unwrap();
+    let clients = json["clients"].as_array().unwrap();
+    assert_eq!(clients.len(), 1, "{json}");
+    let c = &clients[0];
+    for field in [
+        "id",
+        "healthy",
+        "buffered",
+        "buffered_bytes",
+        "capacity",
+        "dropped",
+        "sent",
+        "high_water",
+        "idle_ms",
+        "age_ms",
+        "path",
+        "method",
+    ] {
+        assert!(!c[field].is_null(), "missing {field}: {json}");
+    }
+    assert_eq!(c["path"], "/events");
+    assert_eq!(c["capacity"], 1000);
+    assert_eq!(c["healthy"], true);
+    if cfg!(feature = "axum") {
+        assert_eq!(c["peer"], streaming.local.to_string());
+        assert_eq!(c["route"], "/events");
+    }
+    assert_eq!(json["totals"]["clients"], 1);
+
+    let post = Request::post("/health/clients")
+        .header("host", "localhost")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let res = client.sender.send_request(post).await.unwrap();
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(res.headers()["allow"], "GET, HEAD");
+}
+
+#[cfg(feature = "serde")]
+#[test]
+fn snapshot_json_matches_serde() {
+    let registry = ClientRegistry::new().with_budget(tower_backpressure::MemoryBudget::new(10));
+    let snap = registry.snapshot();
+    let ours: serde_json::Value = serde_json::from_str(&snap.to_json()).unwrap();
+    assert_eq!(ours, serde_json::to_value(&snap).unwrap());
+}
+
+#[cfg(feature = "metrics")]
+#[test]
+fn metrics_observer_records_drops_pressure_and_closes() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    use tower_backpressure::MetricsObserver;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // A current-thread runtime: the pump runs on this thread, under the
+    // thread-local recorder.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            let (observer, mut events) = recorder_events();
+            let layer = BackpressureLayer::new(BufferConfig::new(10).threshold(0.5))
+                .observer((MetricsObserver::new(), observer));
+            let (producer, body) = channel_body(128, None);
+            let svc = ServiceBuilder::new()
+                .layer(layer)
+                .service(one_response(body, "text/event-stream"));
+            let res = svc.oneshot(Request::new(())).await.unwrap();
+            for seq in 0..100 {
+                producer.tx.send(sse_event(seq, 40)).await.unwrap();
+            }
+            drop(producer.tx);
+            guard("the pump", producer.inner_done).await.unwrap();
+            let mut all = Vec::new();
+            let _ = &mut all;
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(sse_ids(&body).len(), 10);
+            wait_for(&mut events, &mut all, |s| {
+                matches!(s.kind, EventKind::Closed { .. })
+            })
+            .await;
+        })
+    });
+    let values: std::collections::HashMap<String, (Vec<(String, String)>, DebugValue)> =
+        snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| {
+                let k = key.key();
+                let labels = k
+                    .labels()
+                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                    .collect();
+                (k.name().to_owned(), (labels, value))
+            })
+            .collect();
+    let get = |name: &str| {
+        values
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name}: {values:?}"))
+    };
+    assert_eq!(
+        get("backpressure_streams_opened_total").1,
+        DebugValue::Counter(1)
+    );
+    assert_eq!(
+        get("backpressure_frames_dropped_total").1,
+        DebugValue::Counter(90)
+    );
+    let (labels, closed) = get("backpressure_streams_closed_total");
+    assert_eq!(*closed, DebugValue::Counter(1));
+    assert!(labels.contains(&("reason".into(), "completed".into())));
+    assert!(labels.contains(&("route".into(), "/".into())));
+    let gauge = |name: &str| match get(name).1 {
+        DebugValue::Gauge(g) => g.into_inner(),
+        ref v => panic!("{name}: {v:?}"),
+    };
+    assert_eq!(
+        gauge("backpressure_clients_under_pressure"),
+        0.0,
+        "back to 0 after close"
+    );
+    assert_eq!(gauge("backpressure_buffered_frames"), 0.0);
+    assert_eq!(gauge("backpressure_buffered_bytes"), 0.0);
+}
+
+#[cfg(feature = "metrics")]
+fn recorder_events() -> (
+    impl Fn(&tower_backpressure::BackpressureEvent<'_>) + Send + Sync + 'static,
+    tokio::sync::mpsc::UnboundedReceiver<Seen>,
+) {
+    recorder()
+}
+
+#[tokio::test]
+async fn the_handler_sees_its_client_come_under_pressure_and_recover() {
+    let (handle_tx, handle_rx) = tokio::sync::oneshot::channel::<ClientHandle>();
+    let handle_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(handle_tx)));
+    let (producer, body) = channel_body(256, None);
+    let inner = one_response(body, "text/event-stream");
+    let svc = ServiceBuilder::new()
+        .layer(BackpressureLayer::new(BufferConfig::new(10).threshold(0.5)))
+        .map_request(move |req: Request<()>| {
+            let handle = req.extensions().get::<ClientHandle>().cloned().unwrap();
+            let _ = handle_tx.lock().unwrap().take().unwrap().send(handle);
+            req
+        })
+        .service(inner);
+    let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+    let mut handle = handle_rx.await.unwrap();
+    assert!(handle.is_buffered());
+    assert_eq!(handle.health(), Health::Healthy);
+
+    // The client stalls: the handler hears it.
+    for seq in 0..8 {
+        producer.tx.send(sse_event(seq, 40)).await.unwrap();
+    }
+    assert_eq!(guard("pressure", handle.changed()).await, Health::Pressure);
+    assert_eq!(handle.stats().unwrap().buffered, 8);
+
+    // It reads again: healthy.
+    for _ in 0..4 {
+        body.frame().await.unwrap().unwrap();
+    }
+    assert_eq!(guard("recovery", handle.changed()).await, Health::Healthy);
+
+    drop(body);
+    assert_eq!(
+        guard("close", handle.changed()).await,
+        Health::Closed(CloseReason::ClientGone)
+    );
+    assert_eq!(handle.stats().unwrap().sent, 4, "final stats stay readable");
+    assert_eq!(handle.idle(), None);
+}
+
+#[tokio::test]
+async fn a_response_that_is_not_buffered_has_a_quiet_handle() {
+    let (handle_tx, handle_rx) = tokio::sync::oneshot::channel::<ClientHandle>();
+    let handle_tx = std::sync::Mutex::new(Some(handle_tx));
+    let svc = ServiceBuilder::new()
+        .layer(BackpressureLayer::new(BufferConfig::default()))
+        .service(tower::service_fn(move |req: Request<()>| {
+            let handle = req.extensions().get::<ClientHandle>().cloned().unwrap();
+            let _ = handle_tx.lock().unwrap().take().map(|tx| tx.send(handle));
+            std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(
+                Full::new(Bytes::from_static(b"{}")),
+            )))
+        }));
+    let res = svc.oneshot(Request::new(())).await.unwrap();
+    assert!(!res.body().is_buffered());
+    let handle = handle_rx.await.unwrap();
+    assert!(!handle.is_buffered());
+    assert_eq!(handle.stats(), None);
+    assert_eq!(handle.health(), Health::Healthy);
+}
+
+/// Pushes `frames` ready frames, then reads the whole body frame by frame.
+async fn read_frames_with(config: BufferConfig, frames: u64, marker: bool) -> Vec<Bytes> {
+    let (producer, body) = channel_body(1024, None);
+    for seq in 0..frames {
+        producer.tx.send(sse_event(seq, 40)).await.unwrap();
+    }
+    drop(producer.tx);
+    let layer = BackpressureLayer::new(config);
+    let mut out = Vec::new();
+    if marker {
+        let svc = ServiceBuilder::new()
+            .layer(layer.gap_marker(SseGapMarker::new()))
+            .service(one_response(body, "text/event-stream"));
+        let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+        guard("the pump", producer.inner_done).await.unwrap();
+        while let Some(f) = body.frame().await {
+            out.push(f.unwrap().into_data().unwrap());
+        }
+    } else {
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service(one_response(body, "text/event-stream"));
+        let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+        guard("the pump", producer.inner_done).await.unwrap();
+        while let Some(f) = body.frame().await {
+            out.push(f.unwrap().into_data().unwrap());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn coalesce_joins_waiting_frames_in_order_up_to_its_limits() {
+    let frames = read_frames_with(
+        BufferConfig::new(1000).flush(Flush::coalesce(10, 1 << 20)),
+        100,
+        false,
+    )
+    .await;
+    assert_eq!(frames.len(), 10, "100 waiting frames, 10 per write");
+    let all: Vec<u8> = frames.iter().flat_map(|b| b.to_vec()).collect();
+    assert_eq!(sse_ids(&all), (0..100).collect::<Vec<_>>());
+
+    // The byte limit: 40-byte events, at most 100 bytes: 2 per write.
+    let frames = read_frames_with(
+        BufferConfig::new(1000).flush(Flush::coalesce(10, 100)),
+        10,
+        false,
+    )
+    .await;
+    assert_eq!(
+        frames.iter().map(|f| f.len()).collect::<Vec<_>>(),
+        vec![80; 5]
+    );
+
+    // Never across a gap: the marker stands between.
+    let frames = read_frames_with(
+        BufferConfig::new(5).flush(Flush::coalesce(10, 1 << 20)),
+        20,
+        true,
+    )
+    .await;
+    assert_eq!(frames.len(), 2);
+    assert_eq!(parse_sse(&frames[0]), vec![Sse::Lagged(15)]);
+    assert_eq!(
+        parse_sse(&frames[1]),
+        (15..20).map(Sse::Id).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn interval_releases_at_most_once_per_period_and_never_delays_the_end() {
+    let period = Duration::from_millis(100);
+    let (producer, body) = channel_body(1024, None);
+    let svc = ServiceBuilder::new()
+        .layer(BackpressureLayer::new(
+            BufferConfig::new(1000).flush(Flush::interval(period)),
+        ))
+        .service(one_response(body, "text/event-stream"));
+    let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+    let start = tokio::time::Instant::now();
+
+    for seq in 0..5 {
+        producer.tx.send(sse_event(seq, 40)).await.unwrap();
+    }
+    // The first release is immediate, and joins what waits.
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(sse_ids(&first), vec![0, 1, 2, 3, 4]);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+
+    for seq in 5..8 {
+        producer.tx.send(sse_event(seq, 40)).await.unwrap();
+    }
+    let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(sse_ids(&second), vec![5, 6, 7]);
+    assert_eq!(start.elapsed(), period, "the next release waits one period");
+
+    drop(producer.tx);
+    assert!(body.frame().await.is_none());
+    assert_eq!(start.elapsed(), period, "the end is not held back");
+}
