@@ -14,7 +14,13 @@
 //! ```
 //!
 //! To see a slow client lose events, throttle curl:
-//! `curl -N --limit-rate 20k http://127.0.0.1:3000/events`.
+//! `curl -N --limit-rate 20k http://127.0.0.1:3000/events`; the stream marks
+//! each gap with `event: lagged` (`--gap-marker off` to leave it out), and
+//! `curl http://127.0.0.1:3000/health/clients` shows every client's buffer.
+//!
+//! Slow-client policies: `--policy drop-oldest|drop-newest|pause|disconnect`,
+//! `--evict-after-dropped N`, `--evict-after-stall-ms T`, and
+//! `--budget-bytes B` for one memory budget shared by all clients.
 //!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
@@ -40,7 +46,10 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tower::util::MapRequestLayer;
-use tower_backpressure::{BackpressureLayer, BufferConfig, PeerAddr, TracingObserver};
+use tower_backpressure::{
+    BackpressureLayer, BufferConfig, ClientRegistry, Eviction, Gap, GapAction, GapMarker,
+    MemoryBudget, Overflow, PeerAddr, SseGapMarker, TracingObserver,
+};
 
 /// How long open streams get to finish after SIGINT/SIGTERM: a stalled
 /// client may never take the events still buffered for it.
@@ -69,6 +78,83 @@ struct Args {
     /// Fraction of the limits at which a client counts as under pressure, in (0, 1].
     #[arg(long, value_name = "F", default_value_t = 0.8)]
     threshold: f64,
+    /// What a full buffer does. `pause` stops taking events for that client;
+    /// since one producer feeds everyone, the shared channel then skips
+    /// events for it (a gap in the ids that the layer does not count).
+    #[arg(long, value_enum, default_value_t = Policy::DropOldest)]
+    policy: Policy,
+    /// Mark each gap in a client's stream with `event: lagged` and
+    /// `data: {"dropped":N}`.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off)]
+    gap_marker: bool,
+    /// Disconnect a client once more than N of its events were dropped.
+    #[arg(long, value_name = "N")]
+    evict_after_dropped: Option<u64>,
+    /// Disconnect a client that took no event for T milliseconds while events waited.
+    #[arg(long, value_name = "T")]
+    evict_after_stall_ms: Option<u64>,
+    /// One budget in bytes for the events buffered across all clients.
+    #[arg(long, value_name = "B")]
+    budget_bytes: Option<usize>,
+}
+
+/// `--policy`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Policy {
+    DropOldest,
+    DropNewest,
+    Pause,
+    Disconnect,
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("expected on or off, got {s:?}")),
+    }
+}
+
+/// `--gap-marker on|off` as one type.
+#[derive(Debug, Clone, Copy)]
+struct OptionalSseMarker(bool);
+
+impl GapMarker<bytes::Bytes> for OptionalSseMarker {
+    fn on_gap(&self, gap: Gap) -> GapAction<bytes::Bytes> {
+        if self.0 {
+            SseGapMarker::new().on_gap(gap)
+        } else {
+            GapAction::Skip
+        }
+    }
+}
+
+/// The buffer configuration the flags describe.
+fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
+    let mut config = BufferConfig::new(args.capacity)
+        .threshold(args.threshold)
+        .overflow(match args.policy {
+            Policy::DropOldest => Overflow::DropOldest,
+            Policy::DropNewest => Overflow::DropNewest,
+            Policy::Pause => Overflow::Pause,
+            Policy::Disconnect => Overflow::Disconnect,
+        });
+    if let Some(max_bytes) = args.max_bytes {
+        config = config.max_bytes(max_bytes);
+    }
+    let mut eviction = Eviction::none();
+    if let Some(n) = args.evict_after_dropped {
+        eviction = eviction.after_dropped(n);
+    }
+    if let Some(ms) = args.evict_after_stall_ms {
+        eviction = eviction.after_stall(Duration::from_millis(ms));
+    }
+    if args.budget_bytes == Some(0) {
+        return Err("--budget-bytes must be at least 1".into());
+    }
+    config = config.evict(eviction);
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
 }
 
 #[derive(Clone)]
@@ -88,17 +174,24 @@ async fn main() -> ExitCode {
         .init();
 
     // Refuse a bad configuration now, not when the first client connects.
-    let mut config = BufferConfig::new(args.capacity).threshold(args.threshold);
-    if let Some(max_bytes) = args.max_bytes {
-        config = config.max_bytes(max_bytes);
-    }
-    let layer = match BackpressureLayer::try_new(config) {
-        Ok(layer) => layer.observer(TracingObserver::new()),
+    let config = match buffer_config(&args) {
+        Ok(config) => config,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
+    let budget = args.budget_bytes.map(MemoryBudget::new);
+    let registry = match &budget {
+        Some(budget) => ClientRegistry::new().with_budget(budget.clone()),
+        None => ClientRegistry::new(),
+    };
+    let mut layer = BackpressureLayer::new(config)
+        .observer((registry.clone(), TracingObserver::new()))
+        .gap_marker(OptionalSseMarker(args.gap_marker));
+    if let Some(budget) = budget {
+        layer = layer.memory_budget(budget);
+    }
 
     // The layer does the real buffering, per client. This channel only has
     // to outlast a short scheduling hiccup: each client's pump drains its
@@ -116,6 +209,7 @@ async fn main() -> ExitCode {
         .route("/events", get(sse_events))
         .with_state(state)
         .layer(layer)
+        .route_service("/health/clients", registry.service())
         // Outside the backpressure layer, so it runs first.
         .layer(MapRequestLayer::new(peer_addr_from_connect_info));
 
@@ -137,7 +231,8 @@ async fn main() -> ExitCode {
         capacity = args.capacity,
         max_bytes = args.max_bytes,
         threshold = args.threshold,
-        "serving GET /events"
+        policy = ?args.policy,
+        "serving GET /events and GET /health/clients"
     );
 
     let mut stopped = shutdown;

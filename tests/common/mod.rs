@@ -245,17 +245,17 @@ pub fn channel_body(capacity: usize, trailers: Option<http::HeaderMap>) -> (Prod
     )
 }
 
+pub type StreamResponse = Response<http_body_util::StreamBody<BoxStream>>;
+
 /// A service answering its one request with `body` as `content_type`.
 pub fn one_response<ReqBody>(
     body: BoxStream,
     content_type: &'static str,
 ) -> impl tower::Service<
     Request<ReqBody>,
-    Response = Response<http_body_util::StreamBody<BoxStream>>,
+    Response = StreamResponse,
     Error = Infallible,
-    Future = std::future::Ready<
-        Result<Response<http_body_util::StreamBody<BoxStream>>, Infallible>,
-    >,
+    Future = std::future::Ready<Result<StreamResponse, Infallible>>,
 > + Clone
 + Send
 + 'static {
