@@ -350,10 +350,12 @@ impl<D: Send, O: BackpressureObserver, W: Send> BudgetMember for Shared<D, O, W>
                 budget.count_dropped(freed.frames as u64);
             }
             let reason = self.after_push(&mut st, false, freed);
-            self.report_drops(&mut st);
             self.settle_budget(&st, 0);
             if let Some(reason) = reason {
                 take_wake(self.evict(&mut st, reason));
+            } else if let Some(pump) = &st.pump_waker {
+                // Its pump reports the drops, batched, when it next runs.
+                pump.wake_by_ref();
             }
         }
         freed.bytes
