@@ -167,17 +167,7 @@ async fn an_inner_error_arrives_after_the_data_kept_before_it() {
     assert_eq!(io.to_string(), "producer failed");
     assert!(body.frame().await.is_none());
 
-    let mut all = Vec::new();
-    let closed = wait_for(&mut events, &mut all, |s| {
-        matches!(s.kind, EventKind::Closed { .. })
-    })
-    .await;
-    assert_eq!(
-        closed.kind,
-        EventKind::Closed {
-            reason: CloseReason::InnerError
-        }
-    );
+    let closed = closed_as(&mut events, CloseReason::InnerError).await;
     assert_eq!(closed.stats.sent, 3);
 }
 
@@ -308,17 +298,7 @@ async fn dropping_the_body_early_fires_closed_client_gone_exactly_once() {
     let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
     body.frame().await.unwrap().unwrap();
     drop(body);
-    let mut all = Vec::new();
-    let closed = wait_for(&mut events, &mut all, |s| {
-        matches!(s.kind, EventKind::Closed { .. })
-    })
-    .await;
-    assert_eq!(
-        closed.kind,
-        EventKind::Closed {
-            reason: CloseReason::ClientGone
-        }
-    );
+    let closed = closed_as(&mut events, CloseReason::ClientGone).await;
     assert_eq!(closed.stats.sent, 1);
     assert!(events.try_recv().is_err());
 }

@@ -69,17 +69,7 @@ async fn registry_lists_open_clients_with_true_numbers_and_forgets_them_when_the
     drop(response);
     client.conn.abort();
     drop(client);
-    let mut all = Vec::new();
-    let closed = wait_for(&mut events, &mut all, |s| {
-        matches!(s.kind, EventKind::Closed { .. })
-    })
-    .await;
-    assert_eq!(
-        closed.kind,
-        EventKind::Closed {
-            reason: CloseReason::ClientGone
-        }
-    );
+    closed_as(&mut events, CloseReason::ClientGone).await;
     assert!(registry.is_empty(), "a gone client leaves the table");
     assert_eq!(registry.snapshot().totals.clients, 0);
 }

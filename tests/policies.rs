@@ -42,14 +42,6 @@ macro_rules! stalled {
     }};
 }
 
-async fn closed(events: &mut tokio::sync::mpsc::UnboundedReceiver<Seen>) -> Seen {
-    let mut all = Vec::new();
-    wait_for(events, &mut all, |s| {
-        matches!(s.kind, EventKind::Closed { .. })
-    })
-    .await
-}
-
 #[tokio::test]
 async fn drop_oldest_with_sse_markers_announces_every_gap_with_its_count() {
     let (observer, mut events) = recorder();

@@ -211,17 +211,7 @@ async fn fast_client_receives_every_frame_in_order_unchanged() {
     assert_eq!(read.data.len(), expected.len());
     assert!(read.data == expected, "bytes differ");
 
-    let mut all = Vec::new();
-    let closed = wait_for(&mut events, &mut all, |s| {
-        matches!(s.kind, EventKind::Closed { .. })
-    })
-    .await;
-    assert_eq!(
-        closed.kind,
-        EventKind::Closed {
-            reason: CloseReason::Completed
-        }
-    );
+    let closed = closed_as(&mut events, CloseReason::Completed).await;
     assert_eq!((closed.stats.sent, closed.stats.dropped), (N, 0));
 }
 
@@ -252,17 +242,7 @@ async fn client_disconnect_stops_a_pump_whose_inner_body_is_pending_forever() {
     client.conn.abort();
     drop(client);
 
-    let mut all = Vec::new();
-    let closed = wait_for(&mut events, &mut all, |s| {
-        matches!(s.kind, EventKind::Closed { .. })
-    })
-    .await;
-    assert_eq!(
-        closed.kind,
-        EventKind::Closed {
-            reason: CloseReason::ClientGone
-        }
-    );
+    closed_as(&mut events, CloseReason::ClientGone).await;
     guard("the pump to end and drop the inner body", inner_dropped)
         .await
         .unwrap();

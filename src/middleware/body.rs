@@ -178,16 +178,9 @@ where
                     if self.release_left == 0 {
                         let t = now();
                         if let Some(at) = self.next_release.filter(|at| t < *at) {
-                            let deadline = at;
-                            let timer = self.timer.get_or_insert_with(|| {
-                                Box::pin(tokio::time::sleep_until(deadline))
-                            });
-                            if timer.deadline() != deadline {
-                                timer.as_mut().reset(deadline);
-                            }
                             // Only the timer wakes it: new frames wait for the
                             // release anyway (an eviction is seen then too).
-                            if timer.as_mut().poll(cx).is_pending() {
+                            if poll_until(&mut self.timer, at, cx).is_pending() {
                                 return Poll::Pending;
                             }
                         }
@@ -485,19 +478,25 @@ where
         // Wake up for the next time-based eviction rule.
         if let Some(at) = shared.next_deadline(&st) {
             drop(st);
-            let deadline = at;
-            let timer = this
-                .timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-            if timer.deadline() != deadline {
-                timer.as_mut().reset(deadline);
-            }
-            if timer.as_mut().poll(cx).is_ready() {
+            if poll_until(this.timer, at, cx).is_ready() {
                 cx.waker().wake_by_ref();
             }
         }
         Poll::Pending
     }
+}
+
+/// Polls a reusable timer set to `deadline`.
+fn poll_until(
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    deadline: Instant,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if timer.deadline() != deadline {
+        timer.as_mut().reset(deadline);
+    }
+    timer.as_mut().poll(cx)
 }
 
 /// The inner body has ended: the end goes after the kept data.

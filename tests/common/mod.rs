@@ -337,3 +337,22 @@ pub fn check_gaps(items: &[Sse], n: u64) -> (u64, u64) {
     );
     (delivered, lost)
 }
+
+/// Waits for the `Closed` event.
+pub async fn closed(events: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
+    let mut all = Vec::new();
+    wait_for(events, &mut all, |s| {
+        matches!(s.kind, tower_backpressure::EventKind::Closed { .. })
+    })
+    .await
+}
+
+/// Waits for the `Closed` event and checks its reason.
+pub async fn closed_as(
+    events: &mut mpsc::UnboundedReceiver<Seen>,
+    reason: tower_backpressure::CloseReason,
+) -> Seen {
+    let seen = closed(events).await;
+    assert_eq!(seen.kind, tower_backpressure::EventKind::Closed { reason });
+    seen
+}
