@@ -72,6 +72,7 @@ pub mod observer;
 pub mod policy;
 pub mod predicate;
 pub mod registry;
+pub mod sink;
 
 pub use crate::budget::{BudgetStats, MemoryBudget};
 pub use crate::buffer::{BufferStats, ByWeigh, ClientBuffer, Dropped, Weigh, Weigher};
@@ -92,6 +93,7 @@ pub use crate::policy::{
 };
 pub use crate::predicate::{DefaultPredicate, Predicate};
 pub use crate::registry::{ClientRegistry, HealthService};
+pub use crate::sink::{BufferedSink, SinkClosed};
 
 /// The error type of a buffered body: the inner body's error, boxed, or
 /// [`PumpStopped`].
