@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{Method, Uri};
 use axum::response::Response;
@@ -280,7 +280,13 @@ async fn client(socket: WebSocket, info: ClientInfo, hub: Hub) {
             Next::Stop => break,
         }
     }
-    // Deliver what is buffered, then a Close frame, within CLOSE_TIMEOUT.
+    // Deliver what is buffered, then a Close frame ("going away"), within
+    // CLOSE_TIMEOUT.
+    let goodbye = CloseFrame {
+        code: close_code::AWAY,
+        reason: "server shutting down".into(),
+    };
+    let _ = sink.feed(Message::Close(Some(goodbye))).await;
     let _ = sink.close().await;
 }
 
@@ -293,12 +299,13 @@ fn lagged_message(dropped: u64) -> Message {
     Message::Text(format!(r#"{{"type":"lagged","dropped":{dropped}}}"#).into())
 }
 
-/// Lagged notices are never dropped; ticks may be.
+/// Lagged notices and the Close frame are never dropped; ticks may be.
 fn classify(message: &Message) -> FrameClass {
     match message {
         Message::Text(text) if text.as_str().starts_with(r#"{"type":"lagged""#) => {
             FrameClass::Critical
         }
+        Message::Close(_) => FrameClass::Critical,
         _ => FrameClass::Droppable,
     }
 }

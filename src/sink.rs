@@ -4,7 +4,7 @@
 //! A WebSocket server writes messages into a sink (axum's `WebSocket`,
 //! tokio-tungstenite's `WebSocketStream`, the write half of either). Writing
 //! into it directly makes the producer wait for the slowest client. A
-//! [`BufferedSink`] puts the same [`ClientBuffer`](crate::ClientBuffer) as
+//! [`BufferedSink`] puts the same [`ClientBuffer`] as
 //! [`BackpressureLayer`](crate::BackpressureLayer) in between:
 //!
 //! - sending into a `BufferedSink` never waits for the client (except under
@@ -92,12 +92,12 @@
 //!                     break;
 //!                 }
 //!             }
-//!             incoming = rx.next() => {
-//!                 if !matches!(incoming, Some(Ok(ref m)) if !matches!(m, Message::Close(_))) {
-//!                     // The client left: drop what is buffered for it.
-//!                     return sink.abandon().await;
-//!                 }
-//!             }
+//!             incoming = rx.next() => match incoming {
+//!                 // The client left: drop what is buffered for it.
+//!                 Some(Ok(Message::Close(_)) | Err(_)) | None => return sink.abandon().await,
+//!                 // Pings are answered by the socket.
+//!                 Some(Ok(_)) => {}
+//!             },
 //!         }
 //!     }
 //!     // Deliver what is buffered, then close the socket.

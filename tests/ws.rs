@@ -18,6 +18,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::task::TaskTracker;
 use tower_backpressure::{
     BackpressureObserver, BufferConfig, ClientRegistry, CloseReason, EventKind,
@@ -30,8 +31,8 @@ struct Server {
     registry: ClientRegistry,
     producer: Producer,
     clients: TaskTracker,
-    /// Dropping it would not stop anything; kept for symmetry with `main`.
-    _stop: watch::Sender<bool>,
+    /// `true` closes every client, as SIGINT does in `main`.
+    stop: watch::Sender<bool>,
 }
 
 /// Serves the example's router on 127.0.0.1:0 with `config`, `rate`
@@ -66,7 +67,7 @@ async fn start(config: BufferConfig, rate: u64, size: usize) -> Server {
         registry,
         producer,
         clients,
-        _stop: stop,
+        stop,
     }
 }
 
@@ -236,6 +237,48 @@ async fn the_health_endpoint_lists_websocket_clients() {
     assert_eq!(clients[0]["peer"], local.to_string());
     assert_eq!(clients[0]["capacity"], 64);
     ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_delivers_what_is_buffered_then_says_going_away() {
+    let mut server = start(BufferConfig::new(64), 5_000, 64).await;
+    let (mut ws, _) = connect(server.addr).await;
+    let mut read = Read::default();
+    let mut pending = 0;
+    read.take(&next_json(&mut ws).await, &mut pending);
+
+    server.stop.send_replace(true);
+    let frame = loop {
+        let message = guard("a message", ws.next()).await.unwrap().unwrap();
+        match message {
+            Message::Text(text) => {
+                read.take(&serde_json::from_str(text.as_str()).unwrap(), &mut pending)
+            }
+            Message::Close(frame) => break frame.expect("a close code"),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(frame.code, CloseCode::Away);
+    assert_eq!(frame.reason.as_str(), "server shutting down");
+    assert!(read.seqs.windows(2).all(|w| w[0] < w[1]));
+
+    let mut all = Vec::new();
+    let closed = wait_for(&mut server.events, &mut all, |s| {
+        matches!(s.kind, EventKind::Closed { .. })
+    })
+    .await;
+    assert_eq!(
+        closed.kind,
+        EventKind::Closed {
+            reason: CloseReason::Completed
+        }
+    );
+    assert_eq!(
+        closed.stats.sent,
+        read.seqs.len() as u64 + 1,
+        "every tick kept, and the Close frame"
+    );
+    no_task_left(&server).await;
 }
 
 /// Every client's task (and so its buffer's drain task, which it awaits)
