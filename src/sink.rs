@@ -1203,6 +1203,34 @@ mod tests {
         assert!(closed, "the real sink is closed");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn interval_releases_at_most_once_per_period() {
+        let log = Log::default();
+        let period = Duration::from_millis(100);
+        let mut sink =
+            BufferedSink::builder(BufferConfig::new(1000).flush(Flush::interval(period)))
+                .weigh(eight)
+                .spawn(log.clone());
+        let start = Instant::now();
+        for i in 0..5 {
+            sink.send(i).await.unwrap();
+        }
+        // The first release goes out at once.
+        while sink.stats().sent < 5 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        for i in 5..10 {
+            sink.send(i).await.unwrap();
+        }
+        // The next one waits for the period.
+        sink.close().await.unwrap();
+        assert_eq!(start.elapsed(), period);
+        let (items, flushes, _) = log.0.lock().unwrap().clone();
+        assert_eq!(items, (0..10).collect::<Vec<_>>());
+        assert_eq!(flushes, 2, "one flush per release");
+    }
+
     #[tokio::test]
     async fn a_client_that_goes_away_closes_the_sink() {
         let (tx, rx) = mpsc::channel::<i64>(0);
