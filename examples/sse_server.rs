@@ -22,6 +22,12 @@
 //! `--evict-after-dropped N`, `--evict-after-stall-ms T`, and
 //! `--budget-bytes B` for one memory budget shared by all clients.
 //!
+//! `GET /stream.ndjson` serves the same events as NDJSON
+//! (`application/x-ndjson`), one line `{"seq":N,"payload":"…"}` per event,
+//! through the same layer. Both routes speak HTTP/1.1 and HTTP/2 (cleartext,
+//! prior knowledge) on the same port:
+//! `curl -N --http2-prior-knowledge http://127.0.0.1:3000/stream.ndjson`.
+//!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
 //! `listening on http://HOST:PORT` is printed on stdout; SIGINT and SIGTERM
@@ -35,9 +41,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
+use axum::http::header;
 use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
 use clap::Parser;
 use futures::{Stream, StreamExt};
 use tokio::net::TcpListener;
@@ -50,6 +60,9 @@ use tower_backpressure::{
     BackpressureLayer, BufferConfig, ClientRegistry, Eviction, Gap, GapAction, GapMarker,
     MemoryBudget, Overflow, PeerAddr, SseGapMarker, TracingObserver,
 };
+
+#[path = "common/serve.rs"]
+mod serve;
 
 /// How long open streams get to finish after SIGINT/SIGTERM: a stalled
 /// client may never take the events still buffered for it.
@@ -207,6 +220,7 @@ async fn main() -> ExitCode {
     };
     let app = Router::new()
         .route("/events", get(sse_events))
+        .route("/stream.ndjson", get(ndjson_events))
         .with_state(state)
         .layer(layer)
         .route_service("/health/clients", registry.service())
@@ -232,26 +246,20 @@ async fn main() -> ExitCode {
         max_bytes = args.max_bytes,
         threshold = args.threshold,
         policy = ?args.policy,
-        "serving GET /events and GET /health/clients"
+        "serving GET /events, GET /stream.ndjson and GET /health/clients over HTTP/1.1 and HTTP/2"
     );
 
     let mut stopped = shutdown;
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    // HTTP/1.1 and HTTP/2 (prior knowledge) on the same port.
+    let server = serve::serve_http1_and_http2(listener, app, async move {
         let _ = stopped.wait_for(|stop| *stop).await;
-    })
-    .into_future();
+    });
     let mut server = std::pin::pin!(server);
 
     tokio::select! {
-        result = &mut server => {
-            // Only an error ends the server before a signal.
-            if let Err(e) = result {
-                eprintln!("error: server failed: {e}");
-            }
+        () = &mut server => {
+            // The server stops only after a signal.
+            eprintln!("error: server stopped unexpectedly");
             return ExitCode::FAILURE;
         }
         () = shutdown_signal() => {}
@@ -260,8 +268,7 @@ async fn main() -> ExitCode {
     tracing::info!("shutting down: ending open streams");
     stop.send_replace(true);
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-        Ok(Ok(())) => tracing::info!("stopped"),
-        Ok(Err(e)) => tracing::warn!("server error while stopping: {e}"),
+        Ok(()) => tracing::info!("stopped"),
         Err(_) => tracing::warn!(
             "some clients did not take their last events within {SHUTDOWN_GRACE:?}; closing them"
         ),
@@ -290,6 +297,31 @@ async fn sse_events(
             let _ = shutdown.wait_for(|stop| *stop).await;
         });
     Sse::new(stream)
+}
+
+/// `GET /stream.ndjson`: the same events as NDJSON, one line
+/// `{"seq":N,"payload":"…"}` per event (one frame each, so the layer can drop
+/// whole lines).
+async fn ndjson_events(State(app): State<AppState>) -> Response {
+    let payload = app.payload;
+    let mut shutdown = app.shutdown;
+    let lines = BroadcastStream::new(app.events.subscribe())
+        .filter_map(move |message| {
+            futures::future::ready(match message {
+                Ok(seq) => Some(Ok::<_, Infallible>(Bytes::from(format!(
+                    "{{\"seq\":{seq},\"payload\":\"{payload}\"}}\n"
+                )))),
+                Err(BroadcastStreamRecvError::Lagged(_)) => None,
+            })
+        })
+        .take_until(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response()
 }
 
 /// The one producer: `rate` events per second, ids 0, 1, 2, ...

@@ -1,7 +1,7 @@
 //! Tower middleware that makes slow clients harmless to streaming servers.
 //!
-//! A streaming response (Server-Sent Events, NDJSON, gRPC server streaming)
-//! is fed by a producer that must not wait for its slowest client.
+//! A streaming response (Server-Sent Events, NDJSON, gRPC server streaming,
+//! over HTTP/1.1 or HTTP/2) is fed by a producer that must not wait for its slowest client.
 //! [`BackpressureLayer`] puts each selected response through a per-client
 //! [`ClientBuffer`]: a ring that drops the oldest frames when the client
 //! cannot keep up, so memory stays bounded and the producer never blocks.
@@ -34,6 +34,14 @@
 //! axum::serve(listener, app).await.unwrap();
 //! # }
 //! ```
+//!
+//! # WebSocket and other sinks
+//!
+//! A WebSocket is not a response body. [`BufferedSink`] puts the same buffer,
+//! policies and observer in front of any `futures::Sink` (axum's
+//! `WebSocket`, tokio-tungstenite's `WebSocketStream`): sending never waits
+//! for the client, and a drain task feeds the socket at the client's pace.
+//! See the [`sink`] module.
 //!
 //! # What is and is not dropped
 //!
@@ -72,6 +80,7 @@ pub mod observer;
 pub mod policy;
 pub mod predicate;
 pub mod registry;
+pub mod sink;
 
 pub use crate::budget::{BudgetStats, MemoryBudget};
 pub use crate::buffer::{BufferStats, ByWeigh, ClientBuffer, Dropped, Weigh, Weigher};
@@ -92,6 +101,7 @@ pub use crate::policy::{
 };
 pub use crate::predicate::{DefaultPredicate, Predicate};
 pub use crate::registry::{ClientRegistry, HealthService};
+pub use crate::sink::{BufferedSink, SinkClosed};
 
 /// The error type of a buffered body: the inner body's error, boxed, or
 /// [`PumpStopped`].

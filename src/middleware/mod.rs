@@ -56,7 +56,7 @@ mod body;
 mod future;
 mod layer;
 mod service;
-mod shared;
+pub(crate) mod shared;
 
 pub use self::body::BackpressureBody;
 pub use self::future::ResponseFuture;

@@ -1,0 +1,391 @@
+//! A WebSocket server whose every client goes through a [`BufferedSink`].
+//!
+//! One producer task emits ticks at `--rate` per second; every client of
+//! `GET /ws` gets the same ticks as text messages
+//! `{"seq":N,"payload":"xxx…"}` (one sequence shared by all clients, starting
+//! at 0, and a payload of `--size` bytes). A client that reads too slowly
+//! does not slow the producer or the other clients: its own buffer of
+//! `--capacity` messages drops its oldest ones, and the next message it gets
+//! after a gap is `{"type":"lagged","dropped":N}`. `GET /health/clients`
+//! lists the connected clients with their buffers, and `TracingObserver`
+//! logs backpressure on stderr.
+//!
+//! ```text
+//! cargo run --release --example ws_server -- --rate 5000
+//! websocat ws://127.0.0.1:3000/ws
+//! curl http://127.0.0.1:3000/health/clients
+//! ```
+//!
+//! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
+//! port); once connections are accepted, exactly one line
+//! `listening on http://HOST:PORT` is printed on stdout; SIGINT and SIGTERM
+//! close every WebSocket (what is buffered first, then a Close frame, within
+//! a bounded time) and exit with status 0. Logs go to stderr.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{Method, Uri};
+use axum::response::Response;
+use axum::routing::get;
+use clap::Parser;
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::task::TaskTracker;
+use tower_backpressure::sink::Builder;
+use tower_backpressure::{
+    BackpressureObserver, BufferConfig, BufferedSink, ClientInfo, ClientRegistry, FrameClass, Gap,
+    GapAction, TracingObserver,
+};
+
+/// How long open WebSockets get to close after SIGINT/SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// How long one client's close may take: delivering what is buffered, then
+/// the Close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// WebSocket messages at a fixed rate, each client behind a drop-oldest buffer.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address to listen on; port 0 picks a free one.
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:3000")]
+    addr: String,
+    /// Messages per second, shared by all clients.
+    #[arg(long, value_name = "EVENTS_PER_SEC", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    rate: u64,
+    /// Size of each message's `payload`.
+    #[arg(long, value_name = "BYTES", default_value_t = 256)]
+    size: usize,
+    /// Messages buffered per client before the oldest are dropped.
+    #[arg(long, value_name = "FRAMES", default_value_t = 1000)]
+    capacity: usize,
+    /// Bytes buffered per client before the oldest are dropped (default: no limit).
+    #[arg(long, value_name = "BYTES")]
+    max_bytes: Option<usize>,
+    /// Fraction of the limits at which a client counts as under pressure, in (0, 1].
+    #[arg(long, value_name = "F", default_value_t = 0.8)]
+    threshold: f64,
+}
+
+/// What every client's [`BufferedSink`] is built from.
+pub type Sinks = Builder<
+    Arc<dyn BackpressureObserver>,
+    fn(Gap) -> GapAction<Message>,
+    fn(&Message) -> FrameClass,
+    fn(&Message) -> usize,
+>;
+
+/// What the `/ws` handler needs.
+#[derive(Clone)]
+pub struct Hub {
+    ticks: broadcast::Sender<Utf8Bytes>,
+    sinks: Sinks,
+    /// Turns `true` on SIGINT/SIGTERM: every client is closed.
+    shutdown: watch::Receiver<bool>,
+    /// Every client's task, for a clean exit.
+    clients: TaskTracker,
+}
+
+impl Hub {
+    /// Clients buffered as `config` says, heard by `observer`, fed by
+    /// `producer`.
+    pub fn new(
+        config: BufferConfig,
+        observer: Arc<dyn BackpressureObserver>,
+        producer: &Producer,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, tower_backpressure::ConfigError> {
+        let sinks: Sinks = BufferedSink::try_builder(config)?
+            .observer(observer)
+            .gap_marker(lagged as fn(Gap) -> GapAction<Message>)
+            .classify(classify as fn(&Message) -> FrameClass)
+            .weigh(weigh as fn(&Message) -> usize)
+            .close_timeout(CLOSE_TIMEOUT);
+        Ok(Self {
+            ticks: producer.ticks.clone(),
+            sinks,
+            shutdown,
+            clients: TaskTracker::new(),
+        })
+    }
+
+    /// Every client's task.
+    pub fn clients(&self) -> &TaskTracker {
+        &self.clients
+    }
+}
+
+/// `GET /ws` and `GET /health/clients`. Serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()`.
+pub fn router(hub: Hub, registry: &ClientRegistry) -> Router {
+    Router::new()
+        .route("/ws", get(ws))
+        .route_service("/health/clients", registry.service())
+        .with_state(hub)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    let mut config = BufferConfig::new(args.capacity).threshold(args.threshold);
+    if let Some(max_bytes) = args.max_bytes {
+        config = config.max_bytes(max_bytes);
+    }
+    let registry = ClientRegistry::new();
+    let observer: Arc<dyn BackpressureObserver> =
+        Arc::new((registry.clone(), TracingObserver::new()));
+    let (stop, shutdown) = watch::channel(false);
+    let producer = Producer::spawn(args.rate, args.size);
+    // Refuse a bad configuration now, not when the first client connects.
+    let hub = match Hub::new(config, observer, &producer, shutdown.clone()) {
+        Ok(hub) => hub,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let clients = hub.clients().clone();
+    let app = router(hub, &registry);
+
+    let listener = match TcpListener::bind(&args.addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("error: cannot listen on {}: {e}", args.addr);
+            return ExitCode::FAILURE;
+        }
+    };
+    let local = listener
+        .local_addr()
+        .expect("a bound socket has an address");
+    println!("listening on http://{local}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(
+        rate = args.rate,
+        size = args.size,
+        capacity = args.capacity,
+        max_bytes = args.max_bytes,
+        threshold = args.threshold,
+        "serving GET /ws and GET /health/clients"
+    );
+
+    let mut stopped = shutdown;
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    })
+    .into_future();
+    let mut server = std::pin::pin!(server);
+
+    tokio::select! {
+        result = &mut server => {
+            // Only an error ends the server before a signal.
+            if let Err(e) = result {
+                eprintln!("error: server failed: {e}");
+            }
+            return ExitCode::FAILURE;
+        }
+        () = shutdown_signal() => {}
+    }
+
+    tracing::info!("shutting down: closing open WebSockets");
+    stop.send_replace(true);
+    // Upgraded connections are not the server's any more: wait for the
+    // clients' tasks too.
+    clients.close();
+    let stopped = async {
+        let (served, ()) = tokio::join!(server, clients.wait());
+        served
+    };
+    match tokio::time::timeout(SHUTDOWN_GRACE, stopped).await {
+        Ok(Ok(())) => tracing::info!("stopped"),
+        Ok(Err(e)) => tracing::warn!("server error while stopping: {e}"),
+        Err(_) => tracing::warn!("some clients did not close within {SHUTDOWN_GRACE:?}"),
+    }
+    ExitCode::SUCCESS
+}
+
+/// `GET /ws`: upgrades, then streams the shared ticks to this client.
+async fn ws(
+    State(hub): State<Hub>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    uri: Uri,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let info = ClientInfo::new(Method::GET, uri, Some(peer)).with_route("/ws");
+    let clients = hub.clients.clone();
+    upgrade.on_upgrade(move |socket| clients.track_future(client(socket, info, hub)))
+}
+
+/// One client: ticks go into its buffer, never waiting for it; the buffer's
+/// drain task writes them to the socket at the client's pace.
+async fn client(socket: WebSocket, info: ClientInfo, hub: Hub) {
+    let (tx, mut rx) = socket.split();
+    let mut ticks = hub.ticks.subscribe();
+    let mut shutdown = hub.shutdown;
+    let mut sink = hub.sinks.client(info).spawn(tx);
+    enum Next {
+        Send(Message),
+        Left,
+        Stop,
+    }
+    loop {
+        let next = tokio::select! {
+            tick = ticks.recv() => match tick {
+                Ok(text) => Next::Send(Message::Text(text)),
+                // Only if this task was starved of CPU for 4096 ticks: say
+                // so, as the buffer does for its own drops.
+                Err(broadcast::error::RecvError::Lagged(n)) => Next::Send(lagged_message(n)),
+                Err(broadcast::error::RecvError::Closed) => Next::Stop,
+            },
+            incoming = rx.next() => match incoming {
+                // Pings are answered by the socket; anything else is ignored.
+                Some(Ok(message)) if !matches!(message, Message::Close(_)) => continue,
+                // The client said goodbye or went away.
+                _ => Next::Left,
+            },
+            // (A dropped sender means no shutdown signal: the branch is disabled.)
+            Ok(_) = shutdown.wait_for(|stop| *stop) => Next::Stop,
+        };
+        match next {
+            // Never waits for the client; fails once it is gone or evicted.
+            Next::Send(message) => {
+                if sink.send(message).await.is_err() {
+                    break;
+                }
+            }
+            // Drop what is buffered: nobody will read it.
+            Next::Left => {
+                sink.abandon().await;
+                return;
+            }
+            Next::Stop => break,
+        }
+    }
+    // Deliver what is buffered, then a Close frame ("going away"), within
+    // CLOSE_TIMEOUT.
+    let goodbye = CloseFrame {
+        code: close_code::AWAY,
+        reason: "server shutting down".into(),
+    };
+    let _ = sink.feed(Message::Close(Some(goodbye))).await;
+    let _ = sink.close().await;
+}
+
+/// The gap marker: `{"type":"lagged","dropped":N}` before the next message.
+fn lagged(gap: Gap) -> GapAction<Message> {
+    GapAction::Insert(lagged_message(gap.frames))
+}
+
+fn lagged_message(dropped: u64) -> Message {
+    Message::Text(format!(r#"{{"type":"lagged","dropped":{dropped}}}"#).into())
+}
+
+/// Lagged notices and the Close frame are never dropped; ticks may be.
+fn classify(message: &Message) -> FrameClass {
+    match message {
+        Message::Text(text) if text.as_str().starts_with(r#"{"type":"lagged""#) => {
+            FrameClass::Critical
+        }
+        Message::Close(_) => FrameClass::Critical,
+        _ => FrameClass::Droppable,
+    }
+}
+
+/// A message weighs its payload.
+fn weigh(message: &Message) -> usize {
+    match message {
+        Message::Text(text) => text.len(),
+        Message::Binary(bytes) | Message::Ping(bytes) | Message::Pong(bytes) => bytes.len(),
+        Message::Close(_) => 0,
+    }
+}
+
+/// The one producer: `rate` ticks per second, seq 0, 1, 2, ...
+#[derive(Clone)]
+pub struct Producer {
+    ticks: broadcast::Sender<Utf8Bytes>,
+}
+
+impl Producer {
+    /// Starts producing `rate` ticks per second with `size`-byte payloads.
+    pub fn spawn(rate: u64, size: usize) -> Self {
+        // Each client's buffer does the real buffering; this channel only
+        // has to outlast a short scheduling hiccup of a client's task.
+        let (ticks, _) = broadcast::channel(4096);
+        tokio::spawn(produce(ticks.clone(), rate, "x".repeat(size)));
+        Self { ticks }
+    }
+
+    /// Clients subscribed now.
+    pub fn subscribers(&self) -> usize {
+        self.ticks.receiver_count()
+    }
+}
+
+async fn produce(ticks: broadcast::Sender<Utf8Bytes>, rate: u64, payload: String) {
+    let start = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    // Every tick emits what is due since the start, so a late tick is made
+    // up by the next one and high rates need no tick per message.
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut seq: u64 = 0;
+    loop {
+        ticker.tick().await;
+        let due = (start.elapsed().as_nanos() * u128::from(rate) / 1_000_000_000) as u64;
+        while seq < due {
+            // Rendered once, shared by every client (a reference count).
+            let text = format!(r#"{{"seq":{seq},"payload":"{payload}"}}"#);
+            // An error only means that no client is connected right now.
+            let _ = ticks.send(text.into());
+            seq += 1;
+        }
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!("cannot listen for SIGINT: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+}
