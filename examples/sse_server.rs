@@ -58,7 +58,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tower::util::MapRequestLayer;
 use tower_backpressure::{
     BackpressureLayer, BufferConfig, ClientRegistry, Eviction, Gap, GapAction, GapMarker,
-    MemoryBudget, Overflow, PeerAddr, SseGapMarker, TracingObserver,
+    MemoryBudget, NdjsonGapMarker, Overflow, PeerAddr, SseGapMarker, TracingObserver,
 };
 
 #[path = "common/serve.rs"]
@@ -96,8 +96,9 @@ struct Args {
     /// events for it (a gap in the ids that the layer does not count).
     #[arg(long, value_enum, default_value_t = Policy::DropOldest)]
     policy: Policy,
-    /// Mark each gap in a client's stream with `event: lagged` and
-    /// `data: {"dropped":N}`.
+    /// Mark each gap in a client's stream: `event: lagged` with
+    /// `data: {"dropped":N}` on /events, `{"type":"lagged","dropped":N}` on
+    /// /stream.ndjson.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off)]
     gap_marker: bool,
     /// Disconnect a client once more than N of its events were dropped.
@@ -128,16 +129,15 @@ fn on_off(s: &str) -> Result<bool, String> {
     }
 }
 
-/// `--gap-marker on|off` as one type.
+/// `--gap-marker on|off` as one type per format.
 #[derive(Debug, Clone, Copy)]
-struct OptionalSseMarker(bool);
+struct OptionalMarker<M>(Option<M>);
 
-impl GapMarker<bytes::Bytes> for OptionalSseMarker {
+impl<M: GapMarker<bytes::Bytes>> GapMarker<bytes::Bytes> for OptionalMarker<M> {
     fn on_gap(&self, gap: Gap) -> GapAction<bytes::Bytes> {
-        if self.0 {
-            SseGapMarker::new().on_gap(gap)
-        } else {
-            GapAction::Skip
+        match &self.0 {
+            Some(marker) => marker.on_gap(gap),
+            None => GapAction::Skip,
         }
     }
 }
@@ -199,12 +199,18 @@ async fn main() -> ExitCode {
         Some(budget) => ClientRegistry::new().with_budget(budget.clone()),
         None => ClientRegistry::new(),
     };
-    let mut layer = BackpressureLayer::new(config)
-        .observer((registry.clone(), TracingObserver::new()))
-        .gap_marker(OptionalSseMarker(args.gap_marker));
+    let mut layer =
+        BackpressureLayer::new(config).observer((registry.clone(), TracingObserver::new()));
     if let Some(budget) = budget {
         layer = layer.memory_budget(budget);
     }
+    // Each format marks its gaps its own way: one layer per route, sharing
+    // the observer and the budget.
+    let on = args.gap_marker;
+    let sse_layer = layer
+        .clone()
+        .gap_marker(OptionalMarker(on.then(SseGapMarker::new)));
+    let ndjson_layer = layer.gap_marker(OptionalMarker(on.then(NdjsonGapMarker::new)));
 
     // The layer does the real buffering, per client. This channel only has
     // to outlast a short scheduling hiccup: each client's pump drains its
@@ -219,10 +225,9 @@ async fn main() -> ExitCode {
         shutdown: shutdown.clone(),
     };
     let app = Router::new()
-        .route("/events", get(sse_events))
-        .route("/stream.ndjson", get(ndjson_events))
+        .route("/events", get(sse_events).layer(sse_layer))
+        .route("/stream.ndjson", get(ndjson_events).layer(ndjson_layer))
         .with_state(state)
-        .layer(layer)
         .route_service("/health/clients", registry.service())
         // Outside the backpressure layer, so it runs first.
         .layer(MapRequestLayer::new(peer_addr_from_connect_info));

@@ -243,6 +243,14 @@ mod tracing_observer {
         }
     }
 
+    /// With a byte limit, the bytes too: the byte threshold may be the one
+    /// that tripped.
+    fn bytes_note(s: &BufferStats) -> String {
+        s.max_bytes
+            .map(|max| format!(" ({}/{max} bytes)", s.buffered_bytes))
+            .unwrap_or_default()
+    }
+
     impl BackpressureObserver for TracingObserver {
         fn on_event(&self, event: &BackpressureEvent<'_>) {
             let c = event.client;
@@ -264,10 +272,12 @@ mod tracing_observer {
                     path,
                     buffered = s.buffered,
                     capacity = s.capacity,
+                    buffered_bytes = s.buffered_bytes,
                     dropped = s.dropped,
-                    "client {id} backpressure: {}/{} buffered, {} dropped",
+                    "client {id} backpressure: {}/{} buffered{}, {} dropped",
                     s.buffered,
                     s.capacity,
+                    bytes_note(s),
                     s.dropped
                 ),
                 EventKind::Dropped { count, bytes } => tracing::debug!(
@@ -286,9 +296,10 @@ mod tracing_observer {
                     buffered = s.buffered,
                     capacity = s.capacity,
                     dropped = s.dropped,
-                    "client {id} recovered: {}/{} buffered, {} dropped",
+                    "client {id} recovered: {}/{} buffered{}, {} dropped",
                     s.buffered,
                     s.capacity,
+                    bytes_note(s),
                     s.dropped
                 ),
                 EventKind::Closed {

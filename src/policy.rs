@@ -147,6 +147,10 @@ impl GapMarker<Bytes> for NdjsonGapMarker {
 /// For gRPC: end the call at the first gap with `grpc-status: 15`
 /// (`DATA_LOSS`) and a message, rather than deliver a stream with holes.
 ///
+/// The message counts dropped *frames*: tonic packs several messages into
+/// one frame when they are ready together, so more messages than that may be
+/// missing.
+///
 /// Every message kept before the gap is delivered first.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GrpcDataLoss {
@@ -164,7 +168,7 @@ impl<D> GapMarker<D> for GrpcDataLoss {
     fn on_gap(&self, gap: Gap) -> GapAction<D> {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("15"));
-        let message = format!("client too slow: {} messages dropped", gap.frames);
+        let message = format!("client too slow: {} frames of messages dropped", gap.frames);
         trailers.insert(
             "grpc-message",
             HeaderValue::from_str(&message.replace(' ', "%20")).expect("percent-encoded ASCII"),
@@ -201,7 +205,7 @@ mod tests {
         assert_eq!(t["grpc-status"], "15");
         assert_eq!(
             t["grpc-message"],
-            "client%20too%20slow:%2042%20messages%20dropped"
+            "client%20too%20slow:%2042%20frames%20of%20messages%20dropped"
         );
     }
 }

@@ -310,7 +310,7 @@ async fn grpc_data_loss_ends_the_call_after_the_kept_messages() {
         trailers["grpc-message"]
             .to_str()
             .unwrap()
-            .contains("42%20messages%20dropped")
+            .contains("42%20frames%20of%20messages%20dropped")
     );
     assert!(body.frame().await.is_none());
 }
