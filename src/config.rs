@@ -274,10 +274,11 @@ pub enum Overflow {
 /// data is `bytes::Bytes` can do (axum, tonic and hyper bodies are); frames of
 /// other data types go out one by one, at the same moments. A frame is never
 /// joined across a gap marker or trailers, and order is always kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Flush {
     /// Each frame goes out as soon as the connection takes it (the default).
+    #[default]
     Immediate,
     /// When several data frames wait, hand them out as one frame of up to
     /// `max_frames` frames or `max_bytes` bytes: fewer writes at high rates.
@@ -299,12 +300,6 @@ pub enum Flush {
         /// Most bytes joined into one.
         max_bytes: usize,
     },
-}
-
-impl Default for Flush {
-    fn default() -> Self {
-        Flush::Immediate
-    }
 }
 
 impl Flush {
