@@ -683,18 +683,54 @@ impl<T, W: Weigher<T>> ClientBuffer<T, W> {
     #[inline(always)]
     pub fn push_with(&mut self, item: T, class: FrameClass, on_drop: impl FnMut(T)) -> Dropped {
         let weight = self.weigher.weigh(&item);
-        // The common case, kept small enough to inline: room, no key.
-        if self.has_room_for(weight) && !matches!(class, FrameClass::Replace(_)) {
-            self.pushed += 1;
+        if !matches!(class, FrameClass::Replace(_)) {
             let tag = if class == FrameClass::Critical {
                 CRITICAL
             } else {
                 0
             };
-            self.append(item, weight, tag);
-            return Dropped::default();
+            // The common cases, kept small enough to inline. A fast client:
+            // there is room.
+            if self.has_room_for(weight) {
+                self.pushed += 1;
+                self.append(item, weight, tag);
+                return Dropped::default();
+            }
+            // A slow client: dropping the oldest frame, at the front, makes
+            // room.
+            if let Some(front) = self.slots.front() {
+                if front.is_droppable()
+                    && self.config.get_overflow() != Overflow::DropNewest
+                    && self.live <= self.config.get_capacity()
+                    && (self.live == 1 || self.bytes - front.weight + weight <= self.max_bytes)
+                {
+                    return self.replace_front(item, weight, tag, on_drop);
+                }
+            }
         }
         self.push_slow(item, weight, class, on_drop)
+    }
+
+    /// Drops the (droppable) front frame and appends `item`: the steady
+    /// state of a slow client.
+    #[inline]
+    fn replace_front(
+        &mut self,
+        item: T,
+        weight: usize,
+        tag: u64,
+        mut on_drop: impl FnMut(T),
+    ) -> Dropped {
+        self.pushed += 1;
+        let (old, old_weight) = self.remove_front();
+        self.dropped += 1;
+        self.dropped_bytes += old_weight as u64;
+        on_drop(old);
+        self.append(item, weight, tag);
+        Dropped {
+            frames: 1,
+            bytes: old_weight,
+        }
     }
 
     /// Appends a slot; the limits were seen to.

@@ -237,6 +237,18 @@ impl Rng {
 }
 
 fn run(seed: u64, capacity: usize, max_bytes: usize, drop_newest: bool, steps: usize) {
+    run_with(seed, capacity, max_bytes, drop_newest, steps, 20);
+}
+
+/// One frame in `critical_one_in` is critical.
+fn run_with(
+    seed: u64,
+    capacity: usize,
+    max_bytes: usize,
+    drop_newest: bool,
+    steps: usize,
+    critical_one_in: u64,
+) {
     let mut rng = Rng(seed);
     let overflow = if drop_newest {
         Overflow::DropNewest
@@ -259,10 +271,13 @@ fn run(seed: u64, capacity: usize, max_bytes: usize, drop_newest: bool, steps: u
         let roll = rng.below(100);
         if roll < push_bias {
             let weight = 1 + rng.below(40) as usize;
-            let class = match rng.below(20) {
-                0 => FrameClass::Critical,
-                1..=3 => FrameClass::Replace(rng.below(4)),
-                _ => FrameClass::Droppable,
+            let class = if rng.below(critical_one_in) == 0 {
+                FrameClass::Critical
+            } else {
+                match rng.below(20) {
+                    0..=2 => FrameClass::Replace(rng.below(4)),
+                    _ => FrameClass::Droppable,
+                }
             };
             let mut gone = Vec::new();
             let dropped = real.push_with((id, weight), class, |(old, _)| gone.push(old));
@@ -329,5 +344,13 @@ fn small_rings_and_byte_limits_match_the_model() {
             false,
             20_000,
         );
+    }
+}
+
+#[test]
+fn many_critical_frames_match_the_model() {
+    for seed in 31..=36 {
+        run_with(seed, 4, 200, false, 20_000, 3);
+        run_with(seed, 4, 200, true, 20_000, 3);
     }
 }
