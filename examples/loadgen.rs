@@ -24,6 +24,7 @@
 //! | `mpsc-unbounded` | one unbounded `mpsc` per client, no layer | its queue grows without bound |
 //! | `layer` | the `broadcast` stream behind `BackpressureLayer` | its ring drops its oldest events |
 //! | `layer-no-slow` | `layer` with S = 0 | (the baseline) |
+//! | `broadcast-no-slow` | `broadcast` with S = 0 | (what a stalled connection costs by itself) |
 //!
 //! Every variant does the same work per event and client: the per-client
 //! stream copies the shared frame into a fresh buffer (standing in for the
@@ -162,15 +163,20 @@ enum Variant {
     Layer,
     /// `layer` without slow clients.
     LayerNoSlow,
+    /// `broadcast` without slow clients: with `broadcast`, what a stalled
+    /// connection itself costs (hyper's buffers, the task), without any
+    /// per-client queue.
+    BroadcastNoSlow,
 }
 
 impl Variant {
-    const ALL: [Variant; 5] = [
+    const ALL: [Variant; 6] = [
         Variant::Broadcast,
         Variant::MpscBounded,
         Variant::MpscUnbounded,
         Variant::Layer,
         Variant::LayerNoSlow,
+        Variant::BroadcastNoSlow,
     ];
 
     fn name(self) -> &'static str {
@@ -180,7 +186,13 @@ impl Variant {
             Variant::MpscUnbounded => "mpsc-unbounded",
             Variant::Layer => "layer",
             Variant::LayerNoSlow => "layer-no-slow",
+            Variant::BroadcastNoSlow => "broadcast-no-slow",
         }
+    }
+
+    /// Whether it runs without slow clients.
+    fn no_slow(self) -> bool {
+        matches!(self, Variant::LayerNoSlow | Variant::BroadcastNoSlow)
     }
 }
 
@@ -327,7 +339,10 @@ mod server {
         /// This client's stream of frames.
         fn subscribe(self: &Arc<Self>, class: Class) -> EventStream {
             match self.variant {
-                Variant::Broadcast | Variant::Layer | Variant::LayerNoSlow => {
+                Variant::Broadcast
+                | Variant::BroadcastNoSlow
+                | Variant::Layer
+                | Variant::LayerNoSlow => {
                     let receiver = self.events.subscribe();
                     let position = Arc::new(Position {
                         class,
@@ -402,7 +417,10 @@ mod server {
                     frame: format_event(&mut buf, seq, unix_nanos(), size),
                 };
                 match hub.variant {
-                    Variant::Broadcast | Variant::Layer | Variant::LayerNoSlow => {
+                    Variant::Broadcast
+                    | Variant::BroadcastNoSlow
+                    | Variant::Layer
+                    | Variant::LayerNoSlow => {
                         // An error only means that no client is connected.
                         let _ = hub.events.send(event);
                     }
@@ -485,9 +503,10 @@ mod server {
         let max_buf_size = args.max_buf_size as usize;
         let serving = async {
             match variant {
-                Variant::Broadcast | Variant::MpscBounded | Variant::MpscUnbounded => {
-                    accept(listener, app, max_buf_size).await
-                }
+                Variant::Broadcast
+                | Variant::BroadcastNoSlow
+                | Variant::MpscBounded
+                | Variant::MpscUnbounded => accept(listener, app, max_buf_size).await,
                 Variant::Layer | Variant::LayerNoSlow => {
                     let counts = hub.clone();
                     let layer = BackpressureLayer::new(
@@ -650,11 +669,7 @@ mod driver {
         let mut results: Vec<Vec<Row>> = vec![Vec::new(); variants.len()];
         for run in 1..=args.runs {
             for (i, &variant) in variants.iter().enumerate() {
-                let slow = if variant == Variant::LayerNoSlow {
-                    0
-                } else {
-                    args.slow
-                };
+                let slow = if variant.no_slow() { 0 } else { args.slow };
                 eprint!("run {run}/{}: {:<15}", args.runs, variant.name());
                 let planned = Duration::from_secs(args.warmup + args.seconds);
                 match timeout(
@@ -1107,7 +1122,11 @@ mod driver {
     }
 
     fn mib(bytes: u64) -> f64 {
-        bytes as f64 / (1024.0 * 1024.0)
+        mib_f(bytes as f64)
+    }
+
+    fn mib_f(bytes: f64) -> f64 {
+        bytes / (1024.0 * 1024.0)
     }
 
     fn print_setup(args: &Args, tck: u64) {
@@ -1135,11 +1154,7 @@ mod driver {
         );
         println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
         for (v, r) in variants.iter().zip(rows) {
-            let slow = if *v == Variant::LayerNoSlow {
-                0
-            } else {
-                args.slow
-            };
+            let slow = if v.no_slow() { 0 } else { args.slow };
             println!(
                 "| {} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2} | {} | {} | {} |",
                 v.name(),
@@ -1186,12 +1201,32 @@ mod driver {
             let growth = layer.peak_rss_bytes as f64 - n.peak_rss_bytes as f64;
             let bound = args.slow as f64 * (args.max_bytes as f64 + 64.0 * 1024.0);
             println!(
-                "layer peak RSS growth over S=0:   {:.2} MiB for {} slow clients (bound S x (max_bytes + 64 KiB) = {:.2} MiB: {})",
-                growth / (1024.0 * 1024.0),
+                "layer peak RSS growth over S=0:   {:.2} MiB for {} slow clients, hyper's share included (S x (max_bytes + 64 KiB) = {:.2} MiB: {})",
+                mib_f(growth),
                 args.slow,
-                bound / (1024.0 * 1024.0),
-                verdict(growth <= bound)
+                mib_f(bound),
+                if growth <= bound { "within" } else { "over" }
             );
+            if let (Some(b), Some(bn)) = (get(Variant::Broadcast), get(Variant::BroadcastNoSlow)) {
+                // A stalled broadcast client holds nothing of its own: its
+                // growth is what hyper and the connection hold.
+                let hyper = b.peak_rss_bytes as f64 - bn.peak_rss_bytes as f64;
+                let beyond = growth - hyper;
+                println!(
+                    "  of which hyper and the connection (broadcast minus broadcast-no-slow): {:.2} MiB",
+                    mib_f(hyper)
+                );
+                println!(
+                    "layer peak RSS growth beyond hyper: {:.2} MiB (target <= S x (max_bytes + 64 KiB) = {:.2} MiB: {})",
+                    mib_f(beyond),
+                    mib_f(bound),
+                    verdict(beyond <= bound)
+                );
+            }
+        }
+        if let (Some(b), Some(bn)) = (get(Variant::Broadcast), get(Variant::BroadcastNoSlow)) {
+            let p = b.fast_p99_ms / bn.fast_p99_ms;
+            println!("broadcast / broadcast-no-slow fast p99: {p:.3} (for reference)");
         }
     }
 }

@@ -16,6 +16,10 @@
 //! To see a slow client lose events, throttle curl:
 //! `curl -N --limit-rate 20k http://127.0.0.1:3000/events`.
 //!
+//! `--passthrough` serves the same stream without the layer, so the two can
+//! be compared with any client (see `BENCHMARKS.md`): a slow client then
+//! lags on the shared broadcast channel and silently misses events.
+//!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
 //! `listening on http://HOST:PORT` is printed on stdout; SIGINT and SIGTERM
@@ -69,6 +73,9 @@ struct Args {
     /// Fraction of the limits at which a client counts as under pressure, in (0, 1].
     #[arg(long, value_name = "F", default_value_t = 0.8)]
     threshold: f64,
+    /// Serve the same stream without `BackpressureLayer`, for comparison.
+    #[arg(long)]
+    passthrough: bool,
 }
 
 #[derive(Clone)]
@@ -114,10 +121,14 @@ async fn main() -> ExitCode {
     };
     let app = Router::new()
         .route("/events", get(sse_events))
-        .with_state(state)
-        .layer(layer)
-        // Outside the backpressure layer, so it runs first.
-        .layer(MapRequestLayer::new(peer_addr_from_connect_info));
+        .with_state(state);
+    let app = if args.passthrough {
+        app
+    } else {
+        app.layer(layer)
+    };
+    // Outside the backpressure layer, so it runs first.
+    let app = app.layer(MapRequestLayer::new(peer_addr_from_connect_info));
 
     let listener = match TcpListener::bind(&args.addr).await {
         Ok(listener) => listener,
@@ -137,6 +148,7 @@ async fn main() -> ExitCode {
         capacity = args.capacity,
         max_bytes = args.max_bytes,
         threshold = args.threshold,
+        passthrough = args.passthrough,
         "serving GET /events"
     );
 
