@@ -529,7 +529,7 @@ impl<T, W> ClientBuffer<T, W> {
 
     /// Removes the live front slot, handing its gap (plus itself) on to the
     /// next live slot.
-    #[inline]
+    #[inline(always)]
     fn remove_front(&mut self) -> (T, usize) {
         let slot = self.slots.pop_front().expect("a front slot");
         let item = slot.item.expect("live slot");
