@@ -53,6 +53,12 @@
 //! - `slow dropped`: events the server dropped for slow clients (the layer's
 //!   `Dropped` events; for `broadcast`, events a lagging receiver can no
 //!   longer get; 0 for the mpsc variants, which never drop).
+//! - `fast dropped`, `fast gaps`: the same for fast clients, and the sequence
+//!   numbers they never saw (both should be 0);
+//! - `load 1m`, `preempted`: the machine's load average after the run, and
+//!   how often the server's threads were preempted in the window (their
+//!   involuntary context switches): a busy machine shows here first, and in
+//!   the latency tail.
 //!
 //! With `--runs N` every variant runs N times (interleaved: run 1 of every
 //! variant, then run 2, …) and the table shows the median of each column.
@@ -629,6 +635,10 @@ mod driver {
         fast_gaps: u64,
         /// Server CPU seconds in the window.
         cpu_s: f64,
+        /// The machine's 1-minute load average at the end of the run.
+        load_1m: f64,
+        /// Times the server's threads were preempted in the window.
+        preempted: u64,
     }
 
     impl Row {
@@ -653,6 +663,8 @@ mod driver {
                 "fast_dropped": self.fast_dropped,
                 "fast_gaps": self.fast_gaps,
                 "cpu_s": num(self.cpu_s),
+                "load_1m": num(self.load_1m),
+                "server_preempted": self.preempted,
                 "runs": runs,
             })
         }
@@ -680,11 +692,12 @@ mod driver {
                 {
                     Ok(Ok(row)) => {
                         eprintln!(
-                            " {:>10.0} fast ev/s, p99 {:>8.2} ms, producer {:>8.0} ev/s, peak RSS {:>7.1} MiB",
+                            " {:>10.0} fast ev/s, p99 {:>8.2} ms, producer {:>8.0} ev/s, peak RSS {:>7.1} MiB, load {:.2}",
                             row.fast_events_per_sec,
                             row.fast_p99_ms,
                             row.producer_events_per_sec,
-                            mib(row.peak_rss_bytes)
+                            mib(row.peak_rss_bytes),
+                            row.load_1m
                         );
                         results[i].push(row);
                     }
@@ -756,6 +769,7 @@ mod driver {
             .await
             .map_err(|_| "no answer from /stats")??;
         let cpu0 = cpu_ticks(server.pid)?;
+        let preempted0 = preempted(server.pid)?;
         let t0 = Instant::now();
         measuring.store(true, Ordering::Release);
         tokio::time::sleep(Duration::from_secs(args.seconds)).await;
@@ -766,6 +780,11 @@ mod driver {
             .await
             .map_err(|_| "no answer from /stats")??;
         let peak_rss = peak_rss(server.pid)?;
+        let preempted1 = preempted(server.pid)?;
+        let load_1m = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or(f64::NAN);
 
         stop.notify_waiters();
         drop(stalled);
@@ -797,6 +816,8 @@ mod driver {
             fast_dropped: stats1.fast_dropped,
             fast_gaps: gaps,
             cpu_s,
+            load_1m,
+            preempted: preempted1.saturating_sub(preempted0),
         })
     }
 
@@ -1001,8 +1022,10 @@ mod driver {
             mut on_event: impl FnMut(u64, u64),
         ) -> Result<(), BoxError> {
             if !self.rest.is_empty() {
-                // Complete the event that started in an earlier chunk.
-                let Some(end) = find_end(data) else {
+                // Complete the event that started in an earlier chunk. `rest`
+                // holds no `\n\n`: the end is in `data`, or across the seam.
+                let seam = self.rest.last() == Some(&b'\n') && data.first() == Some(&b'\n');
+                let Some(end) = (if seam { Some(1) } else { find_end(data) }) else {
                     self.rest.extend_from_slice(data);
                     return Ok(());
                 };
@@ -1053,6 +1076,23 @@ mod driver {
         let utime: u64 = fields.get(11).ok_or("odd /proc/PID/stat")?.parse()?;
         let stime: u64 = fields.get(12).ok_or("odd /proc/PID/stat")?.parse()?;
         Ok(utime + stime)
+    }
+
+    /// Involuntary context switches of all threads of a process so far: how
+    /// often something else took its CPU.
+    fn preempted(pid: u32) -> Result<u64, BoxError> {
+        let mut total = 0;
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+                continue; // a thread that just ended
+            };
+            total += status
+                .lines()
+                .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        Ok(total)
     }
 
     /// `VmHWM`: the peak resident set size of a process, in bytes.
@@ -1118,6 +1158,8 @@ mod driver {
             fast_dropped: m(|r| r.fast_dropped as f64) as u64,
             fast_gaps: m(|r| r.fast_gaps as f64) as u64,
             cpu_s: m(|r| r.cpu_s),
+            load_1m: m(|r| r.load_1m),
+            preempted: m(|r| r.preempted as f64) as u64,
         }
     }
 
@@ -1150,13 +1192,13 @@ mod driver {
     fn print_table(args: &Args, variants: &[Variant], rows: &[Row]) {
         println!();
         println!(
-            "| variant | slow | fast ev/s | p50 ms | p99 ms | producer ev/s | peak RSS MiB | CPU s/M ev | slow dropped | fast dropped | fast gaps |"
+            "| variant | slow | fast ev/s | p50 ms | p99 ms | producer ev/s | peak RSS MiB | CPU s/M ev | slow dropped | fast dropped | fast gaps | load 1m | preempted |"
         );
-        println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+        println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
         for (v, r) in variants.iter().zip(rows) {
             let slow = if v.no_slow() { 0 } else { args.slow };
             println!(
-                "| {} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2} | {} | {} | {} |",
+                "| {} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2} | {} | {} | {} | {:.2} | {} |",
                 v.name(),
                 slow,
                 r.fast_events_per_sec,
@@ -1167,7 +1209,9 @@ mod driver {
                 r.cpu_s_per_million,
                 r.slow_dropped,
                 r.fast_dropped,
-                r.fast_gaps
+                r.fast_gaps,
+                r.load_1m,
+                r.preempted
             );
         }
     }

@@ -332,6 +332,8 @@ pub(crate) struct Pump<B: Body, O: BackpressureObserver, C> {
     shared: Arc<Shared<B::Data, O>>,
     classify: C,
     timer: Option<Pin<Box<Sleep>>>,
+    /// A pending `yield_now`: see `Pump::poll`.
+    deferral: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     finished: bool,
 }
 
@@ -342,6 +344,7 @@ impl<B: Body, O: BackpressureObserver, C> Pump<B, O, C> {
             shared,
             classify,
             timer: None,
+            deferral: None,
             finished: false,
         }
     }
@@ -362,6 +365,7 @@ where
         let shared = &**this.shared;
         let overflow = shared.config.get_overflow();
         let mut paused;
+        let behind;
         {
             let mut st = shared.lock();
             if st.closed {
@@ -383,7 +387,21 @@ where
                 st.pump_paused = true;
             }
             paused = st.pump_paused;
+            behind = !st.buffer.is_empty();
         }
+        // A client that is behind (frames still wait for it) does not wait
+        // for what comes next: let the tasks of clients that do go first,
+        // and drain once the worker has run them. Stalled clients then add
+        // work, but not delay, to fast ones.
+        if behind && !paused {
+            let deferral = this
+                .deferral
+                .get_or_insert_with(|| Box::pin(tokio::task::yield_now()));
+            if deferral.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        *this.deferral = None;
         let mut budget = PUMP_BUDGET;
         while !paused {
             let frame = match this.inner.as_mut().poll_frame(cx) {
