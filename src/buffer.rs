@@ -415,7 +415,7 @@ impl<T, W> ClientBuffer<T, W> {
     }
 
     /// Takes the oldest frame with the frames dropped right before it.
-    #[inline]
+    #[inline(always)]
     pub fn pop_with_gap(&mut self) -> Option<(T, Gap)> {
         loop {
             let slot = self.slots.pop_front()?;
@@ -552,30 +552,30 @@ impl<T, W> ClientBuffer<T, W> {
             // The next live slot is the new front and the first live slot
             // now; the removed slot's entry, if any, is the first, and every
             // other entry is at or after `next`.
-            Some(next) => {
-                let second = self.gaps.get(1).map(|&(at, _)| at);
-                match self.gaps.front_mut() {
-                    // The usual case with a slow client: the gap moves on.
-                    Some((at, gap)) if *at == seq && second != Some(next) => {
-                        *at = next;
-                        gap.add(lost);
-                    }
-                    Some((at, _)) if *at == seq => {
+            Some(next) => match self.gaps.front().map(|&(at, _)| at) {
+                // The usual case with a slow client: the gap moves on.
+                Some(at) if at == seq => {
+                    if self.gaps.len() > 1 && self.gaps[1].0 == next {
                         let (_, mut gap) = self.gaps.pop_front().expect("an entry");
                         gap.add(lost);
                         self.gaps[0].1.add(gap);
+                    } else {
+                        let (at, gap) = &mut self.gaps[0];
+                        *at = next;
+                        gap.add(lost);
                     }
-                    Some((at, gap)) if *at == next => gap.add(lost),
-                    _ => self.gaps.push_front((next, lost)),
                 }
-            }
+                Some(at) if at == next => self.gaps[0].1.add(lost),
+                _ => self.gaps.push_front((next, lost)),
+            },
+            // A tombstone follows, or nothing.
             None => {
                 let mut carried = self.take_gap(seq);
                 carried.add(lost);
                 self.carry_gap(0, carried);
+                self.compact();
             }
         }
-        self.compact();
         (item, weight)
     }
 
