@@ -29,7 +29,9 @@
 //! Every variant does the same work per event and client: the per-client
 //! stream copies the shared frame into a fresh buffer (standing in for the
 //! per-client serialization that axum's `Sse` does), so what a queue or a
-//! ring holds for a client is real memory. The broadcast channel, the bounded
+//! ring holds for a client is real memory. `--shared-frames` hands every
+//! client the producer's frame instead (a reference count), as a server that
+//! serializes each event once would. The broadcast channel, the bounded
 //! channels and the layer's ring all hold `--capacity` events; the layer's
 //! ring also holds at most `--max-bytes`.
 //!
@@ -146,6 +148,11 @@ struct Args {
     /// `SO_SNDBUF` of the server's sockets (Linux doubles it).
     #[arg(long, default_value_t = 16 * 1024)]
     sndbuf: u32,
+    /// Hand every client the producer's frame itself (a reference count)
+    /// instead of its own copy: what a server that serializes each event
+    /// once does.
+    #[arg(long)]
+    shared_frames: bool,
     /// Print a JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -284,10 +291,17 @@ mod server {
         frame: Bytes,
     }
 
+    /// `--shared-frames`: clients share the producer's frame.
+    static SHARED_FRAMES: AtomicBool = AtomicBool::new(false);
+
     /// The frame a client gets: its own copy (the stand-in for per-client
-    /// serialization).
+    /// serialization), or with `--shared-frames` the shared one.
     fn client_frame(event: &Event) -> Result<Frame<Bytes>, Infallible> {
-        Ok(Frame::data(Bytes::copy_from_slice(&event.frame)))
+        if SHARED_FRAMES.load(Ordering::Relaxed) {
+            Ok(Frame::data(event.frame.clone()))
+        } else {
+            Ok(Frame::data(Bytes::copy_from_slice(&event.frame)))
+        }
     }
 
     type EventStream = Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>>;
@@ -469,6 +483,7 @@ mod server {
         let lifetime = Duration::from_secs(args.lifetime);
         let (events, _) = broadcast::channel(args.capacity);
         let (sinks, new_sinks) = mpsc::unbounded_channel();
+        SHARED_FRAMES.store(args.shared_frames, Ordering::Relaxed);
         let hub = Arc::new(Hub {
             variant,
             broadcast_capacity: args.capacity.next_power_of_two() as u64,
@@ -841,6 +856,7 @@ mod driver {
                 .args(["--max-bytes", &args.max_bytes.to_string()])
                 .args(["--max-buf-size", &args.max_buf_size.to_string()])
                 .args(["--sndbuf", &args.sndbuf.to_string()])
+                .args(args.shared_frames.then_some("--shared-frames"))
                 .args(["--lifetime", &lifetime.to_string()])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -1179,13 +1195,18 @@ mod driver {
         );
         println!(
             "queues: {} events; layer ring: {} events / {} bytes; hyper max_buf_size {}; \
-             SO_SNDBUF {}; slow clients' SO_RCVBUF {}; CLK_TCK {tck}",
+             SO_SNDBUF {}; slow clients' SO_RCVBUF {}; frames {}; CLK_TCK {tck}",
             args.capacity,
             args.capacity,
             args.max_bytes,
             args.max_buf_size,
             args.sndbuf,
-            SLOW_RCVBUF
+            SLOW_RCVBUF,
+            if args.shared_frames {
+                "shared"
+            } else {
+                "copied per client"
+            }
         );
     }
 

@@ -105,6 +105,9 @@ where
     type Data = B::Data;
     type Error = BoxError;
 
+    // Inlined so that a passthrough body costs a branch; the buffered path is
+    // a call of its own.
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -150,6 +153,7 @@ where
     O: BackpressureObserver,
     M: GapMarker<D>,
 {
+    #[inline(never)]
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<D>, BoxError>>> {
         if let Some(data) = self.pending.take() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
