@@ -57,10 +57,12 @@
 //!   longer get; 0 for the mpsc variants, which never drop).
 //! - `fast dropped`, `fast gaps`: the same for fast clients, and the sequence
 //!   numbers they never saw (both should be 0);
-//! - `load 1m`, `preempted`: the machine's load average after the run, and
-//!   how often the server's threads were preempted in the window (their
-//!   involuntary context switches): a busy machine shows here first, and in
-//!   the latency tail.
+//! - `load 1m`, `preempted`, `machine busy %`, `steal %`: the machine's load
+//!   average after the run, how often the server's threads were preempted in
+//!   the window (their involuntary context switches), how busy all CPUs were
+//!   (every process: server, load generator and anything else) and how much
+//!   time the hypervisor gave to other guests: a busy machine shows here
+//!   first, and in the latency tail.
 //!
 //! With `--runs N` every variant runs N times (interleaved: run 1 of every
 //! variant, then run 2, …) and the table shows the median of each column.
@@ -654,6 +656,11 @@ mod driver {
         load_1m: f64,
         /// Times the server's threads were preempted in the window.
         preempted: u64,
+        /// How busy the machine's CPUs were in the window, in percent (all
+        /// processes: the server, the load generator and anything else).
+        machine_busy: f64,
+        /// CPU time the hypervisor gave to others in the window, in percent.
+        steal: f64,
     }
 
     impl Row {
@@ -680,6 +687,8 @@ mod driver {
                 "cpu_s": num(self.cpu_s),
                 "load_1m": num(self.load_1m),
                 "server_preempted": self.preempted,
+                "machine_busy_pct": num(self.machine_busy),
+                "steal_pct": num(self.steal),
                 "runs": runs,
             })
         }
@@ -785,6 +794,7 @@ mod driver {
             .map_err(|_| "no answer from /stats")??;
         let cpu0 = cpu_ticks(server.pid)?;
         let preempted0 = preempted(server.pid)?;
+        let machine0 = machine_ticks();
         let t0 = Instant::now();
         measuring.store(true, Ordering::Release);
         tokio::time::sleep(Duration::from_secs(args.seconds)).await;
@@ -796,6 +806,17 @@ mod driver {
             .map_err(|_| "no answer from /stats")??;
         let peak_rss = peak_rss(server.pid)?;
         let preempted1 = preempted(server.pid)?;
+        let machine1 = machine_ticks();
+        let (machine_busy, steal) = match (machine0, machine1) {
+            (Some((busy0, steal0, total0)), Some((busy1, steal1, total1))) if total1 > total0 => {
+                let total = (total1 - total0) as f64;
+                (
+                    100.0 * busy1.saturating_sub(busy0) as f64 / total,
+                    100.0 * steal1.saturating_sub(steal0) as f64 / total,
+                )
+            }
+            _ => (f64::NAN, f64::NAN),
+        };
         let load_1m = std::fs::read_to_string("/proc/loadavg")
             .ok()
             .and_then(|l| l.split_whitespace().next()?.parse().ok())
@@ -833,6 +854,8 @@ mod driver {
             cpu_s,
             load_1m,
             preempted: preempted1.saturating_sub(preempted0),
+            machine_busy,
+            steal,
         })
     }
 
@@ -1111,6 +1134,24 @@ mod driver {
         Ok(total)
     }
 
+    /// The machine's CPU ticks from `/proc/stat`: (busy, steal, total), all
+    /// CPUs together.
+    fn machine_ticks() -> Option<(u64, u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let t: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest counted in user)
+        let [user, nice, system, idle, iowait, irq, softirq, steal, ..] = t[..] else {
+            return None;
+        };
+        let busy = user + nice + system + irq + softirq + steal;
+        Some((busy, steal, busy + idle + iowait))
+    }
+
     /// `VmHWM`: the peak resident set size of a process, in bytes.
     fn peak_rss(pid: u32) -> Result<u64, BoxError> {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -1176,6 +1217,8 @@ mod driver {
             cpu_s: m(|r| r.cpu_s),
             load_1m: m(|r| r.load_1m),
             preempted: m(|r| r.preempted as f64) as u64,
+            machine_busy: m(|r| r.machine_busy),
+            steal: m(|r| r.steal),
         }
     }
 
@@ -1213,13 +1256,13 @@ mod driver {
     fn print_table(args: &Args, variants: &[Variant], rows: &[Row]) {
         println!();
         println!(
-            "| variant | slow | fast ev/s | p50 ms | p99 ms | producer ev/s | peak RSS MiB | CPU s/M ev | slow dropped | fast dropped | fast gaps | load 1m | preempted |"
+            "| variant | slow | fast ev/s | p50 ms | p99 ms | producer ev/s | peak RSS MiB | CPU s/M ev | slow dropped | fast dropped | fast gaps | load 1m | preempted | machine busy % | steal % |"
         );
-        println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+        println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
         for (v, r) in variants.iter().zip(rows) {
             let slow = if v.no_slow() { 0 } else { args.slow };
             println!(
-                "| {} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2} | {} | {} | {} | {:.2} | {} |",
+                "| {} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2} | {} | {} | {} | {:.2} | {} | {:.0} | {:.1} |",
                 v.name(),
                 slow,
                 r.fast_events_per_sec,
@@ -1232,7 +1275,9 @@ mod driver {
                 r.fast_dropped,
                 r.fast_gaps,
                 r.load_1m,
-                r.preempted
+                r.preempted,
+                r.machine_busy,
+                r.steal
             );
         }
     }
