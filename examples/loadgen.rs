@@ -139,11 +139,11 @@ struct Args {
     size: u64,
     /// Events each client's queue (broadcast channel, bounded mpsc, the
     /// layer's ring) holds.
-    #[arg(long, default_value_t = 1024)]
-    capacity: usize,
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    capacity: u64,
     /// Bytes the layer's ring holds per client.
-    #[arg(long, default_value_t = 256 * 1024)]
-    max_bytes: usize,
+    #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    max_bytes: u64,
     /// hyper's `http1::Builder::max_buf_size` (at least 8192).
     #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u64).range(8192..))]
     max_buf_size: u64,
@@ -483,13 +483,13 @@ mod server {
 
     pub(super) async fn run(variant: Variant, args: Args) -> ExitCode {
         let lifetime = Duration::from_secs(args.lifetime);
-        let (events, _) = broadcast::channel(args.capacity);
+        let (events, _) = broadcast::channel(args.capacity as usize);
         let (sinks, new_sinks) = mpsc::unbounded_channel();
         SHARED_FRAMES.store(args.shared_frames, Ordering::Relaxed);
         let hub = Arc::new(Hub {
             variant,
-            broadcast_capacity: args.capacity.next_power_of_two() as u64,
-            capacity: args.capacity,
+            broadcast_capacity: args.capacity.next_power_of_two(),
+            capacity: args.capacity as usize,
             produced: AtomicU64::new(0),
             dropped: Default::default(),
             events,
@@ -533,7 +533,8 @@ mod server {
                 Variant::Layer | Variant::LayerNoSlow => {
                     let counts = hub.clone();
                     let layer = BackpressureLayer::new(
-                        BufferConfig::new(args.capacity).max_bytes(args.max_bytes),
+                        BufferConfig::new(args.capacity as usize)
+                            .max_bytes(args.max_bytes as usize),
                     )
                     .observer(move |event: &BackpressureEvent<'_>| {
                         if let EventKind::Dropped { count, .. } = event.kind {
