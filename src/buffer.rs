@@ -702,7 +702,8 @@ impl<T, W: Weigher<T>> ClientBuffer<T, W> {
                 if front.is_droppable()
                     && self.config.get_overflow() != Overflow::DropNewest
                     && self.live <= self.config.get_capacity()
-                    && (self.live == 1 || self.bytes - front.weight + weight <= self.max_bytes)
+                    && (self.live == 1
+                        || (self.bytes - front.weight).saturating_add(weight) <= self.max_bytes)
                 {
                     return self.replace_front(item, weight, tag, on_drop);
                 }
