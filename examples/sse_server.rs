@@ -28,6 +28,10 @@
 //! prior knowledge) on the same port:
 //! `curl -N --http2-prior-knowledge http://127.0.0.1:3000/stream.ndjson`.
 //!
+//! `--passthrough` serves the same stream without the layer, so the two can
+//! be compared with any client (see `BENCHMARKS.md`): a slow client then
+//! lags on the shared broadcast channel and silently misses events.
+//!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
 //! `listening on http://HOST:PORT` is printed on stdout; SIGINT and SIGTERM
@@ -91,6 +95,9 @@ struct Args {
     /// Fraction of the limits at which a client counts as under pressure, in (0, 1].
     #[arg(long, value_name = "F", default_value_t = 0.8)]
     threshold: f64,
+    /// Serve the same stream without `BackpressureLayer`, for comparison.
+    #[arg(long)]
+    passthrough: bool,
     /// What a full buffer does. `pause` stops taking events for that client;
     /// since one producer feeds everyone, the shared channel then skips
     /// events for it (a gap in the ids that the layer does not count).
@@ -224,9 +231,16 @@ async fn main() -> ExitCode {
         payload: "x".repeat(args.size).into(),
         shutdown: shutdown.clone(),
     };
+    let (events, ndjson) = (get(sse_events), get(ndjson_events));
+    // `--passthrough`: the same streams without the layer, for comparison.
+    let (events, ndjson) = if args.passthrough {
+        (events, ndjson)
+    } else {
+        (events.layer(sse_layer), ndjson.layer(ndjson_layer))
+    };
     let app = Router::new()
-        .route("/events", get(sse_events).layer(sse_layer))
-        .route("/stream.ndjson", get(ndjson_events).layer(ndjson_layer))
+        .route("/events", events)
+        .route("/stream.ndjson", ndjson)
         .with_state(state)
         .route_service("/health/clients", registry.service())
         // Outside the backpressure layer, so it runs first.
@@ -251,6 +265,7 @@ async fn main() -> ExitCode {
         max_bytes = args.max_bytes,
         threshold = args.threshold,
         policy = ?args.policy,
+        passthrough = args.passthrough,
         "serving GET /events, GET /stream.ndjson and GET /health/clients over HTTP/1.1 and HTTP/2"
     );
 

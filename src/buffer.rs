@@ -179,15 +179,33 @@ pub struct BufferStats {
     pub healthy: bool,
 }
 
+/// `Slot::tag`: the frame is [`FrameClass::Critical`].
+const CRITICAL: u64 = 1 << 63;
+/// `Slot::tag`: the frame has a [`FrameClass::Replace`] key (in
+/// `ClientBuffer::slot_keys`).
+const KEYED: u64 = 1 << 62;
+/// `Slot::tag`: the sequence number.
+const SEQ: u64 = KEYED - 1;
+
+/// One place in the ring: kept small (48 bytes for `Bytes`), as a slow
+/// client's ring holds `capacity` of them. What is rare lives beside the
+/// ring: gaps in `ClientBuffer::gaps`, replace keys in `slot_keys`.
 struct Slot<T> {
     /// `None`: removed from the middle (a tombstone, skipped by `pop`).
     item: Option<T>,
     weight: usize,
-    seq: u64,
-    critical: bool,
-    key: Option<u64>,
-    /// Frames dropped right before this one.
-    gap: Gap,
+    /// The sequence number, and the `CRITICAL` and `KEYED` flags.
+    tag: u64,
+}
+
+impl<T> Slot<T> {
+    fn seq(&self) -> u64 {
+        self.tag & SEQ
+    }
+
+    fn is_droppable(&self) -> bool {
+        self.item.is_some() && self.tag & CRITICAL == 0
+    }
 }
 
 /// A bounded ring buffer for one client that drops the oldest frames.
@@ -233,8 +251,15 @@ struct Slot<T> {
 /// ```
 pub struct ClientBuffer<T, W = ByWeigh> {
     slots: VecDeque<Slot<T>>,
+    /// Frames dropped right before a live slot, by its sequence number, in
+    /// order; only slots with a gap have an entry.
+    gaps: VecDeque<(u64, Gap)>,
     /// Latest live slot of each replace key.
     keys: HashMap<u64, u64>,
+    /// The key of each live keyed slot, by sequence number.
+    slot_keys: HashMap<u64, u64>,
+    /// `config`'s byte limit, `usize::MAX` for none.
+    max_bytes: usize,
     config: BufferConfig,
     pressure_frames: usize,
     pressure_bytes: usize,
@@ -298,7 +323,10 @@ impl<T, W> ClientBuffer<T, W> {
         Ok(Self {
             // Grow on demand: a fast client never needs the whole capacity.
             slots: VecDeque::with_capacity(config.get_capacity().min(16)),
+            gaps: VecDeque::new(),
             keys: HashMap::new(),
+            slot_keys: HashMap::new(),
+            max_bytes: config.get_max_bytes().unwrap_or(usize::MAX),
             config,
             pressure_frames: config.pressure_frames(),
             pressure_bytes: config.pressure_bytes().unwrap_or(usize::MAX),
@@ -338,11 +366,10 @@ impl<T, W> ClientBuffer<T, W> {
     }
 
     /// Whether an item of `weight` bytes fits without dropping anything.
+    #[inline]
     pub fn has_room_for(&self, weight: usize) -> bool {
         self.live < self.config.get_capacity()
-            && (self.live == 0
-                || self.bytes.saturating_add(weight)
-                    <= self.config.get_max_bytes().unwrap_or(usize::MAX))
+            && (self.live == 0 || self.bytes.saturating_add(weight) <= self.max_bytes)
     }
 
     /// Whether the buffer is at a limit: the next push would drop.
@@ -382,11 +409,13 @@ impl<T, W> ClientBuffer<T, W> {
     }
 
     /// Takes the oldest frame, counting it as sent.
+    #[inline]
     pub fn pop(&mut self) -> Option<T> {
         self.pop_with_gap().map(|(item, _)| item)
     }
 
     /// Takes the oldest frame with the frames dropped right before it.
+    #[inline(always)]
     pub fn pop_with_gap(&mut self) -> Option<(T, Gap)> {
         loop {
             let slot = self.slots.pop_front()?;
@@ -394,8 +423,20 @@ impl<T, W> ClientBuffer<T, W> {
                 self.live -= 1;
                 self.bytes -= slot.weight;
                 self.sent += 1;
-                self.forget_key(&slot.key, slot.seq);
-                return Some((item, slot.gap));
+                let seq = slot.tag & SEQ;
+                if slot.tag & KEYED != 0 {
+                    self.forget_key(seq);
+                }
+                // Entries belong to live slots, in order: the first live
+                // slot's entry, if any, is the first.
+                let gap = match self.gaps.front() {
+                    Some(&(at, gap)) if at == seq => {
+                        self.gaps.pop_front();
+                        gap
+                    }
+                    _ => Gap::default(),
+                };
+                return Some((item, gap));
             }
         }
     }
@@ -403,9 +444,12 @@ impl<T, W> ClientBuffer<T, W> {
     /// The weight of the oldest frame and the gap before it, without taking
     /// it.
     pub fn peek(&self) -> Option<(&T, usize, Gap)> {
-        self.slots
-            .iter()
-            .find_map(|s| s.item.as_ref().map(|i| (i, s.weight, s.gap)))
+        let slot = self.slots.iter().find(|s| s.item.is_some())?;
+        let gap = match self.gaps.front() {
+            Some(&(at, gap)) if at == slot.seq() => gap,
+            _ => Gap::default(),
+        };
+        Some((slot.item.as_ref()?, slot.weight, gap))
     }
 
     /// Takes every frame, oldest first, counting each as sent.
@@ -422,13 +466,16 @@ impl<T, W> ClientBuffer<T, W> {
                 evicted.frames += 1;
                 evicted.bytes += slot.weight;
             }
-            self.trailing_gap.add(slot.gap);
+        }
+        for (_, gap) in self.gaps.drain(..) {
+            self.trailing_gap.add(gap);
         }
         self.trailing_gap.add(Gap {
             frames: evicted.frames as u64,
             bytes: evicted.bytes as u64,
         });
         self.keys.clear();
+        self.slot_keys.clear();
         self.live = 0;
         self.bytes = 0;
         self.dropped += evicted.frames as u64;
@@ -445,7 +492,9 @@ impl<T, W> ClientBuffer<T, W> {
     /// has closed, whose frames will never be delivered.
     pub(crate) fn discard(&mut self) {
         self.slots.clear();
+        self.gaps.clear();
         self.keys.clear();
+        self.slot_keys.clear();
         self.live = 0;
         self.bytes = 0;
     }
@@ -464,53 +513,143 @@ impl<T, W> ClientBuffer<T, W> {
 
     /// Drops the oldest droppable frame; `None` if every waiting frame is
     /// critical.
+    #[inline]
     pub fn evict_oldest(&mut self) -> Option<(T, usize)> {
-        let index = self
-            .slots
-            .iter()
-            .position(|s| s.item.is_some() && !s.critical)?;
-        let (item, weight) = self.remove_at(index);
+        // Usually the front: no tombstone to leave behind.
+        let (item, weight) = if self.slots.front().is_some_and(Slot::is_droppable) {
+            self.remove_front()
+        } else {
+            let index = self.slots.iter().position(Slot::is_droppable)?;
+            self.remove_at(index)
+        };
         self.dropped += 1;
         self.dropped_bytes += weight as u64;
         Some((item, weight))
     }
 
-    /// Removes the live slot at `index`, handing its gap (plus itself unless
-    /// `replaced`) on to the next live slot.
+    /// Removes the live front slot, handing its gap (plus itself) on to the
+    /// next live slot.
+    #[inline(always)]
+    fn remove_front(&mut self) -> (T, usize) {
+        let slot = self.slots.pop_front().expect("a front slot");
+        let item = slot.item.expect("live slot");
+        let (weight, seq) = (slot.weight, slot.tag & SEQ);
+        self.live -= 1;
+        self.bytes -= weight;
+        if slot.tag & KEYED != 0 {
+            self.forget_key(seq);
+        }
+        let lost = Gap {
+            frames: 1,
+            bytes: weight as u64,
+        };
+        match self
+            .slots
+            .front()
+            .filter(|s| s.item.is_some())
+            .map(Slot::seq)
+        {
+            // The next live slot is the new front and the first live slot
+            // now; the removed slot's entry, if any, is the first, and every
+            // other entry is at or after `next`.
+            Some(next) => match self.gaps.front().map(|&(at, _)| at) {
+                // The usual case with a slow client: the gap moves on.
+                Some(at) if at == seq => {
+                    if self.gaps.len() > 1 && self.gaps[1].0 == next {
+                        let (_, mut gap) = self.gaps.pop_front().expect("an entry");
+                        gap.add(lost);
+                        self.gaps[0].1.add(gap);
+                    } else {
+                        let (at, gap) = &mut self.gaps[0];
+                        *at = next;
+                        gap.add(lost);
+                    }
+                }
+                Some(at) if at == next => self.gaps[0].1.add(lost),
+                _ => self.gaps.push_front((next, lost)),
+            },
+            // A tombstone follows, or nothing.
+            None => {
+                let mut carried = self.take_gap(seq);
+                carried.add(lost);
+                self.carry_gap(0, carried);
+                self.compact();
+            }
+        }
+        (item, weight)
+    }
+
+    /// Removes the live slot at `index`, handing its gap (plus itself) on to
+    /// the next live slot.
     fn remove_at(&mut self, index: usize) -> (T, usize) {
         let slot = &mut self.slots[index];
         let item = slot.item.take().expect("live slot");
-        let (weight, key, seq) = (slot.weight, slot.key, slot.seq);
-        let gap = std::mem::take(&mut slot.gap);
+        let (weight, tag) = (slot.weight, slot.tag);
+        let seq = tag & SEQ;
         self.live -= 1;
         self.bytes -= weight;
-        self.forget_key(&key, seq);
-        let mut carried = gap;
+        if tag & KEYED != 0 {
+            self.forget_key(seq);
+        }
+        let mut carried = self.take_gap(seq);
         carried.add(Gap {
             frames: 1,
             bytes: weight as u64,
         });
-        self.carry_gap(index, carried);
+        self.carry_gap(index + 1, carried);
         self.compact();
         (item, weight)
     }
 
-    fn carry_gap(&mut self, index: usize, gap: Gap) {
-        match self
-            .slots
-            .iter_mut()
-            .skip(index + 1)
-            .find(|s| s.item.is_some())
-        {
-            Some(next) => next.gap.add(gap),
-            None => self.trailing_gap.add(gap),
+    /// Removes and returns the gap before the slot `seq`.
+    fn take_gap(&mut self, seq: u64) -> Gap {
+        // Usually the first entry: drops happen at the front.
+        match self.gaps.front() {
+            Some(&(at, gap)) if at == seq => {
+                self.gaps.pop_front();
+                gap
+            }
+            _ => match self.gaps.binary_search_by_key(&seq, |&(at, _)| at) {
+                Ok(i) => self
+                    .gaps
+                    .remove(i)
+                    .map_or_else(Gap::default, |(_, gap)| gap),
+                Err(_) => Gap::default(),
+            },
         }
     }
 
-    fn forget_key(&mut self, key: &Option<u64>, seq: u64) {
-        if let Some(k) = key {
-            if self.keys.get(k) == Some(&seq) {
-                self.keys.remove(k);
+    /// Adds `gap` to the first live slot at or after `from`, or to the
+    /// trailing gap.
+    fn carry_gap(&mut self, from: usize, gap: Gap) {
+        let next = self
+            .slots
+            .iter()
+            .skip(from)
+            .find(|s| s.item.is_some())
+            .map(Slot::seq);
+        let Some(seq) = next else {
+            self.trailing_gap.add(gap);
+            return;
+        };
+        match self.gaps.front_mut() {
+            // Usually the front: drops happen there.
+            Some((at, front)) if *at == seq => front.add(gap),
+            Some((at, _)) if *at < seq => {
+                match self.gaps.binary_search_by_key(&seq, |&(at, _)| at) {
+                    Ok(i) => self.gaps[i].1.add(gap),
+                    Err(i) => self.gaps.insert(i, (seq, gap)),
+                }
+            }
+            _ => self.gaps.push_front((seq, gap)),
+        }
+    }
+
+    /// Forgets the key of the keyed slot `seq`, unless a newer slot holds it.
+    fn forget_key(&mut self, seq: u64) {
+        if let Some(k) = self.slot_keys.remove(&seq) {
+            if self.keys.get(&k) == Some(&seq) {
+                self.keys.remove(&k);
             }
         }
     }
@@ -527,35 +666,119 @@ impl<T, W> ClientBuffer<T, W> {
     }
 
     fn index_of(&self, seq: u64) -> Option<usize> {
-        self.slots.binary_search_by_key(&seq, |s| s.seq).ok()
+        self.slots.binary_search_by_key(&seq, Slot::seq).ok()
     }
 }
 
 impl<T, W: Weigher<T>> ClientBuffer<T, W> {
     /// Appends a droppable `item`, dropping frames if a limit would be
     /// exceeded; returns what was dropped.
+    #[inline]
     pub fn push(&mut self, item: T) -> Dropped {
         self.push_with(item, FrameClass::Droppable, drop)
     }
 
     /// Appends `item` of `class`, handing every dropped item (oldest first;
     /// under [`Overflow::DropNewest`] possibly `item` itself) to `on_drop`.
-    pub fn push_with(&mut self, item: T, class: FrameClass, mut on_drop: impl FnMut(T)) -> Dropped {
+    #[inline(always)]
+    pub fn push_with(&mut self, item: T, class: FrameClass, on_drop: impl FnMut(T)) -> Dropped {
         let weight = self.weigher.weigh(&item);
+        if !matches!(class, FrameClass::Replace(_)) {
+            let tag = if class == FrameClass::Critical {
+                CRITICAL
+            } else {
+                0
+            };
+            // The common cases, kept small enough to inline. A fast client:
+            // there is room.
+            if self.has_room_for(weight) {
+                self.pushed += 1;
+                self.append(item, weight, tag);
+                return Dropped::default();
+            }
+            // A slow client: dropping the oldest frame, at the front, makes
+            // room.
+            if let Some(front) = self.slots.front() {
+                if front.is_droppable()
+                    && self.config.get_overflow() != Overflow::DropNewest
+                    && self.live <= self.config.get_capacity()
+                    && (self.live == 1
+                        || (self.bytes - front.weight).saturating_add(weight) <= self.max_bytes)
+                {
+                    return self.replace_front(item, weight, tag, on_drop);
+                }
+            }
+        }
+        self.push_slow(item, weight, class, on_drop)
+    }
+
+    /// Drops the (droppable) front frame and appends `item`: the steady
+    /// state of a slow client.
+    #[inline]
+    fn replace_front(
+        &mut self,
+        item: T,
+        weight: usize,
+        tag: u64,
+        mut on_drop: impl FnMut(T),
+    ) -> Dropped {
+        self.pushed += 1;
+        let (old, old_weight) = self.remove_front();
+        self.dropped += 1;
+        self.dropped_bytes += old_weight as u64;
+        on_drop(old);
+        self.append(item, weight, tag);
+        Dropped {
+            frames: 1,
+            bytes: old_weight,
+        }
+    }
+
+    /// Appends a slot; the limits were seen to.
+    #[inline]
+    fn append(&mut self, item: T, weight: usize, flags: u64) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if !self.trailing_gap.is_empty() {
+            let gap = std::mem::take(&mut self.trailing_gap);
+            self.gaps.push_back((seq, gap));
+        }
+        self.slots.push_back(Slot {
+            item: Some(item),
+            weight,
+            tag: seq | flags,
+        });
+        self.live += 1;
+        self.bytes += weight;
+        self.high_water = self.high_water.max(self.live);
+        self.high_water_bytes = self.high_water_bytes.max(self.bytes);
+    }
+
+    /// `push_with` when something must be dropped or replaced.
+    #[inline(never)]
+    fn push_slow(
+        &mut self,
+        item: T,
+        weight: usize,
+        class: FrameClass,
+        mut on_drop: impl FnMut(T),
+    ) -> Dropped {
         self.pushed += 1;
         let key = match class {
             FrameClass::Replace(key) => {
                 if let Some(index) = self.keys.get(&key).and_then(|&seq| self.index_of(seq)) {
                     let slot = &mut self.slots[index];
                     let old = slot.item.take().expect("keys point at live slots");
-                    let gap = std::mem::take(&mut slot.gap);
+                    let seq = slot.seq();
                     self.live -= 1;
                     self.bytes -= slot.weight;
                     self.replaced += 1;
                     self.keys.remove(&key);
+                    self.slot_keys.remove(&seq);
+                    let gap = self.take_gap(seq);
                     // What was lost before the superseded frame is still lost.
                     if !gap.is_empty() {
-                        self.carry_gap(index, gap);
+                        self.carry_gap(index + 1, gap);
                     }
                     self.compact();
                     drop(old);
@@ -565,15 +788,12 @@ impl<T, W: Weigher<T>> ClientBuffer<T, W> {
             _ => None,
         };
         let critical = class == FrameClass::Critical;
-        let capacity = self.config.get_capacity();
-        let max_bytes = self.config.get_max_bytes().unwrap_or(usize::MAX);
         let mut evicted = Dropped::default();
-        while self.live >= capacity
-            || (self.live > 0 && self.bytes.saturating_add(weight) > max_bytes)
-        {
+        while !self.has_room_for(weight) {
             let drop_new = !critical
                 && (self.config.get_overflow() == Overflow::DropNewest
-                    || !self.slots.iter().any(|s| s.item.is_some() && !s.critical));
+                    || !(self.slots.front().is_some_and(Slot::is_droppable)
+                        || self.slots.iter().any(Slot::is_droppable)));
             if drop_new {
                 self.dropped += 1;
                 self.dropped_bytes += weight as u64;
@@ -596,23 +816,14 @@ impl<T, W: Weigher<T>> ClientBuffer<T, W> {
                 None => break,
             }
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let mut flags = if critical { CRITICAL } else { 0 };
         if let Some(k) = key {
+            let seq = self.next_seq;
             self.keys.insert(k, seq);
+            self.slot_keys.insert(seq, k);
+            flags |= KEYED;
         }
-        self.slots.push_back(Slot {
-            item: Some(item),
-            weight,
-            seq,
-            critical,
-            key,
-            gap: std::mem::take(&mut self.trailing_gap),
-        });
-        self.live += 1;
-        self.bytes += weight;
-        self.high_water = self.high_water.max(self.live);
-        self.high_water_bytes = self.high_water_bytes.max(self.bytes);
+        self.append(item, weight, flags);
         evicted
     }
 }

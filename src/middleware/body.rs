@@ -105,6 +105,9 @@ where
     type Data = B::Data;
     type Error = BoxError;
 
+    // Inlined so that a passthrough body costs a branch; the buffered path is
+    // a call of its own.
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -150,6 +153,7 @@ where
     O: BackpressureObserver,
     M: GapMarker<D>,
 {
+    #[inline(never)]
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<D>, BoxError>>> {
         if let Some(data) = self.pending.take() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -326,6 +330,8 @@ pub(crate) struct Pump<B: Body, O: BackpressureObserver, C> {
     shared: Arc<Shared<B::Data, O>>,
     classify: C,
     timer: Option<Pin<Box<Sleep>>>,
+    /// A pending `yield_now`: see `Pump::poll`.
+    deferral: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     finished: bool,
 }
 
@@ -336,6 +342,7 @@ impl<B: Body, O: BackpressureObserver, C> Pump<B, O, C> {
             shared,
             classify,
             timer: None,
+            deferral: None,
             finished: false,
         }
     }
@@ -356,6 +363,7 @@ where
         let shared = &**this.shared;
         let overflow = shared.config.get_overflow();
         let mut paused;
+        let behind;
         {
             let mut st = shared.lock();
             if st.closed {
@@ -377,7 +385,21 @@ where
                 st.pump_paused = true;
             }
             paused = st.pump_paused;
+            behind = !st.buffer.is_empty();
         }
+        // A client that is behind (frames still wait for it) does not wait
+        // for what comes next: let the tasks of clients that do go first,
+        // and drain once the worker has run them. Stalled clients then add
+        // work, but not delay, to fast ones.
+        if behind && !paused {
+            let deferral = this
+                .deferral
+                .get_or_insert_with(|| Box::pin(tokio::task::yield_now()));
+            if deferral.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        *this.deferral = None;
         let mut budget = PUMP_BUDGET;
         while !paused {
             let frame = match this.inner.as_mut().poll_frame(cx) {
