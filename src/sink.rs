@@ -121,7 +121,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::BoxError;
 use crate::budget::MemoryBudget;
-use crate::buffer::{BufferStats, ByWeigh, ClientBuffer, Dropped, FrameClass, Weigher};
+use crate::buffer::{BufferStats, ByWeigh, ClientBuffer, Weigher};
 use crate::client::ClientInfo;
 use crate::config::{BufferConfig, ConfigError, Flush, Overflow};
 use crate::handle::{ClientHandle, HandleInner, Health, now};
@@ -580,23 +580,10 @@ where
 
     fn push(&self, item: T) -> Result<(), SinkClosed> {
         let shared = &*self.shared;
-        let overflow = shared.config.get_overflow();
-        let mut class = self.classify.classify(&item);
-        if overflow == Overflow::Pause && class == FrameClass::Droppable {
-            // Nothing is dropped under `Pause`: `poll_ready` waits for room.
-            class = FrameClass::Critical;
-        }
+        // `Pause`: nothing dropped; `poll_ready` waits for room.
+        let class = shared.effective_class(self.classify.classify(&item));
         let weight = self.weigher.weigh(&item);
-        // Reserve before locking: the budget may shed other clients' frames
-        // (or this one's), taking their locks.
-        let reserved = match &shared.budget {
-            None => Some(0),
-            Some(b) if class == FrameClass::Critical => {
-                b.force(weight);
-                Some(weight)
-            }
-            Some(b) => b.reserve(weight).then_some(weight),
-        };
+        let reserved = shared.reserve(class, weight);
         let mut st = shared.lock();
         if st.closed || st.end {
             shared.settle_budget(&st, reserved.unwrap_or(0));
@@ -604,34 +591,13 @@ where
             return Err(self.closed_error());
         }
         let mut wake_drain = false;
-        let evict = if overflow == Overflow::Disconnect
-            && class != FrameClass::Critical
-            && !st.buffer.has_room_for(weight)
-        {
-            shared.settle_budget(&st, reserved.unwrap_or(0));
-            Some(EvictReason::Overflow)
-        } else {
-            let was_empty = st.buffer.is_empty();
-            let dropped = match reserved {
-                Some(reserved) => {
-                    let dropped = st.buffer.push_with(item, class, drop);
-                    shared.settle_budget(&st, reserved);
-                    dropped
-                }
-                None => {
-                    st.buffer.count_rejected(weight);
-                    if let Some(b) = &shared.budget {
-                        b.count_dropped(1);
-                    }
-                    Dropped {
-                        frames: 1,
-                        bytes: weight,
-                    }
-                }
-            };
-            // The drain task waits for a message, or has drops to report.
-            wake_drain = was_empty || dropped.frames > 0;
-            shared.after_push(&mut st, was_empty, dropped)
+        let evict = match shared.admit(&mut st, item, class, weight, reserved) {
+            Ok((was_empty, dropped)) => {
+                // The drain task waits for a message, or has drops to report.
+                wake_drain = was_empty || dropped.frames > 0;
+                shared.after_push(&mut st, was_empty, dropped)
+            }
+            Err(reason) => Some(reason),
         };
         if let Some(reason) = evict {
             let drain = shared.evict(&mut st, reason);
@@ -639,7 +605,7 @@ where
             wake(drain);
             return Err(self.closed_error());
         }
-        if overflow == Overflow::Pause && st.buffer.is_full() {
+        if shared.config.get_overflow() == Overflow::Pause && st.buffer.is_full() {
             st.pump_paused = true;
         }
         let drain = if wake_drain {

@@ -12,7 +12,6 @@ use tokio::time::{Instant, Sleep};
 
 use super::shared::{Shared, State, wake};
 use crate::BoxError;
-use crate::buffer::FrameClass;
 use crate::config::{Flush, Overflow};
 use crate::error::Evicted;
 use crate::handle::now;
@@ -427,53 +426,18 @@ where
                 let st = shared.lock();
                 return finish(this.finished, shared, st);
             };
-            let mut class = this.classify.classify(&data);
-            if overflow == Overflow::Pause && class == FrameClass::Droppable {
-                // Nothing is dropped under `Pause`: at most one frame past the
-                // limits, then the pump stops pulling.
-                class = FrameClass::Critical;
-            }
+            let class = shared.effective_class(this.classify.classify(&data));
             let weight = data.remaining();
-            let reserved = match &shared.budget {
-                None => Some(0),
-                Some(b) if class == FrameClass::Critical => {
-                    b.force(weight);
-                    Some(weight)
-                }
-                Some(b) => b.reserve(weight).then_some(weight),
-            };
+            let reserved = shared.reserve(class, weight);
             let mut st = shared.lock();
             if st.closed {
                 shared.settle_budget(&st, reserved.unwrap_or(0));
                 *this.finished = true;
                 return Poll::Ready(());
             }
-            let evict = if overflow == Overflow::Disconnect
-                && class != FrameClass::Critical
-                && !st.buffer.has_room_for(weight)
-            {
-                shared.settle_budget(&st, reserved.unwrap_or(0));
-                Some(EvictReason::Overflow)
-            } else {
-                let was_empty = st.buffer.is_empty();
-                let dropped = match reserved {
-                    Some(reserved) => {
-                        let dropped = st.buffer.push_with(data, class, drop);
-                        shared.settle_budget(&st, reserved);
-                        dropped
-                    }
-                    None => {
-                        st.buffer.count_rejected(weight);
-                        if let Some(b) = &shared.budget {
-                            b.count_dropped(1);
-                        }
-                        crate::buffer::Dropped {
-                            frames: 1,
-                            bytes: weight,
-                        }
-                    }
-                };
-                shared.after_push(&mut st, was_empty, dropped)
+            let evict = match shared.admit(&mut st, data, class, weight, reserved) {
+                Ok((was_empty, dropped)) => shared.after_push(&mut st, was_empty, dropped),
+                Err(reason) => Some(reason),
             };
             if let Some(reason) = evict {
                 let consumer = shared.evict(&mut st, reason);

@@ -12,8 +12,9 @@ use http::HeaderMap;
 
 use crate::BoxError;
 use crate::budget::{BudgetMember, MemoryBudget};
-use crate::buffer::{BufferStats, ClientBuffer, Dropped, Remaining};
+use crate::buffer::{BufferStats, ClientBuffer, Dropped, FrameClass, Remaining, Weigher};
 use crate::config::BufferConfig;
+use crate::config::Overflow;
 use crate::handle::{ClientState, HandleInner, Health, now};
 use crate::observer::{
     BackpressureEvent, BackpressureObserver, CloseReason, EventKind, EvictReason,
@@ -312,6 +313,74 @@ impl<D, O: BackpressureObserver, W> Shared<D, O, W> {
             }
         }
         None
+    }
+}
+
+impl<D, O: BackpressureObserver, W: Weigher<D>> Shared<D, O, W> {
+    /// The class a frame is buffered as: under `Overflow::Pause` nothing is
+    /// dropped, so droppable frames count as critical (at most one frame
+    /// past the limits, then the producer side stops).
+    pub(crate) fn effective_class(&self, class: FrameClass) -> FrameClass {
+        if self.config.get_overflow() == Overflow::Pause && class == FrameClass::Droppable {
+            FrameClass::Critical
+        } else {
+            class
+        }
+    }
+
+    /// Takes `weight` bytes from the budget for a frame of `class`, before
+    /// the lock is taken (the budget may shed other clients' frames, or this
+    /// one's, under their locks). `None`: the budget refused; the frame is
+    /// dropped on admission.
+    pub(crate) fn reserve(&self, class: FrameClass, weight: usize) -> Option<usize> {
+        match &self.budget {
+            None => Some(0),
+            Some(b) if class == FrameClass::Critical => {
+                b.force(weight);
+                Some(weight)
+            }
+            Some(b) => b.reserve(weight).then_some(weight),
+        }
+    }
+
+    /// Puts a frame into the ring under the overflow policy, after
+    /// [`reserve`](Self::reserve): returns whether the ring was empty and
+    /// what was dropped, or the eviction `Overflow::Disconnect` calls for.
+    /// Called with the lock held; the caller runs `after_push`.
+    pub(crate) fn admit(
+        &self,
+        st: &mut State<D, W>,
+        item: D,
+        class: FrameClass,
+        weight: usize,
+        reserved: Option<usize>,
+    ) -> Result<(bool, Dropped), EvictReason> {
+        if self.config.get_overflow() == Overflow::Disconnect
+            && class != FrameClass::Critical
+            && !st.buffer.has_room_for(weight)
+        {
+            self.settle_budget(st, reserved.unwrap_or(0));
+            return Err(EvictReason::Overflow);
+        }
+        let was_empty = st.buffer.is_empty();
+        let dropped = match reserved {
+            Some(reserved) => {
+                let dropped = st.buffer.push_with(item, class, drop);
+                self.settle_budget(st, reserved);
+                dropped
+            }
+            None => {
+                st.buffer.count_rejected(weight);
+                if let Some(b) = &self.budget {
+                    b.count_dropped(1);
+                }
+                Dropped {
+                    frames: 1,
+                    bytes: weight,
+                }
+            }
+        };
+        Ok((was_empty, dropped))
     }
 }
 
