@@ -4,8 +4,6 @@ use std::fmt;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
-use tokio::time::Instant;
-
 use tokio::sync::watch;
 
 use crate::buffer::BufferStats;
@@ -182,10 +180,4 @@ impl fmt::Debug for ClientHandle {
             .field("health", &self.health())
             .finish_non_exhaustive()
     }
-}
-
-/// The clock of every timed rule: tokio's, so that tests with paused time
-/// see rules fire as they would in real time.
-pub(crate) fn now() -> Instant {
-    Instant::now()
 }

@@ -69,7 +69,7 @@
 
 mod budget;
 mod buffer;
-mod client;
+pub(crate) mod client;
 mod config;
 mod error;
 mod handle;

@@ -8,14 +8,15 @@ use http::{Response, header};
 use http_body::Body;
 use pin_project::pin_project;
 
-use super::body::{BackpressureBody, Pump};
-use super::shared::Shared;
+use super::body::{BackpressureBody, Shared};
+use super::pump::Pump;
 use crate::BoxError;
 use crate::budget::MemoryBudget;
 use crate::buffer::{ClientBuffer, Remaining};
+use crate::client::Reporter;
 use crate::config::BufferConfig;
 use crate::handle::HandleInner;
-use crate::observer::{BackpressureObserver, EventKind};
+use crate::observer::BackpressureObserver;
 use crate::policy::{Classify, GapMarker};
 use crate::predicate::{Predicate, can_drop_frames};
 
@@ -57,7 +58,7 @@ impl<F, P, O, M, C, B, E> Future for ResponseFuture<F, P, O, M, C>
 where
     F: Future<Output = Result<Response<B>, E>>,
     B: Body + Send + 'static,
-    B::Data: Send,
+    B::Data: Send + 'static,
     B::Error: Into<BoxError>,
     P: Predicate,
     O: BackpressureObserver,
@@ -84,9 +85,14 @@ where
         // Frames may be dropped: the length is no longer known.
         parts.headers.remove(header::CONTENT_LENGTH);
         let buffer = ClientBuffer::with_weigher(wrap.config, Remaining);
-        let shared = Shared::new(buffer, wrap.handle, wrap.observer, wrap.budget);
-        let stats = shared.lock().buffer.stats();
-        shared.emit(EventKind::Opened, stats);
+        let shared = Shared::new(
+            buffer,
+            wrap.handle,
+            wrap.observer,
+            wrap.budget,
+            Reporter::Producer,
+        );
+        shared.open();
         runtime.spawn(Pump::new(inner, shared.clone(), wrap.classify));
         Poll::Ready(Ok(Response::from_parts(
             parts,

@@ -55,8 +55,8 @@
 mod body;
 mod future;
 mod layer;
+mod pump;
 mod service;
-pub(crate) mod shared;
 
 pub use self::body::BackpressureBody;
 pub use self::future::ResponseFuture;

@@ -1,0 +1,74 @@
+//! Events leave the client's lock before they reach the observer.
+//!
+//! Every step queues its events under the lock, in the order they happen;
+//! whoever releases the lock then delivers the queue, with no lock held, so
+//! an observer may read the client's handle, the registry or the budget. One
+//! thread delivers at a time (the others leave their events to it), which
+//! keeps every client's events in order.
+//!
+//! An observer that panics does not stop the others: every queued event
+//! still reaches every observer, then the first panic is resumed in the
+//! thread that delivered (unless that thread is already unwinding, where a
+//! second panic would abort the process).
+
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+
+use crate::buffer::BufferStats;
+use crate::observer::EventKind;
+
+/// Events waiting for delivery, and whether a thread is delivering.
+#[derive(Default)]
+pub(super) struct Outbox {
+    queue: Vec<(EventKind, BufferStats)>,
+    delivering: bool,
+}
+
+impl Outbox {
+    pub(super) fn push(&mut self, kind: EventKind, stats: BufferStats) {
+        self.queue.push((kind, stats));
+    }
+
+    /// Takes the queue if this thread should deliver it: events wait and
+    /// nobody else is delivering. The caller must call
+    /// [`done`](Self::done) or take again until it gets `None`.
+    pub(super) fn take(&mut self) -> Option<Vec<(EventKind, BufferStats)>> {
+        if self.queue.is_empty() || self.delivering {
+            return None;
+        }
+        self.delivering = true;
+        Some(std::mem::take(&mut self.queue))
+    }
+
+    /// Like [`take`](Self::take) for the thread that is delivering already.
+    pub(super) fn take_more(&mut self) -> Option<Vec<(EventKind, BufferStats)>> {
+        if self.queue.is_empty() {
+            self.delivering = false;
+            return None;
+        }
+        Some(std::mem::take(&mut self.queue))
+    }
+}
+
+/// Calls `f` for every event, containing panics; returns the first panic.
+pub(super) fn deliver(
+    events: Vec<(EventKind, BufferStats)>,
+    mut f: impl FnMut(EventKind, BufferStats),
+    panic: &mut Option<Box<dyn Any + Send>>,
+) {
+    for (kind, stats) in events {
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(kind, stats))) {
+            panic.get_or_insert(p);
+        }
+    }
+}
+
+/// Resumes an observer's panic once every event went out, unless the thread
+/// is unwinding already.
+pub(super) fn resume(panic: Option<Box<dyn Any + Send>>) {
+    if let Some(p) = panic {
+        if !std::thread::panicking() {
+            resume_unwind(p);
+        }
+    }
+}
