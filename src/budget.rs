@@ -26,10 +26,15 @@ struct Inner {
 ///
 /// When a frame would take the total buffered across clients over the
 /// budget, frames are dropped from the client holding the most buffered
-/// bytes first (oldest first, as its own overflow would), so one process
-/// with many slow clients stays under the budget while a client that keeps
-/// up loses nothing. The total never exceeds the budget; if nothing can be
-/// dropped (only critical frames wait), the incoming frame is dropped.
+/// bytes first, then the next (oldest first, as its own overflow would),
+/// so one process with many slow clients stays under the budget while a
+/// client that keeps up loses nothing. A frame is charged only for what it
+/// adds to its client's buffer, after what the client's own limits drop for
+/// it. Only when no client has a droppable frame left is the incoming frame
+/// refused, as its client's policy says: dropped (`DropOldest`,
+/// `DropNewest`), kept while the producer waits for its client
+/// (`Pause`), or the client evicted (`Disconnect`). Critical frames are
+/// always kept: they are the only way past the limit.
 ///
 /// ```
 /// use tower_backpressure::{BackpressureLayer, BufferConfig, MemoryBudget};
@@ -142,19 +147,32 @@ impl MemoryBudget {
                 return false;
             }
             let need = used + bytes - inner.limit;
-            let largest = self
-                .members()
-                .iter()
-                .filter_map(Weak::upgrade)
-                .max_by_key(|m| m.budget_bytes());
-            let freed = match largest {
-                Some(m) if m.budget_bytes() > 0 => m.shed(need),
-                _ => 0,
-            };
-            if freed == 0 {
+            if self.shed(need) == 0 {
                 return false;
             }
         }
+    }
+
+    /// Sheds at least `need` bytes if it can: from the member holding the
+    /// most bytes first, then the next, until enough is freed or no member
+    /// has a droppable frame left. Returns the bytes freed.
+    fn shed(&self, need: usize) -> usize {
+        let mut members: Vec<_> = self
+            .members()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|m| (m.budget_bytes(), m))
+            .filter(|(bytes, _)| *bytes > 0)
+            .collect();
+        members.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let mut freed = 0;
+        for (_, member) in members {
+            freed += member.shed(need - freed);
+            if freed >= need {
+                break;
+            }
+        }
+        freed
     }
 
     /// Takes `bytes` whatever the total: for critical frames, which are never
@@ -167,7 +185,14 @@ impl MemoryBudget {
     /// Returns `bytes` to the budget.
     pub(crate) fn release(&self, bytes: usize) {
         if bytes > 0 {
-            self.inner.used.fetch_sub(bytes, Ordering::AcqRel);
+            // Saturating: a member never returns more than it took, but a
+            // wrapped total would refuse every frame from then on.
+            let _ = self
+                .inner
+                .used
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                    Some(used.saturating_sub(bytes))
+                });
         }
     }
 
