@@ -8,6 +8,7 @@ use tokio::sync::watch;
 
 use crate::buffer::BufferStats;
 use crate::client::ClientInfo;
+use crate::conn::Connection;
 use crate::observer::CloseReason;
 
 /// A client's health, as its [`ClientHandle`] reports it.
@@ -31,6 +32,8 @@ pub(crate) trait ClientState: Send + Sync {
 
 pub(crate) struct HandleInner {
     pub(crate) info: ClientInfo,
+    /// Closed when the client is evicted (HTTP/1, sinks).
+    connection: Option<Connection>,
     opened_at: SystemTime,
     health: watch::Sender<Health>,
     state: OnceLock<Weak<dyn ClientState>>,
@@ -38,14 +41,25 @@ pub(crate) struct HandleInner {
 }
 
 impl HandleInner {
+    #[cfg(test)]
     pub(crate) fn new(info: ClientInfo) -> Arc<Self> {
+        Self::with_connection(info, None)
+    }
+
+    pub(crate) fn with_connection(info: ClientInfo, connection: Option<Connection>) -> Arc<Self> {
         Arc::new(Self {
             info,
+            connection,
             opened_at: SystemTime::now(),
             health: watch::Sender::new(Health::Healthy),
             state: OnceLock::new(),
             final_stats: OnceLock::new(),
         })
+    }
+
+    /// The connection to close when the client is evicted.
+    pub(crate) fn connection(&self) -> Option<&Connection> {
+        self.connection.as_ref()
     }
 
     pub(crate) fn attach(&self, state: Weak<dyn ClientState>) {

@@ -71,6 +71,7 @@ mod budget;
 mod buffer;
 pub(crate) mod client;
 mod config;
+pub mod conn;
 mod error;
 mod handle;
 #[cfg(feature = "metrics")]

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{Extensions, Method, Uri};
 
+use crate::conn::Connection;
+
 /// A process-unique identifier of one wrapped response.
 ///
 /// Ids start at 1 and increase; they are never reused within a process.
@@ -120,10 +122,30 @@ pub(crate) fn route(_extensions: &Extensions) -> Option<Arc<str>> {
     None
 }
 
+/// Reads the handle that closes the request's connection.
+pub(crate) fn connection(extensions: &Extensions) -> Option<Connection> {
+    if let Some(connection) = extensions.get::<Connection>() {
+        return Some(connection.clone());
+    }
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::ConnectInfo(info)) =
+        extensions.get::<axum::extract::ConnectInfo<crate::conn::ConnectionInfo>>()
+    {
+        return Some(info.connection.clone());
+    }
+    None
+}
+
 /// Reads the peer address from a request's extensions.
 pub(crate) fn peer_addr(extensions: &Extensions) -> Option<SocketAddr> {
     if let Some(PeerAddr(addr)) = extensions.get::<PeerAddr>() {
         return Some(*addr);
+    }
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::ConnectInfo(info)) =
+        extensions.get::<axum::extract::ConnectInfo<crate::conn::ConnectionInfo>>()
+    {
+        return Some(info.peer);
     }
     #[cfg(feature = "axum")]
     if let Some(axum::extract::ConnectInfo(addr)) =

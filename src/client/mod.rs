@@ -35,7 +35,7 @@ use tokio::time::Instant;
 pub(crate) use self::clock::{Timer, after, now};
 use self::events::Outbox;
 pub use self::info::{ClientId, ClientInfo, PeerAddr};
-pub(crate) use self::info::{peer_addr, route};
+pub(crate) use self::info::{connection, peer_addr, route};
 pub(crate) use self::storage::{Admit, Storage};
 use crate::BoxError;
 use crate::budget::{BudgetMember, MemoryBudget};
@@ -665,6 +665,16 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         let stats = st.storage.stats();
         self.handle.set_closed(reason, stats);
         st.outbox.push(EventKind::Closed { reason }, stats);
+        if let CloseReason::Evicted(rule) = reason {
+            // A client that never reads again would keep its connection
+            // (and the buffers under it) open: close it. A gap marker that
+            // ends the stream ends it politely instead.
+            if rule != EvictReason::DataLoss {
+                if let Some(connection) = self.handle.connection() {
+                    connection.close();
+                }
+            }
+        }
         st.storage.discard();
         // Nothing more goes out after `Closed`.
         st.trailers = None;

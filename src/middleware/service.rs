@@ -11,7 +11,7 @@ use super::future::{ResponseFuture, Wrap};
 use super::layer::BackpressureLayer;
 use crate::BoxError;
 use crate::budget::MemoryBudget;
-use crate::client::{ClientInfo, peer_addr, route};
+use crate::client::{ClientInfo, connection, peer_addr, route};
 use crate::config::BufferConfig;
 use crate::handle::{ClientHandle, HandleInner};
 use crate::observer::BackpressureObserver;
@@ -129,7 +129,12 @@ where
         if let Some(route) = route(req.extensions()) {
             info = info.with_route(route);
         }
-        let handle = HandleInner::new(info);
+        // An HTTP/1 connection carries this response alone: evicting its
+        // client closes it. HTTP/2 connections carry other streams.
+        let connection = (req.version() <= http::Version::HTTP_11)
+            .then(|| connection(req.extensions()))
+            .flatten();
+        let handle = HandleInner::with_connection(info, connection);
         req.extensions_mut()
             .insert(ClientHandle::new(handle.clone()));
         let wrap = Wrap {

@@ -15,6 +15,7 @@ use crate::budget::MemoryBudget;
 use crate::buffer::{ByWeigh, ClientBuffer, Weigher};
 use crate::client::{Client, ClientInfo, Reporter};
 use crate::config::BufferConfig;
+use crate::conn::Connection;
 use crate::handle::HandleInner;
 use crate::observer::BackpressureObserver;
 use crate::policy::{Classify, GapMarker};
@@ -33,6 +34,7 @@ pub struct Builder<O = (), M = (), C = (), W = ByWeigh> {
     pub(super) budget: Option<MemoryBudget>,
     pub(super) info: Option<ClientInfo>,
     pub(super) close_timeout: Duration,
+    pub(super) connection: Option<Connection>,
 }
 
 impl<O, M, C, W> Builder<O, M, C, W> {
@@ -57,6 +59,7 @@ impl<O, M, C, W> Builder<O, M, C, W> {
             budget: self.budget,
             info: self.info,
             close_timeout: self.close_timeout,
+            connection: self.connection,
         }
     }
 
@@ -76,6 +79,7 @@ impl<O, M, C, W> Builder<O, M, C, W> {
             budget: self.budget,
             info: self.info,
             close_timeout: self.close_timeout,
+            connection: self.connection,
         }
     }
 
@@ -91,6 +95,7 @@ impl<O, M, C, W> Builder<O, M, C, W> {
             budget: self.budget,
             info: self.info,
             close_timeout: self.close_timeout,
+            connection: self.connection,
         }
     }
 
@@ -108,6 +113,7 @@ impl<O, M, C, W> Builder<O, M, C, W> {
             budget: self.budget,
             info: self.info,
             close_timeout: self.close_timeout,
+            connection: self.connection,
         }
     }
 
@@ -123,6 +129,14 @@ impl<O, M, C, W> Builder<O, M, C, W> {
     /// request. Default: `GET /` from an unknown peer, with a fresh id.
     pub fn client(mut self, info: ClientInfo) -> Self {
         self.info = Some(info);
+        self
+    }
+
+    /// The client's connection (from its upgrade request, see the
+    /// [`conn`](crate::conn) module): evicting the client closes it, so that
+    /// a client that reads nothing more does not keep it open.
+    pub fn connection(mut self, connection: Connection) -> Self {
+        self.connection = Some(connection);
         self
     }
 
@@ -161,7 +175,7 @@ impl<O, M, C, W> Builder<O, M, C, W> {
         let buffer = ClientBuffer::with_weigher(self.config, self.weigher.clone());
         let client = Client::new(
             buffer,
-            HandleInner::new(info),
+            HandleInner::with_connection(info, self.connection),
             self.observer,
             self.budget,
             Reporter::Consumer,
@@ -195,6 +209,7 @@ impl<O, M: Clone, C: Clone, W: Clone> Clone for Builder<O, M, C, W> {
             budget: self.budget.clone(),
             info: self.info.clone(),
             close_timeout: self.close_timeout,
+            connection: self.connection.clone(),
         }
     }
 }

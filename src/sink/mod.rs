@@ -196,6 +196,7 @@ impl BufferedSink<()> {
             budget: None,
             info: None,
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
+            connection: None,
         })
     }
 }

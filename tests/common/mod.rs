@@ -111,6 +111,52 @@ where
     addr
 }
 
+/// Like [`serve`], with every accepted stream wrapped in
+/// [`Closable`](tower_backpressure::conn::Closable) and its `Connection` in
+/// the requests, as the `conn` module's docs show. Each connection's end is
+/// reported on the returned channel, with the peer's address.
+pub async fn serve_closable<S, B>(svc: S) -> (SocketAddr, mpsc::UnboundedReceiver<SocketAddr>)
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (ended, ends) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                return;
+            };
+            let stream = tower_backpressure::conn::Closable::new(stream);
+            let connection = stream.connection();
+            let svc = tower::ServiceBuilder::new()
+                .map_request(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(PeerAddr(peer));
+                    req.extensions_mut().insert(connection.clone());
+                    req
+                })
+                .service(svc.clone());
+            let ended = ended.clone();
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(
+                        TokioIo::new(stream),
+                        hyper_util::service::TowerToHyperService::new(svc),
+                    )
+                    .await;
+                let _ = ended.send(peer);
+            });
+        }
+    });
+    (addr, ends)
+}
+
 /// A real HTTP/1.1 client connection; `recv_buffer` shrinks the socket's
 /// receive buffer so that a client that stops reading stalls the server soon.
 pub struct Client {
