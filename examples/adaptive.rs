@@ -59,7 +59,7 @@ async fn main() -> std::io::Result<()> {
         .route("/events/{name}", get(events))
         .with_state((producers.clone(), args.rate))
         .layer(BackpressureLayer::new(
-            BufferConfig::new(200).threshold(0.5),
+            BufferConfig::new(200).with_threshold(0.5),
         ));
 
     // A small send buffer, inherited by accepted sockets, so that a slow

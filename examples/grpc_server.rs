@@ -119,9 +119,9 @@ async fn main() -> ExitCode {
         .init();
 
     // Refuse a bad configuration now, not when the first call comes.
-    let mut config = BufferConfig::new(args.capacity).threshold(args.threshold);
+    let mut config = BufferConfig::new(args.capacity).with_threshold(args.threshold);
     if let Some(max_bytes) = args.max_bytes {
-        config = config.max_bytes(max_bytes);
+        config = config.with_max_bytes(max_bytes);
     }
     let layer = match BackpressureLayer::try_new(config) {
         Ok(layer) => layer.observer(TracingObserver::new()),

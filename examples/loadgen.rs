@@ -534,7 +534,7 @@ mod server {
                     let counts = hub.clone();
                     let layer = BackpressureLayer::new(
                         BufferConfig::new(args.capacity as usize)
-                            .max_bytes(args.max_bytes as usize),
+                            .with_max_bytes(args.max_bytes as usize),
                     )
                     .observer(move |event: &BackpressureEvent<'_>| {
                         if let EventKind::Dropped { count, .. } = event.kind {

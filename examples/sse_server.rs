@@ -152,15 +152,15 @@ impl<M: GapMarker<bytes::Bytes>> GapMarker<bytes::Bytes> for OptionalMarker<M> {
 /// The buffer configuration the flags describe.
 fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
     let mut config = BufferConfig::new(args.capacity)
-        .threshold(args.threshold)
-        .overflow(match args.policy {
+        .with_threshold(args.threshold)
+        .with_overflow(match args.policy {
             Policy::DropOldest => Overflow::DropOldest,
             Policy::DropNewest => Overflow::DropNewest,
             Policy::Pause => Overflow::Pause,
             Policy::Disconnect => Overflow::Disconnect,
         });
     if let Some(max_bytes) = args.max_bytes {
-        config = config.max_bytes(max_bytes);
+        config = config.with_max_bytes(max_bytes);
     }
     let mut eviction = Eviction::none();
     if let Some(n) = args.evict_after_dropped {
@@ -172,7 +172,7 @@ fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
     if args.budget_bytes == Some(0) {
         return Err("--budget-bytes must be at least 1".into());
     }
-    config = config.evict(eviction);
+    config = config.with_eviction(eviction);
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)
 }

@@ -437,7 +437,7 @@ impl<O, M, C, W> Builder<O, M, C, W> {
         });
         let stats = core.shared.lock().buffer.stats();
         core.shared.emit(EventKind::Opened, stats);
-        let limits = match self.config.get_flush() {
+        let limits = match self.config.flush() {
             Flush::Immediate => (1, usize::MAX),
             Flush::Coalesce {
                 max_frames,
@@ -567,7 +567,7 @@ where
             drop(st);
             return Poll::Ready(Err(self.closed_error()));
         }
-        if shared.config.get_overflow() == Overflow::Pause && st.buffer.is_full() {
+        if shared.config.overflow() == Overflow::Pause && st.buffer.is_full() {
             st.pump_paused = true;
             match &st.pump_waker {
                 Some(w) if w.will_wake(cx.waker()) => {}
@@ -605,7 +605,7 @@ where
             wake(drain);
             return Err(self.closed_error());
         }
-        if shared.config.get_overflow() == Overflow::Pause && st.buffer.is_full() {
+        if shared.config.overflow() == Overflow::Pause && st.buffer.is_full() {
             st.pump_paused = true;
         }
         let drain = if wake_drain {
@@ -862,7 +862,7 @@ where
             return Step::Flush;
         }
         if !st.buffer.is_empty() {
-            if let Flush::Interval { period, .. } = shared.config.get_flush() {
+            if let Flush::Interval { period, .. } = shared.config.flush() {
                 if self.release_left == 0 {
                     if self.next_release.is_some_and(|at| t < at) {
                         return Step::Wait;
@@ -1156,7 +1156,7 @@ mod tests {
     async fn coalesce_flushes_once_per_batch() {
         let log = Log::default();
         let mut sink =
-            BufferedSink::builder(BufferConfig::new(1000).flush(Flush::coalesce(10, 1 << 20)))
+            BufferedSink::builder(BufferConfig::new(1000).with_flush(Flush::coalesce(10, 1 << 20)))
                 .weigh(eight)
                 .spawn(log.clone());
         for i in 0..95 {
@@ -1174,7 +1174,7 @@ mod tests {
         let log = Log::default();
         let period = Duration::from_millis(100);
         let mut sink =
-            BufferedSink::builder(BufferConfig::new(1000).flush(Flush::interval(period)))
+            BufferedSink::builder(BufferConfig::new(1000).with_flush(Flush::interval(period)))
                 .weigh(eight)
                 .spawn(log.clone());
         let start = Instant::now();
@@ -1224,7 +1224,7 @@ mod tests {
     #[tokio::test]
     async fn pause_makes_the_producer_wait_and_loses_nothing() {
         let (tx, rx) = mpsc::channel::<i64>(0);
-        let mut sink = BufferedSink::builder(BufferConfig::new(2).overflow(Overflow::Pause))
+        let mut sink = BufferedSink::builder(BufferConfig::new(2).with_overflow(Overflow::Pause))
             .weigh(eight)
             .spawn(tx);
         let produce = async {
@@ -1244,10 +1244,11 @@ mod tests {
     async fn disconnect_evicts_on_overflow_and_drops_the_real_sink() {
         let (tx, rx) = mpsc::channel::<i64>(0);
         let (observer, mut events) = recorder();
-        let mut sink = BufferedSink::builder(BufferConfig::new(2).overflow(Overflow::Disconnect))
-            .observer(observer)
-            .weigh(eight)
-            .spawn(tx);
+        let mut sink =
+            BufferedSink::builder(BufferConfig::new(2).with_overflow(Overflow::Disconnect))
+                .observer(observer)
+                .weigh(eight)
+                .spawn(tx);
         sink.send(0).await.unwrap();
         sink.send(1).await.unwrap();
         let err = sink.send(2).await.unwrap_err();
@@ -1287,7 +1288,8 @@ mod tests {
         let (tx, _rx) = mpsc::channel::<i64>(0);
         let (observer, mut events) = recorder();
         let mut sink = BufferedSink::builder(
-            BufferConfig::new(8).evict(Eviction::none().after_stall(Duration::from_secs(1))),
+            BufferConfig::new(8)
+                .with_eviction(Eviction::none().after_stall(Duration::from_secs(1))),
         )
         .observer(observer)
         .weigh(eight)

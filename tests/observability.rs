@@ -22,7 +22,7 @@ const N: u64 = 20_000;
 async fn registry_lists_open_clients_with_true_numbers_and_forgets_them_when_they_go() {
     let registry = ClientRegistry::new();
     let (observer, mut events) = recorder();
-    let layer = BackpressureLayer::new(BufferConfig::new(64).threshold(0.5))
+    let layer = BackpressureLayer::new(BufferConfig::new(64).with_threshold(0.5))
         .observer((registry.clone(), observer));
     let (producer, body) = channel_body(8, None);
     let addr = serve(
@@ -172,7 +172,7 @@ fn metrics_observer_records_drops_pressure_and_closes() {
     metrics::with_local_recorder(&recorder, || {
         rt.block_on(async {
             let (observer, mut events) = recorder_events();
-            let layer = BackpressureLayer::new(BufferConfig::new(10).threshold(0.5))
+            let layer = BackpressureLayer::new(BufferConfig::new(10).with_threshold(0.5))
                 .observer((MetricsObserver::new(), observer));
             let (producer, body) = channel_body(128, None);
             let svc = ServiceBuilder::new()
@@ -253,7 +253,9 @@ async fn the_handler_sees_its_client_come_under_pressure_and_recover() {
     let (producer, body) = channel_body(256, None);
     let inner = one_response(body, "text/event-stream");
     let svc = ServiceBuilder::new()
-        .layer(BackpressureLayer::new(BufferConfig::new(10).threshold(0.5)))
+        .layer(BackpressureLayer::new(
+            BufferConfig::new(10).with_threshold(0.5),
+        ))
         .map_request(move |req: Request<()>| {
             let handle = req.extensions().get::<ClientHandle>().cloned().unwrap();
             let _ = handle_tx.lock().unwrap().take().unwrap().send(handle);
@@ -342,7 +344,7 @@ async fn read_frames_with(config: BufferConfig, frames: u64, marker: bool) -> Ve
 #[tokio::test]
 async fn coalesce_joins_waiting_frames_in_order_up_to_its_limits() {
     let frames = read_frames_with(
-        BufferConfig::new(1000).flush(Flush::coalesce(10, 1 << 20)),
+        BufferConfig::new(1000).with_flush(Flush::coalesce(10, 1 << 20)),
         100,
         false,
     )
@@ -353,7 +355,7 @@ async fn coalesce_joins_waiting_frames_in_order_up_to_its_limits() {
 
     // The byte limit: 40-byte events, at most 100 bytes: 2 per write.
     let frames = read_frames_with(
-        BufferConfig::new(1000).flush(Flush::coalesce(10, 100)),
+        BufferConfig::new(1000).with_flush(Flush::coalesce(10, 100)),
         10,
         false,
     )
@@ -365,7 +367,7 @@ async fn coalesce_joins_waiting_frames_in_order_up_to_its_limits() {
 
     // Never across a gap: the marker stands between.
     let frames = read_frames_with(
-        BufferConfig::new(5).flush(Flush::coalesce(10, 1 << 20)),
+        BufferConfig::new(5).with_flush(Flush::coalesce(10, 1 << 20)),
         20,
         true,
     )
@@ -384,7 +386,7 @@ async fn interval_releases_at_most_once_per_period_and_never_delays_the_end() {
     let (producer, body) = channel_body(1024, None);
     let svc = ServiceBuilder::new()
         .layer(BackpressureLayer::new(
-            BufferConfig::new(1000).flush(Flush::interval(period)),
+            BufferConfig::new(1000).with_flush(Flush::interval(period)),
         ))
         .service(one_response(body, "text/event-stream"));
     let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();

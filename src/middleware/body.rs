@@ -167,7 +167,7 @@ where
             return Poll::Ready(None);
         }
         if !st.buffer.is_empty() {
-            let (max_frames, max_bytes) = match shared.config.get_flush() {
+            let (max_frames, max_bytes) = match shared.config.flush() {
                 Flush::Immediate => (1, 0),
                 Flush::Coalesce {
                     max_frames,
@@ -360,7 +360,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let mut this = self.project();
         let shared = &**this.shared;
-        let overflow = shared.config.get_overflow();
+        let overflow = shared.config.overflow();
         let mut paused;
         let behind;
         {

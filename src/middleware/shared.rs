@@ -174,11 +174,11 @@ impl<D, O: BackpressureObserver, W> Shared<D, O, W> {
         was_empty: bool,
         dropped: Dropped,
     ) -> Option<EvictReason> {
-        if was_empty && !st.buffer.is_empty() && self.config.get_eviction().stall.is_some() {
+        if was_empty && !st.buffer.is_empty() && self.config.eviction().stall.is_some() {
             st.waiting_since = Some(now().max(st.last_taken));
         }
         if st.pressure.is_none() && !st.buffer.is_healthy() {
-            st.pressure = Some(if self.config.get_eviction().pressure.is_some() {
+            st.pressure = Some(if self.config.eviction().pressure.is_some() {
                 now()
             } else {
                 st.last_taken
@@ -191,7 +191,7 @@ impl<D, O: BackpressureObserver, W> Shared<D, O, W> {
         }
         st.unreported.frames += dropped.frames;
         st.unreported.bytes += dropped.bytes;
-        let rules = self.config.get_eviction();
+        let rules = self.config.eviction();
         if let Some(max) = rules.dropped {
             if st.buffer.stats().dropped > max {
                 return Some(EvictReason::DroppedTotal);
@@ -286,7 +286,7 @@ impl<D, O: BackpressureObserver, W> Shared<D, O, W> {
 
     /// The next moment a time-based eviction rule could fire.
     pub(crate) fn next_deadline(&self, st: &State<D, W>) -> Option<Instant> {
-        let rules = self.config.get_eviction();
+        let rules = self.config.eviction();
         let stall = rules
             .stall
             .zip(st.waiting_since)
@@ -301,7 +301,7 @@ impl<D, O: BackpressureObserver, W> Shared<D, O, W> {
 
     /// A time-based rule that has fired by `t`.
     pub(crate) fn timed_out(&self, st: &State<D, W>, t: Instant) -> Option<EvictReason> {
-        let rules = self.config.get_eviction();
+        let rules = self.config.eviction();
         if let (Some(d), Some(since)) = (rules.stall, st.waiting_since) {
             if !st.buffer.is_empty() && t >= since + d {
                 return Some(EvictReason::Stalled);
@@ -321,7 +321,7 @@ impl<D, O: BackpressureObserver, W: Weigher<D>> Shared<D, O, W> {
     /// dropped, so droppable frames count as critical (at most one frame
     /// past the limits, then the producer side stops).
     pub(crate) fn effective_class(&self, class: FrameClass) -> FrameClass {
-        if self.config.get_overflow() == Overflow::Pause && class == FrameClass::Droppable {
+        if self.config.overflow() == Overflow::Pause && class == FrameClass::Droppable {
             FrameClass::Critical
         } else {
             class
@@ -355,7 +355,7 @@ impl<D, O: BackpressureObserver, W: Weigher<D>> Shared<D, O, W> {
         weight: usize,
         reserved: Option<usize>,
     ) -> Result<(bool, Dropped), EvictReason> {
-        if self.config.get_overflow() == Overflow::Disconnect
+        if self.config.overflow() == Overflow::Disconnect
             && class != FrameClass::Critical
             && !st.buffer.has_room_for(weight)
         {
