@@ -601,7 +601,9 @@ fn summary(produced: u64, rows: [(&str, (&Tally, &LayerView)); 2]) {
             st.dropped,
             format!("{}/{}", st.high_water, st.capacity),
             layer.pressure_episodes,
-            layer.closed.map_or("no", |r| r.as_str()),
+            layer
+                .closed
+                .map_or_else(|| "no".to_owned(), |r| r.to_string()),
         );
     }
 }
@@ -667,7 +669,9 @@ fn check(
             layer.closed.is_some() && st.pushed == produced && st.sent + st.dropped == st.pushed,
             format!(
                 "{name} stream closed ({}): pushed {} == produced, sent {} + dropped {} == pushed",
-                layer.closed.map_or("not closed", |r| r.as_str()),
+                layer
+                    .closed
+                    .map_or_else(|| "not closed".to_owned(), |r| r.to_string()),
                 st.pushed,
                 st.sent,
                 st.dropped

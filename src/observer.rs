@@ -144,6 +144,13 @@ impl EvictReason {
     }
 }
 
+impl fmt::Display for EvictReason {
+    /// The [`as_str`](Self::as_str) name, e.g. `stalled`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl CloseReason {
     /// A short lowercase name: `completed`, `client_gone`, `inner_error`,
     /// `evicted`.
@@ -153,6 +160,25 @@ impl CloseReason {
             CloseReason::ClientGone => "client_gone",
             CloseReason::InnerError => "inner_error",
             CloseReason::Evicted(_) => "evicted",
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    /// The [`as_str`](Self::as_str) name, with the rule for an eviction:
+    /// `completed`, `client_gone`, `inner_error`, `evicted (stalled)`.
+    ///
+    /// ```
+    /// use tower_backpressure::{CloseReason, EvictReason};
+    ///
+    /// assert_eq!(CloseReason::ClientGone.to_string(), "client_gone");
+    /// let evicted = CloseReason::Evicted(EvictReason::Stalled);
+    /// assert_eq!(format!("closed ({evicted})"), "closed (evicted (stalled))");
+    /// ```
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::Evicted(rule) => write!(f, "evicted ({rule})"),
+            reason => f.write_str(reason.as_str()),
         }
     }
 }
@@ -312,8 +338,7 @@ mod tracing_observer {
                     rule = rule.as_str(),
                     sent = s.sent,
                     dropped = s.dropped,
-                    "client {id} evicted ({}): {} sent, {} dropped",
-                    rule.as_str(),
+                    "client {id} evicted ({rule}): {} sent, {} dropped",
                     s.sent,
                     s.dropped
                 ),
@@ -324,8 +349,7 @@ mod tracing_observer {
                     reason = reason.as_str(),
                     sent = s.sent,
                     dropped = s.dropped,
-                    "client {id} stream closed ({}): {} sent, {} dropped",
-                    reason.as_str(),
+                    "client {id} stream closed ({reason}): {} sent, {} dropped",
                     s.sent,
                     s.dropped
                 ),
@@ -392,9 +416,32 @@ mod tests {
         );
     }
 
+    #[test]
+    fn reasons_display_as_their_names_with_the_rule() {
+        let rules = [
+            (EvictReason::Overflow, "overflow"),
+            (EvictReason::DroppedTotal, "dropped_total"),
+            (EvictReason::DroppedWindow, "dropped_window"),
+            (EvictReason::Stalled, "stalled"),
+            (EvictReason::Pressure, "pressure"),
+            (EvictReason::DataLoss, "data_loss"),
+        ];
+        for (rule, name) in rules {
+            assert_eq!(rule.to_string(), name);
+            assert_eq!(rule.to_string(), rule.as_str());
+            assert_eq!(
+                CloseReason::Evicted(rule).to_string(),
+                format!("evicted ({name})")
+            );
+        }
+        assert_eq!(CloseReason::Completed.to_string(), "completed");
+        assert_eq!(CloseReason::ClientGone.to_string(), "client_gone");
+        assert_eq!(CloseReason::InnerError.to_string(), "inner_error");
+    }
+
     #[cfg(feature = "tracing")]
     #[test]
-    fn tracing_observer_warns_with_the_seed_numbers() {
+    fn tracing_observer_warns_with_the_guide_numbers() {
         #[derive(Clone, Default)]
         struct Capture(Arc<Mutex<Vec<u8>>>);
         impl std::io::Write for Capture {
