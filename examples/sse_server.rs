@@ -61,8 +61,8 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tower::util::MapRequestLayer;
 use tower_backpressure::{
-    BackpressureLayer, BufferConfig, ClientRegistry, Eviction, Gap, GapAction, GapMarker,
-    MemoryBudget, NdjsonGapMarker, Overflow, PeerAddr, SseGapMarker, TracingObserver,
+    BackpressureLayer, BufferConfig, ClientRegistry, Eviction, MemoryBudget, NdjsonGapMarker,
+    Overflow, PeerAddr, SseGapMarker, TracingObserver,
 };
 
 #[path = "common/serve.rs"]
@@ -136,19 +136,6 @@ fn on_off(s: &str) -> Result<bool, String> {
     }
 }
 
-/// `--gap-marker on|off` as one type per format.
-#[derive(Debug, Clone, Copy)]
-struct OptionalMarker<M>(Option<M>);
-
-impl<M: GapMarker<bytes::Bytes>> GapMarker<bytes::Bytes> for OptionalMarker<M> {
-    fn on_gap(&self, gap: Gap) -> GapAction<bytes::Bytes> {
-        match &self.0 {
-            Some(marker) => marker.on_gap(gap),
-            None => GapAction::Skip,
-        }
-    }
-}
-
 /// The buffer configuration the flags describe.
 fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
     let mut config = BufferConfig::new(args.capacity)
@@ -214,10 +201,9 @@ async fn main() -> ExitCode {
     // Each format marks its gaps its own way: one layer per route, sharing
     // the observer and the budget.
     let on = args.gap_marker;
-    let sse_layer = layer
-        .clone()
-        .gap_marker(OptionalMarker(on.then(SseGapMarker::new)));
-    let ndjson_layer = layer.gap_marker(OptionalMarker(on.then(NdjsonGapMarker::new)));
+    // `None` (`--gap-marker off`) marks no gap.
+    let sse_layer = layer.clone().gap_marker(on.then(SseGapMarker::new));
+    let ndjson_layer = layer.gap_marker(on.then(NdjsonGapMarker::new));
 
     // The layer does the real buffering, per client. This channel only has
     // to outlast a short scheduling hiccup: each client's pump drains its
