@@ -40,7 +40,7 @@ use std::sync::Arc;
 
 use crate::buffer::BufferStats;
 use crate::client::ClientInfo;
-use crate::handle::HandleInner;
+use crate::handle::{ClientHandle, HandleInner};
 
 /// One backpressure event of one client.
 #[derive(Clone, Copy)]
@@ -52,8 +52,64 @@ pub struct BackpressureEvent<'a> {
     pub kind: EventKind,
     /// The client's buffer right after it happened.
     pub stats: BufferStats,
-    /// For the crate's own observers (the registry).
+    /// Behind [`handle`](Self::handle).
     pub(crate) handle: &'a Arc<HandleInner>,
+}
+
+impl BackpressureEvent<'_> {
+    /// The [`ClientHandle`] of the client this event is about: the same
+    /// client the request's extensions and [`ClientRegistry`](crate::ClientRegistry)
+    /// hold a handle to, with its live stats and health.
+    ///
+    /// Cheap (it clones an `Arc`), so an observer can take one on
+    /// [`Opened`](EventKind::Opened) and keep it, e.g. to build its own table
+    /// of live clients. A handle kept past [`Closed`](EventKind::Closed)
+    /// stays valid: it reports [`Health::Closed`](crate::Health::Closed)
+    /// and the final stats.
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// use tower_backpressure::{
+    ///     BackpressureEvent, BackpressureLayer, BackpressureObserver, BufferConfig, ClientHandle,
+    ///     ClientId, EventKind, Health,
+    /// };
+    ///
+    /// /// Live clients, by id, for an admin page of our own.
+    /// #[derive(Clone, Default)]
+    /// struct LiveClients(Arc<Mutex<HashMap<ClientId, ClientHandle>>>);
+    ///
+    /// impl LiveClients {
+    ///     fn under_pressure(&self) -> Vec<ClientHandle> {
+    ///         let clients = self.0.lock().unwrap();
+    ///         clients.values().filter(|c| c.health() == Health::Pressure).cloned().collect()
+    ///     }
+    /// }
+    ///
+    /// impl BackpressureObserver for LiveClients {
+    ///     fn on_event(&self, event: &BackpressureEvent<'_>) {
+    ///         // On the hot path: only a short lock, never a wait.
+    ///         match event.kind {
+    ///             EventKind::Opened => {
+    ///                 self.0.lock().unwrap().insert(event.client.id(), event.handle());
+    ///             }
+    ///             EventKind::Closed { .. } => {
+    ///                 self.0.lock().unwrap().remove(&event.client.id());
+    ///             }
+    ///             _ => {}
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// let clients = LiveClients::default();
+    /// let layer = BackpressureLayer::new(BufferConfig::default()).observer(clients.clone());
+    /// assert!(clients.under_pressure().is_empty());
+    /// # let _ = layer;
+    /// ```
+    pub fn handle(&self) -> ClientHandle {
+        ClientHandle::new(self.handle.clone())
+    }
 }
 
 impl fmt::Debug for BackpressureEvent<'_> {

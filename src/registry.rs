@@ -158,8 +158,7 @@ impl BackpressureObserver for ClientRegistry {
     fn on_event(&self, event: &BackpressureEvent<'_>) {
         match event.kind {
             EventKind::Opened => {
-                let handle = ClientHandle::new(event.handle.clone());
-                self.clients().insert(event.client.id(), handle);
+                self.clients().insert(event.client.id(), event.handle());
             }
             EventKind::Closed { .. } => {
                 self.clients().remove(&event.client.id());
