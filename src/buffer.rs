@@ -146,6 +146,8 @@ impl Gap {
 ///
 /// The counters keep one invariant:
 /// `pushed == sent + dropped + replaced + buffered`.
+///
+/// `Serialize` with the `serde` feature.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]

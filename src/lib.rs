@@ -59,6 +59,7 @@
 //! - `metrics`: `MetricsObserver`, through the `metrics` facade.
 //! - `serde`: `Serialize` for stats and registry snapshots.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,

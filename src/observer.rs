@@ -313,6 +313,7 @@ mod tracing_observer {
     /// - `debug` when a response opens or closes, and for each batch of drops.
     ///
     /// Fields: `client`, `peer`, `path`, `buffered`, `capacity`, `dropped`.
+    #[cfg_attr(docsrs, doc(cfg(feature = "tracing")))]
     #[derive(Debug, Clone, Copy, Default)]
     pub struct TracingObserver {
         _priv: (),

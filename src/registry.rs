@@ -177,6 +177,8 @@ impl fmt::Debug for ClientRegistry {
 }
 
 /// One client in a [`RegistrySnapshot`].
+///
+/// `Serialize` with the `serde` feature.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -216,6 +218,8 @@ pub struct ClientSnapshot {
 }
 
 /// Sums over the clients of a [`RegistrySnapshot`].
+///
+/// `Serialize` with the `serde` feature.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -235,6 +239,8 @@ pub struct Totals {
 }
 
 /// A copy of a [`ClientRegistry`]'s table.
+///
+/// `Serialize` with the `serde` feature.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
