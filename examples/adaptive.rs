@@ -1,6 +1,6 @@
-//! A producer that adapts to its client: the seed's `pauseSubscription()` /
-//! `resumeSubscription()`, with the [`ClientHandle`] that
-//! `BackpressureLayer` puts into every request.
+//! A producer that adapts to its client: it pauses while the client is
+//! under pressure and resumes once it has caught up, watching the
+//! [`ClientHandle`] that `BackpressureLayer` puts into every request.
 //!
 //! Each client gets its own producer. While the client is under pressure
 //! (its buffer is over the threshold), the producer pauses; once the client

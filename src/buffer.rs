@@ -233,7 +233,7 @@ impl<T> Slot<T> {
 /// `max(max_bytes, largest frame)`, and a stream of large frames still
 /// reaches the client instead of being starved.
 ///
-/// # Example: the seed's slow-client scenario
+/// # Example: a slow client keeps the newest frames
 ///
 /// ```
 /// use tower_backpressure::{BufferConfig, ClientBuffer};
@@ -842,7 +842,7 @@ mod tests {
     impl Weigh for Event {}
 
     #[test]
-    fn seed_slow_client_scenario() {
+    fn typescript_guide_slow_client_scenario() {
         let mut buffer = ClientBuffer::new(BufferConfig::new(10));
         for id in 0..20 {
             buffer.push(Event { id });

@@ -1,4 +1,4 @@
-//! Buffer limits and the seed's presets.
+//! Buffer limits, overflow, flush and eviction policies, and presets.
 
 use std::fmt;
 use std::time::Duration;
@@ -82,7 +82,7 @@ impl BufferConfig {
     ///
     /// For analytics feeds where completeness matters more than latency and
     /// short bursts should be absorbed without alerts; at high rates fewer,
-    /// larger writes cost less (the seed's batch flush).
+    /// larger writes cost less.
     pub fn high_throughput() -> Self {
         Self::new(5000)
             .with_threshold(0.8)
@@ -93,8 +93,8 @@ impl BufferConfig {
     /// released every 200 ms.
     ///
     /// For mobile and unstable networks, where a client stalls for seconds
-    /// and then catches up; batching writes every 200 ms (the seed's
-    /// adaptive flush period) lets the radio sleep between them.
+    /// and then catches up; batching writes every 200 ms lets the radio
+    /// sleep between them.
     pub fn mobile() -> Self {
         Self::new(2000)
             .with_threshold(0.5)
@@ -292,8 +292,8 @@ pub enum Flush {
         max_bytes: usize,
     },
     /// Release waiting frames at most every `period`, coalescing what
-    /// accumulated (the seed's periodic flush). The end of the stream is never
-    /// held back past one period.
+    /// accumulated. The end of the stream is never held back past one
+    /// period.
     Interval {
         /// Time between releases.
         period: Duration,
@@ -418,7 +418,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn presets_match_the_seed() {
+    fn presets_match_the_typescript_guide() {
         let c = BufferConfig::low_latency();
         assert_eq!((c.capacity(), c.threshold()), (100, 0.3));
         let c = BufferConfig::high_throughput();

@@ -307,7 +307,7 @@ mod tracing_observer {
 
     /// Logs backpressure through the `tracing` crate (feature `tracing`).
     ///
-    /// - `warn` when a client comes under pressure, with the seed's numbers:
+    /// - `warn` when a client comes under pressure, with its buffer's numbers:
     ///   `client 7 backpressure: 812/1000 buffered, 0 dropped`;
     /// - `info` when it recovers;
     /// - `debug` when a response opens or closes, and for each batch of drops.
