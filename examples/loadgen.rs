@@ -1283,7 +1283,8 @@ mod driver {
         }
     }
 
-    /// The targets, where the variants they compare were run.
+    /// The performance targets of BENCHMARKS.md, where the variants they
+    /// compare were run.
     fn print_targets(args: &Args, variants: &[Variant], rows: &[Row]) {
         let get = |v: Variant| variants.iter().position(|&x| x == v).map(|i| rows[i]);
         let Some(layer) = get(Variant::Layer) else {
