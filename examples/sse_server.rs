@@ -9,9 +9,14 @@
 //! oldest events, and `TracingObserver` logs the episode on stderr.
 //!
 //! ```text
-//! cargo run --release --example sse_server -- --rate 5000
+//! cargo run --release --example sse_server --features axum -- --rate 5000
 //! curl -N http://127.0.0.1:3000/events
 //! ```
+//!
+//! It needs the crate's `axum` feature, with which the layer reads each
+//! client's address from axum's `ConnectInfo` (set by the accept loop in
+//! `examples/common/serve.rs`): the logs and `/health/clients` name clients
+//! by it.
 //!
 //! To see a slow client lose events, throttle curl:
 //! `curl -N --limit-rate 20k http://127.0.0.1:3000/events`; the stream marks
@@ -39,14 +44,13 @@
 
 use std::convert::Infallible;
 use std::io::{IsTerminal as _, Write as _};
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -59,10 +63,9 @@ use tokio::sync::{broadcast, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tower::util::MapRequestLayer;
 use tower_backpressure::{
     BackpressureLayer, BufferConfig, ClientRegistry, Eviction, MemoryBudget, NdjsonGapMarker,
-    Overflow, PeerAddr, SseGapMarker, TracingObserver,
+    Overflow, SseGapMarker, TracingObserver,
 };
 
 #[path = "common/serve.rs"]
@@ -228,9 +231,7 @@ async fn main() -> ExitCode {
         .route("/events", events)
         .route("/stream.ndjson", ndjson)
         .with_state(state)
-        .route_service("/health/clients", registry.service())
-        // Outside the backpressure layer, so it runs first.
-        .layer(MapRequestLayer::new(peer_addr_from_connect_info));
+        .route_service("/health/clients", registry.service());
 
     let listener = match TcpListener::bind(&args.addr).await {
         Ok(listener) => listener,
@@ -347,19 +348,6 @@ async fn produce(events: broadcast::Sender<u64>, rate: u64) {
             seq += 1;
         }
     }
-}
-
-/// The layer reads the client's address from a [`PeerAddr`] extension (or,
-/// with the crate's `axum` feature, from axum's `ConnectInfo` directly).
-fn peer_addr_from_connect_info(mut request: Request) -> Request {
-    if let Some(ConnectInfo(addr)) = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .copied()
-    {
-        request.extensions_mut().insert(PeerAddr(addr));
-    }
-    request
 }
 
 #[path = "common/signal.rs"]
