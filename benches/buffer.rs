@@ -52,7 +52,7 @@ fn not_full(c: &mut Criterion) {
     });
 
     group.bench_function("ClientBuffer+max_bytes", |b| {
-        let mut ring = ClientBuffer::new(BufferConfig::new(CAPACITY).max_bytes(128 * 1024));
+        let mut ring = ClientBuffer::new(BufferConfig::new(CAPACITY).with_max_bytes(128 * 1024));
         let mut f = Some(frame());
         b.iter(|| {
             ring.push(f.take().unwrap());
@@ -112,7 +112,7 @@ fn full(c: &mut Criterion) {
 
     group.bench_function("ClientBuffer+max_bytes", |b| {
         // The byte limit (512 frames of 256 bytes) is reached first.
-        let mut ring = ClientBuffer::new(BufferConfig::new(CAPACITY).max_bytes(128 * 1024));
+        let mut ring = ClientBuffer::new(BufferConfig::new(CAPACITY).with_max_bytes(128 * 1024));
         for _ in 0..CAPACITY {
             ring.push(frame());
         }

@@ -1,6 +1,6 @@
-//! A producer that adapts to its client: the seed's `pauseSubscription()` /
-//! `resumeSubscription()`, with the [`ClientHandle`] that
-//! `BackpressureLayer` puts into every request.
+//! A producer that adapts to its client: it pauses while the client is
+//! under pressure and resumes once it has caught up, watching the
+//! [`ClientHandle`] that `BackpressureLayer` puts into every request.
 //!
 //! Each client gets its own producer. While the client is under pressure
 //! (its buffer is over the threshold), the producer pauses; once the client
@@ -59,7 +59,7 @@ async fn main() -> std::io::Result<()> {
         .route("/events/{name}", get(events))
         .with_state((producers.clone(), args.rate))
         .layer(BackpressureLayer::new(
-            BufferConfig::new(200).threshold(0.5),
+            BufferConfig::new(200).with_threshold(0.5),
         ));
 
     // A small send buffer, inherited by accepted sockets, so that a slow

@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::routing::get;
@@ -50,14 +50,15 @@ use clap::Parser;
 use futures::{Stream, StreamExt};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tower::util::MapRequestLayer;
 use tower_backpressure::{
     BackpressureEvent, BackpressureLayer, BufferConfig, BufferStats, CloseReason, ConfigError,
     EventKind, PeerAddr,
@@ -117,12 +118,7 @@ async fn run(args: Args) -> Result<bool, BoxError> {
     )?;
     let listener = bind_loopback()?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(listener, app).await {
-            eprintln!("error: server failed: {e}");
-        }
-    });
+    tokio::spawn(serve(listener, app));
     println!(
         "SSE server on http://{addr}/events: {} events/s for {}s, buffer of {} frames per client",
         args.rate, args.seconds, args.capacity
@@ -305,9 +301,7 @@ fn app(
     Ok(Router::new()
         .route("/events", get(sse_events))
         .with_state(AppState { events, lagged })
-        .layer(layer)
-        // Outside the backpressure layer, so it runs first.
-        .layer(MapRequestLayer::new(peer_addr_from_connect_info)))
+        .layer(layer))
 }
 
 async fn sse_events(
@@ -332,17 +326,33 @@ async fn sse_events(
     Ok(Sse::new(stream))
 }
 
-/// The layer reads the client's address from a [`PeerAddr`] extension (or,
-/// with the crate's `axum` feature, from axum's `ConnectInfo` directly).
-fn peer_addr_from_connect_info(mut request: Request) -> Request {
-    if let Some(ConnectInfo(addr)) = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .copied()
-    {
-        request.extensions_mut().insert(PeerAddr(addr));
+/// Serves `app` on `listener`, HTTP/1.1 or HTTP/2 as `axum::serve` does, and
+/// gives each request its connection's peer address as a [`PeerAddr`]
+/// extension: the layer names each client by it, which is how the observer
+/// tells the fast client from the slow one. (With the crate's `axum`
+/// feature, the layer also reads axum's `ConnectInfo`, so `axum::serve` with
+/// `into_make_service_with_connect_info` would do.)
+async fn serve(listener: TcpListener, app: Router) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                eprintln!("error: server failed: {e}");
+                return;
+            }
+        };
+        let svc = tower::ServiceBuilder::new()
+            .map_request(move |mut request: hyper::Request<Incoming>| {
+                request.extensions_mut().insert(PeerAddr(peer));
+                request
+            })
+            .service(app.clone());
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+            .into_owned();
+        tokio::spawn(connection);
     }
-    request
 }
 
 /// A listener on a free loopback port whose connections have a small send
@@ -601,7 +611,9 @@ fn summary(produced: u64, rows: [(&str, (&Tally, &LayerView)); 2]) {
             st.dropped,
             format!("{}/{}", st.high_water, st.capacity),
             layer.pressure_episodes,
-            layer.closed.map_or("no", |r| r.as_str()),
+            layer
+                .closed
+                .map_or_else(|| "no".to_owned(), |r| r.to_string()),
         );
     }
 }
@@ -667,7 +679,9 @@ fn check(
             layer.closed.is_some() && st.pushed == produced && st.sent + st.dropped == st.pushed,
             format!(
                 "{name} stream closed ({}): pushed {} == produced, sent {} + dropped {} == pushed",
-                layer.closed.map_or("not closed", |r| r.as_str()),
+                layer
+                    .closed
+                    .map_or_else(|| "not closed".to_owned(), |r| r.to_string()),
                 st.pushed,
                 st.sent,
                 st.dropped

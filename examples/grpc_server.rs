@@ -119,9 +119,9 @@ async fn main() -> ExitCode {
         .init();
 
     // Refuse a bad configuration now, not when the first call comes.
-    let mut config = BufferConfig::new(args.capacity).threshold(args.threshold);
+    let mut config = BufferConfig::new(args.capacity).with_threshold(args.threshold);
     if let Some(max_bytes) = args.max_bytes {
-        config = config.max_bytes(max_bytes);
+        config = config.with_max_bytes(max_bytes);
     }
     let layer = match BackpressureLayer::try_new(config) {
         Ok(layer) => layer.observer(TracingObserver::new()),
@@ -150,33 +150,18 @@ async fn main() -> ExitCode {
     let signal = async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
-    // Two layer types: the gap marker is part of the layer's type.
-    let server: BoxFuture<'static, Result<(), tonic::transport::Error>> = if args.data_loss {
-        Box::pin(
-            tonic::transport::Server::builder()
-                .layer(
-                    tower::ServiceBuilder::new()
-                        .map_request(peer_addr)
-                        .layer(layer.gap_marker(GrpcDataLoss::new()))
-                        .into_inner(),
-                )
-                .add_service(ticker)
-                .serve_with_incoming_shutdown(incoming, signal),
+    // `--data-loss`: `DATA_LOSS` at the first gap; `None` marks no gap.
+    let layer = layer.gap_marker(args.data_loss.then(GrpcDataLoss::new));
+    let server = tonic::transport::Server::builder()
+        .layer(
+            tower::ServiceBuilder::new()
+                .map_request(peer_addr)
+                .layer(layer)
+                .into_inner(),
         )
-    } else {
-        Box::pin(
-            tonic::transport::Server::builder()
-                .layer(
-                    tower::ServiceBuilder::new()
-                        .map_request(peer_addr)
-                        .layer(layer)
-                        .into_inner(),
-                )
-                .add_service(ticker)
-                .serve_with_incoming_shutdown(incoming, signal),
-        )
-    };
-    let mut server = server;
+        .add_service(ticker)
+        .serve_with_incoming_shutdown(incoming, signal);
+    let mut server = std::pin::pin!(server);
 
     println!("listening on http://{local}");
     let _ = std::io::stdout().flush();

@@ -534,7 +534,7 @@ mod server {
                     let counts = hub.clone();
                     let layer = BackpressureLayer::new(
                         BufferConfig::new(args.capacity as usize)
-                            .max_bytes(args.max_bytes as usize),
+                            .with_max_bytes(args.max_bytes as usize),
                     )
                     .observer(move |event: &BackpressureEvent<'_>| {
                         if let EventKind::Dropped { count, .. } = event.kind {
@@ -1283,7 +1283,8 @@ mod driver {
         }
     }
 
-    /// The targets, where the variants they compare were run.
+    /// The performance targets of BENCHMARKS.md, where the variants they
+    /// compare were run.
     fn print_targets(args: &Args, variants: &[Variant], rows: &[Row]) {
         let get = |v: Variant| variants.iter().position(|&x| x == v).map(|i| rows[i]);
         let Some(layer) = get(Variant::Layer) else {

@@ -9,9 +9,14 @@
 //! oldest events, and `TracingObserver` logs the episode on stderr.
 //!
 //! ```text
-//! cargo run --release --example sse_server -- --rate 5000
+//! cargo run --release --example sse_server --features axum -- --rate 5000
 //! curl -N http://127.0.0.1:3000/events
 //! ```
+//!
+//! It needs the crate's `axum` feature, with which the layer reads each
+//! client's address from axum's `ConnectInfo` (set by the accept loop in
+//! `examples/common/serve.rs`): the logs and `/health/clients` name clients
+//! by it.
 //!
 //! To see a slow client lose events, throttle curl:
 //! `curl -N --limit-rate 20k http://127.0.0.1:3000/events`; the stream marks
@@ -39,14 +44,13 @@
 
 use std::convert::Infallible;
 use std::io::{IsTerminal as _, Write as _};
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -59,10 +63,9 @@ use tokio::sync::{broadcast, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tower::util::MapRequestLayer;
 use tower_backpressure::{
-    BackpressureLayer, BufferConfig, ClientRegistry, Eviction, Gap, GapAction, GapMarker,
-    MemoryBudget, NdjsonGapMarker, Overflow, PeerAddr, SseGapMarker, TracingObserver,
+    BackpressureLayer, BufferConfig, ClientRegistry, Eviction, MemoryBudget, NdjsonGapMarker,
+    Overflow, SseGapMarker, TracingObserver,
 };
 
 #[path = "common/serve.rs"]
@@ -136,31 +139,18 @@ fn on_off(s: &str) -> Result<bool, String> {
     }
 }
 
-/// `--gap-marker on|off` as one type per format.
-#[derive(Debug, Clone, Copy)]
-struct OptionalMarker<M>(Option<M>);
-
-impl<M: GapMarker<bytes::Bytes>> GapMarker<bytes::Bytes> for OptionalMarker<M> {
-    fn on_gap(&self, gap: Gap) -> GapAction<bytes::Bytes> {
-        match &self.0 {
-            Some(marker) => marker.on_gap(gap),
-            None => GapAction::Skip,
-        }
-    }
-}
-
 /// The buffer configuration the flags describe.
 fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
     let mut config = BufferConfig::new(args.capacity)
-        .threshold(args.threshold)
-        .overflow(match args.policy {
+        .with_threshold(args.threshold)
+        .with_overflow(match args.policy {
             Policy::DropOldest => Overflow::DropOldest,
             Policy::DropNewest => Overflow::DropNewest,
             Policy::Pause => Overflow::Pause,
             Policy::Disconnect => Overflow::Disconnect,
         });
     if let Some(max_bytes) = args.max_bytes {
-        config = config.max_bytes(max_bytes);
+        config = config.with_max_bytes(max_bytes);
     }
     let mut eviction = Eviction::none();
     if let Some(n) = args.evict_after_dropped {
@@ -172,7 +162,7 @@ fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
     if args.budget_bytes == Some(0) {
         return Err("--budget-bytes must be at least 1".into());
     }
-    config = config.evict(eviction);
+    config = config.with_eviction(eviction);
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)
 }
@@ -214,10 +204,9 @@ async fn main() -> ExitCode {
     // Each format marks its gaps its own way: one layer per route, sharing
     // the observer and the budget.
     let on = args.gap_marker;
-    let sse_layer = layer
-        .clone()
-        .gap_marker(OptionalMarker(on.then(SseGapMarker::new)));
-    let ndjson_layer = layer.gap_marker(OptionalMarker(on.then(NdjsonGapMarker::new)));
+    // `None` (`--gap-marker off`) marks no gap.
+    let sse_layer = layer.clone().gap_marker(on.then(SseGapMarker::new));
+    let ndjson_layer = layer.gap_marker(on.then(NdjsonGapMarker::new));
 
     // The layer does the real buffering, per client. This channel only has
     // to outlast a short scheduling hiccup: each client's pump drains its
@@ -242,9 +231,7 @@ async fn main() -> ExitCode {
         .route("/events", events)
         .route("/stream.ndjson", ndjson)
         .with_state(state)
-        .route_service("/health/clients", registry.service())
-        // Outside the backpressure layer, so it runs first.
-        .layer(MapRequestLayer::new(peer_addr_from_connect_info));
+        .route_service("/health/clients", registry.service());
 
     let listener = match TcpListener::bind(&args.addr).await {
         Ok(listener) => listener,
@@ -361,19 +348,6 @@ async fn produce(events: broadcast::Sender<u64>, rate: u64) {
             seq += 1;
         }
     }
-}
-
-/// The layer reads the client's address from a [`PeerAddr`] extension (or,
-/// with the crate's `axum` feature, from axum's `ConnectInfo` directly).
-fn peer_addr_from_connect_info(mut request: Request) -> Request {
-    if let Some(ConnectInfo(addr)) = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .copied()
-    {
-        request.extensions_mut().insert(PeerAddr(addr));
-    }
-    request
 }
 
 #[path = "common/signal.rs"]

@@ -143,9 +143,9 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let mut config = BufferConfig::new(args.capacity).threshold(args.threshold);
+    let mut config = BufferConfig::new(args.capacity).with_threshold(args.threshold);
     if let Some(max_bytes) = args.max_bytes {
-        config = config.max_bytes(max_bytes);
+        config = config.with_max_bytes(max_bytes);
     }
     let registry = ClientRegistry::new();
     let observer: Arc<dyn BackpressureObserver> =

@@ -51,6 +51,8 @@ pub struct MemoryBudget {
 }
 
 /// A snapshot of a [`MemoryBudget`].
+///
+/// `Serialize` with the `serde` feature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]

@@ -9,7 +9,7 @@ use http_body::Frame;
 use crate::config::{BufferConfig, ConfigError, Overflow};
 
 /// How many bytes an item counts for against
-/// [`BufferConfig::max_bytes`].
+/// [`BufferConfig::with_max_bytes`].
 ///
 /// Implemented for `Bytes`, `Vec<u8>`, `String` (their length) and
 /// `http_body::Frame<impl Buf>` (`remaining()` of a data frame, 0 for
@@ -146,6 +146,8 @@ impl Gap {
 ///
 /// The counters keep one invariant:
 /// `pushed == sent + dropped + replaced + buffered`.
+///
+/// `Serialize` with the `serde` feature.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -212,10 +214,10 @@ impl<T> Slot<T> {
 ///
 /// Synchronous and lock-free inside: wrap it in your own mutex to share it,
 /// or let [`BackpressureLayer`](crate::BackpressureLayer) do that for a
-/// response body. Limits are in frames ([`BufferConfig::capacity`]) and
-/// optionally in bytes ([`BufferConfig::max_bytes`], each item weighed by a
+/// response body. Limits are in frames ([`BufferConfig::with_capacity`]) and
+/// optionally in bytes ([`BufferConfig::with_max_bytes`], each item weighed by a
 /// [`Weigher`]); whichever is reached first makes room by dropping, as
-/// [`BufferConfig::overflow`] says: the oldest droppable frame
+/// [`BufferConfig::with_overflow`] says: the oldest droppable frame
 /// ([`Overflow::DropOldest`], the default, and also what the buffer itself
 /// does under `Pause` and `Disconnect`, which the layer applies before
 /// pushing) or the incoming one ([`Overflow::DropNewest`]).
@@ -231,7 +233,7 @@ impl<T> Slot<T> {
 /// `max(max_bytes, largest frame)`, and a stream of large frames still
 /// reaches the client instead of being starved.
 ///
-/// # Example: the seed's slow-client scenario
+/// # Example: a slow client keeps the newest frames
 ///
 /// ```
 /// use tower_backpressure::{BufferConfig, ClientBuffer};
@@ -322,11 +324,11 @@ impl<T, W> ClientBuffer<T, W> {
         config.validate()?;
         Ok(Self {
             // Grow on demand: a fast client never needs the whole capacity.
-            slots: VecDeque::with_capacity(config.get_capacity().min(16)),
+            slots: VecDeque::with_capacity(config.capacity().min(16)),
             gaps: VecDeque::new(),
             keys: HashMap::new(),
             slot_keys: HashMap::new(),
-            max_bytes: config.get_max_bytes().unwrap_or(usize::MAX),
+            max_bytes: config.max_bytes().unwrap_or(usize::MAX),
             config,
             pressure_frames: config.pressure_frames(),
             pressure_bytes: config.pressure_bytes().unwrap_or(usize::MAX),
@@ -368,7 +370,7 @@ impl<T, W> ClientBuffer<T, W> {
     /// Whether an item of `weight` bytes fits without dropping anything.
     #[inline]
     pub fn has_room_for(&self, weight: usize) -> bool {
-        self.live < self.config.get_capacity()
+        self.live < self.config.capacity()
             && (self.live == 0 || self.bytes.saturating_add(weight) <= self.max_bytes)
     }
 
@@ -395,8 +397,8 @@ impl<T, W> ClientBuffer<T, W> {
         BufferStats {
             buffered: self.live,
             buffered_bytes: self.bytes,
-            capacity: self.config.get_capacity(),
-            max_bytes: self.config.get_max_bytes(),
+            capacity: self.config.capacity(),
+            max_bytes: self.config.max_bytes(),
             pushed: self.pushed,
             sent: self.sent,
             dropped: self.dropped,
@@ -700,8 +702,8 @@ impl<T, W: Weigher<T>> ClientBuffer<T, W> {
             // room.
             if let Some(front) = self.slots.front() {
                 if front.is_droppable()
-                    && self.config.get_overflow() != Overflow::DropNewest
-                    && self.live <= self.config.get_capacity()
+                    && self.config.overflow() != Overflow::DropNewest
+                    && self.live <= self.config.capacity()
                     && (self.live == 1
                         || (self.bytes - front.weight).saturating_add(weight) <= self.max_bytes)
                 {
@@ -791,7 +793,7 @@ impl<T, W: Weigher<T>> ClientBuffer<T, W> {
         let mut evicted = Dropped::default();
         while !self.has_room_for(weight) {
             let drop_new = !critical
-                && (self.config.get_overflow() == Overflow::DropNewest
+                && (self.config.overflow() == Overflow::DropNewest
                     || !(self.slots.front().is_some_and(Slot::is_droppable)
                         || self.slots.iter().any(Slot::is_droppable)));
             if drop_new {
@@ -840,7 +842,7 @@ mod tests {
     impl Weigh for Event {}
 
     #[test]
-    fn seed_slow_client_scenario() {
+    fn typescript_guide_slow_client_scenario() {
         let mut buffer = ClientBuffer::new(BufferConfig::new(10));
         for id in 0..20 {
             buffer.push(Event { id });
@@ -885,7 +887,7 @@ mod tests {
 
     #[test]
     fn byte_limit_evicts_oldest_first_and_is_never_exceeded() {
-        let config = BufferConfig::new(1000).max_bytes(100);
+        let config = BufferConfig::new(1000).with_max_bytes(100);
         let mut buffer = ClientBuffer::new(config);
         for i in 0..50u8 {
             buffer.push(Bytes::from(vec![i; 30]));
@@ -904,7 +906,7 @@ mod tests {
 
     #[test]
     fn mixed_sizes_evict_as_many_as_needed() {
-        let mut buffer = ClientBuffer::new(BufferConfig::new(100).max_bytes(10));
+        let mut buffer = ClientBuffer::new(BufferConfig::new(100).with_max_bytes(10));
         buffer.push(Bytes::from_static(b"aa"));
         buffer.push(Bytes::from_static(b"bbb"));
         buffer.push(Bytes::from_static(b"cccc"));
@@ -922,7 +924,7 @@ mod tests {
 
     #[test]
     fn oversized_item_is_kept_alone() {
-        let mut buffer = ClientBuffer::new(BufferConfig::new(10).max_bytes(8));
+        let mut buffer = ClientBuffer::new(BufferConfig::new(10).with_max_bytes(8));
         buffer.push(Bytes::from_static(b"abc"));
         buffer.push(Bytes::from_static(b"def"));
         let ev = buffer.push(Bytes::from(vec![b'x'; 20]));
@@ -950,7 +952,7 @@ mod tests {
 
     #[test]
     fn health_follows_the_threshold() {
-        let mut buffer = ClientBuffer::new(BufferConfig::new(10).threshold(0.5));
+        let mut buffer = ClientBuffer::new(BufferConfig::new(10).with_threshold(0.5));
         for i in 0..4 {
             buffer.push(Event { id: i });
             assert!(buffer.is_healthy());
@@ -964,7 +966,11 @@ mod tests {
 
     #[test]
     fn byte_threshold_counts_too() {
-        let mut buffer = ClientBuffer::new(BufferConfig::new(100).max_bytes(100).threshold(0.5));
+        let mut buffer = ClientBuffer::new(
+            BufferConfig::new(100)
+                .with_max_bytes(100)
+                .with_threshold(0.5),
+        );
         buffer.push(Bytes::from(vec![0; 49]));
         assert!(buffer.is_healthy());
         buffer.push(Bytes::from(vec![0; 1]));
@@ -973,7 +979,7 @@ mod tests {
 
     #[test]
     fn counters_keep_their_invariant() {
-        let mut buffer = ClientBuffer::new(BufferConfig::new(7).max_bytes(50));
+        let mut buffer = ClientBuffer::new(BufferConfig::new(7).with_max_bytes(50));
         for i in 0..1000usize {
             buffer.push(Bytes::from(vec![0; i % 13]));
             if i % 3 == 0 {
@@ -1006,7 +1012,9 @@ mod tests {
 
     #[test]
     fn try_new_returns_the_error() {
-        assert!(ClientBuffer::<Bytes>::try_new(BufferConfig::default().threshold(2.0)).is_err());
+        assert!(
+            ClientBuffer::<Bytes>::try_new(BufferConfig::default().with_threshold(2.0)).is_err()
+        );
     }
 
     fn ids(buffer: &mut ClientBuffer<Event>) -> Vec<(u32, u64)> {
@@ -1031,7 +1039,7 @@ mod tests {
 
     #[test]
     fn drop_newest_keeps_the_oldest_and_marks_the_gap_after_them() {
-        let config = BufferConfig::new(3).overflow(Overflow::DropNewest);
+        let config = BufferConfig::new(3).with_overflow(Overflow::DropNewest);
         let mut buffer = ClientBuffer::new(config);
         for id in 0..10 {
             buffer.push(Event { id });
@@ -1119,8 +1127,11 @@ mod tests {
     #[test]
     fn counters_keep_their_invariant_under_every_class() {
         for overflow in [Overflow::DropOldest, Overflow::DropNewest] {
-            let mut buffer =
-                ClientBuffer::new(BufferConfig::new(5).max_bytes(60).overflow(overflow));
+            let mut buffer = ClientBuffer::new(
+                BufferConfig::new(5)
+                    .with_max_bytes(60)
+                    .with_overflow(overflow),
+            );
             let mut seen_gap = 0;
             for i in 0..2000usize {
                 let class = match i % 7 {

@@ -1,4 +1,4 @@
-//! Buffer limits and the seed's presets.
+//! Buffer limits, overflow, flush and eviction policies, and presets.
 
 use std::fmt;
 use std::time::Duration;
@@ -26,11 +26,11 @@ use std::time::Duration;
 /// ```
 /// use tower_backpressure::BufferConfig;
 ///
-/// let config = BufferConfig::mobile().max_bytes(4 * 1024 * 1024);
-/// assert_eq!(config.get_capacity(), 2000);
+/// let config = BufferConfig::mobile().with_max_bytes(4 * 1024 * 1024);
+/// assert_eq!(config.capacity(), 2000);
 /// assert!(config.validate().is_ok());
 ///
-/// let err = BufferConfig::default().threshold(1.5).validate().unwrap_err();
+/// let err = BufferConfig::default().with_threshold(1.5).validate().unwrap_err();
 /// assert_eq!(
 ///     err.to_string(),
 ///     "invalid buffer config: threshold must be in (0, 1], got 1.5"
@@ -63,7 +63,7 @@ impl Default for BufferConfig {
 impl BufferConfig {
     /// The default configuration with `capacity` frames.
     pub fn new(capacity: usize) -> Self {
-        Self::default().capacity(capacity)
+        Self::default().with_capacity(capacity)
     }
 
     /// Small buffer, early warning: 100 frames, threshold 0.3, each frame
@@ -72,7 +72,9 @@ impl BufferConfig {
     /// For real-time dashboards where an old frame is worth little: the
     /// client skips ahead quickly and operators hear about it early.
     pub fn low_latency() -> Self {
-        Self::new(100).threshold(0.3).flush(Flush::Immediate)
+        Self::new(100)
+            .with_threshold(0.3)
+            .with_flush(Flush::Immediate)
     }
 
     /// Large buffer, late warning: 5000 frames, threshold 0.8, waiting frames
@@ -80,62 +82,27 @@ impl BufferConfig {
     ///
     /// For analytics feeds where completeness matters more than latency and
     /// short bursts should be absorbed without alerts; at high rates fewer,
-    /// larger writes cost less (the seed's batch flush).
+    /// larger writes cost less.
     pub fn high_throughput() -> Self {
         Self::new(5000)
-            .threshold(0.8)
-            .flush(Flush::coalesce(100, 64 * 1024))
+            .with_threshold(0.8)
+            .with_flush(Flush::coalesce(100, 64 * 1024))
     }
 
     /// Medium buffer with room to recover: 2000 frames, threshold 0.5,
     /// released every 200 ms.
     ///
     /// For mobile and unstable networks, where a client stalls for seconds
-    /// and then catches up; batching writes every 200 ms (the seed's
-    /// adaptive flush period) lets the radio sleep between them.
+    /// and then catches up; batching writes every 200 ms lets the radio
+    /// sleep between them.
     pub fn mobile() -> Self {
         Self::new(2000)
-            .threshold(0.5)
-            .flush(Flush::interval(Duration::from_millis(200)))
-    }
-
-    /// What happens when the buffer is full. Default
-    /// [`Overflow::DropOldest`].
-    pub fn overflow(mut self, overflow: Overflow) -> Self {
-        self.overflow = overflow;
-        self
-    }
-
-    /// How waiting frames are handed to the connection. Default
-    /// [`Flush::Immediate`].
-    pub fn flush(mut self, flush: Flush) -> Self {
-        self.flush = flush;
-        self
-    }
-
-    /// When to give up on a client. Default [`Eviction::none`].
-    pub fn evict(mut self, eviction: Eviction) -> Self {
-        self.eviction = eviction;
-        self
-    }
-
-    /// The overflow policy.
-    pub fn get_overflow(&self) -> Overflow {
-        self.overflow
-    }
-
-    /// The flush strategy.
-    pub fn get_flush(&self) -> Flush {
-        self.flush
-    }
-
-    /// The eviction rules.
-    pub fn get_eviction(&self) -> Eviction {
-        self.eviction
+            .with_threshold(0.5)
+            .with_flush(Flush::interval(Duration::from_millis(200)))
     }
 
     /// Maximum number of frames kept; the oldest is dropped past it.
-    pub fn capacity(mut self, capacity: usize) -> Self {
+    pub fn with_capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
     }
@@ -143,37 +110,72 @@ impl BufferConfig {
     /// Maximum number of bytes kept; the oldest frames are dropped past it.
     ///
     /// Whichever of `capacity` and `max_bytes` is reached first evicts.
-    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> Self {
         self.max_bytes = Some(max_bytes);
         self
     }
 
     /// Removes the byte limit (the default).
-    pub fn no_max_bytes(mut self) -> Self {
+    pub fn without_max_bytes(mut self) -> Self {
         self.max_bytes = None;
         self
     }
 
     /// Fraction of the limits at which a client counts as under pressure,
     /// in `(0, 1]`. Default 0.8.
-    pub fn threshold(mut self, threshold: f64) -> Self {
+    pub fn with_threshold(mut self, threshold: f64) -> Self {
         self.threshold = threshold;
         self
     }
 
+    /// What happens when the buffer is full. Default
+    /// [`Overflow::DropOldest`].
+    pub fn with_overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+
+    /// How waiting frames are handed to the connection. Default
+    /// [`Flush::Immediate`].
+    pub fn with_flush(mut self, flush: Flush) -> Self {
+        self.flush = flush;
+        self
+    }
+
+    /// When to give up on a client. Default [`Eviction::none`].
+    pub fn with_eviction(mut self, eviction: Eviction) -> Self {
+        self.eviction = eviction;
+        self
+    }
+
     /// The frame limit.
-    pub fn get_capacity(&self) -> usize {
+    pub fn capacity(&self) -> usize {
         self.capacity
     }
 
     /// The byte limit, if any.
-    pub fn get_max_bytes(&self) -> Option<usize> {
+    pub fn max_bytes(&self) -> Option<usize> {
         self.max_bytes
     }
 
     /// The pressure threshold.
-    pub fn get_threshold(&self) -> f64 {
+    pub fn threshold(&self) -> f64 {
         self.threshold
+    }
+
+    /// The overflow policy.
+    pub fn overflow(&self) -> Overflow {
+        self.overflow
+    }
+
+    /// The flush strategy.
+    pub fn flush(&self) -> Flush {
+        self.flush
+    }
+
+    /// The eviction rules.
+    pub fn eviction(&self) -> Eviction {
+        self.eviction
     }
 
     /// Checks the values; every constructor that takes a config calls this.
@@ -185,7 +187,7 @@ impl BufferConfig {
         }
         if self.max_bytes == Some(0) {
             return Err(ConfigError::new(
-                "max_bytes must be at least 1, got 0 (use no_max_bytes() for no limit)".into(),
+                "max_bytes must be at least 1, got 0 (use without_max_bytes() for no limit)".into(),
             ));
         }
         if !(self.threshold > 0.0 && self.threshold <= 1.0) {
@@ -290,8 +292,8 @@ pub enum Flush {
         max_bytes: usize,
     },
     /// Release waiting frames at most every `period`, coalescing what
-    /// accumulated (the seed's periodic flush). The end of the stream is never
-    /// held back past one period.
+    /// accumulated. The end of the stream is never held back past one
+    /// period.
     Interval {
         /// Time between releases.
         period: Duration,
@@ -334,7 +336,7 @@ impl Flush {
 /// use std::time::Duration;
 /// use tower_backpressure::{BufferConfig, Eviction};
 ///
-/// let config = BufferConfig::default().evict(
+/// let config = BufferConfig::default().with_eviction(
 ///     Eviction::none()
 ///         .after_dropped(10_000)
 ///         .after_stall(Duration::from_secs(30)),
@@ -416,20 +418,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn presets_match_the_seed() {
+    fn presets_match_the_typescript_guide() {
         let c = BufferConfig::low_latency();
-        assert_eq!((c.get_capacity(), c.get_threshold()), (100, 0.3));
+        assert_eq!((c.capacity(), c.threshold()), (100, 0.3));
         let c = BufferConfig::high_throughput();
-        assert_eq!((c.get_capacity(), c.get_threshold()), (5000, 0.8));
+        assert_eq!((c.capacity(), c.threshold()), (5000, 0.8));
         let c = BufferConfig::mobile();
-        assert_eq!((c.get_capacity(), c.get_threshold()), (2000, 0.5));
-        assert_eq!(BufferConfig::low_latency().get_flush(), Flush::Immediate);
+        assert_eq!((c.capacity(), c.threshold()), (2000, 0.5));
+        assert_eq!(BufferConfig::low_latency().flush(), Flush::Immediate);
         assert_eq!(
-            BufferConfig::high_throughput().get_flush(),
+            BufferConfig::high_throughput().flush(),
             Flush::coalesce(100, 64 * 1024)
         );
         assert_eq!(
-            BufferConfig::mobile().get_flush(),
+            BufferConfig::mobile().flush(),
             Flush::interval(Duration::from_millis(200))
         );
         for c in [
@@ -446,33 +448,48 @@ mod tests {
     fn invalid_values_are_refused_with_a_message() {
         let msg = |c: BufferConfig| c.validate().unwrap_err().to_string();
         assert!(msg(BufferConfig::new(0)).contains("capacity must be at least 1"));
-        assert!(msg(BufferConfig::default().max_bytes(0)).contains("max_bytes"));
-        assert!(msg(BufferConfig::default().threshold(0.0)).contains("threshold"));
-        assert!(msg(BufferConfig::default().threshold(-0.1)).contains("threshold"));
-        assert!(msg(BufferConfig::default().threshold(1.01)).contains("threshold"));
-        assert!(msg(BufferConfig::default().threshold(f64::NAN)).contains("threshold"));
-        BufferConfig::default().threshold(1.0).validate().unwrap();
-        assert!(msg(BufferConfig::default().flush(Flush::coalesce(0, 10))).contains("flush"));
+        assert!(msg(BufferConfig::default().with_max_bytes(0)).contains("max_bytes"));
+        assert!(msg(BufferConfig::default().with_threshold(0.0)).contains("threshold"));
+        assert!(msg(BufferConfig::default().with_threshold(-0.1)).contains("threshold"));
+        assert!(msg(BufferConfig::default().with_threshold(1.01)).contains("threshold"));
+        assert!(msg(BufferConfig::default().with_threshold(f64::NAN)).contains("threshold"));
+        BufferConfig::default()
+            .with_threshold(1.0)
+            .validate()
+            .unwrap();
+        assert!(msg(BufferConfig::default().with_flush(Flush::coalesce(0, 10))).contains("flush"));
         assert!(
-            msg(BufferConfig::default().flush(Flush::interval(Duration::ZERO)))
+            msg(BufferConfig::default().with_flush(Flush::interval(Duration::ZERO)))
                 .contains("interval")
         );
         assert!(
-            msg(BufferConfig::default().evict(Eviction::none().after_stall(Duration::ZERO)))
+            msg(BufferConfig::default().with_eviction(Eviction::none().after_stall(Duration::ZERO)))
                 .contains("after_stall")
         );
     }
 
     #[test]
     fn pressure_levels_round_up_and_stay_in_range() {
-        assert_eq!(BufferConfig::new(10).threshold(0.8).pressure_frames(), 8);
-        assert_eq!(BufferConfig::new(10).threshold(0.75).pressure_frames(), 8);
-        assert_eq!(BufferConfig::new(1).threshold(0.01).pressure_frames(), 1);
-        assert_eq!(BufferConfig::new(10).threshold(1.0).pressure_frames(), 10);
+        assert_eq!(
+            BufferConfig::new(10).with_threshold(0.8).pressure_frames(),
+            8
+        );
+        assert_eq!(
+            BufferConfig::new(10).with_threshold(0.75).pressure_frames(),
+            8
+        );
+        assert_eq!(
+            BufferConfig::new(1).with_threshold(0.01).pressure_frames(),
+            1
+        );
+        assert_eq!(
+            BufferConfig::new(10).with_threshold(1.0).pressure_frames(),
+            10
+        );
         assert_eq!(
             BufferConfig::new(10)
-                .max_bytes(1000)
-                .threshold(0.5)
+                .with_max_bytes(1000)
+                .with_threshold(0.5)
                 .pressure_bytes(),
             Some(500)
         );

@@ -49,7 +49,7 @@ impl Evicted {
 
 impl fmt::Display for Evicted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "slow client evicted: {}", self.reason.as_str())
+        write!(f, "slow client evicted: {}", self.reason)
     }
 }
 

@@ -82,8 +82,8 @@ impl HandleInner {
 /// [`BackpressureLayer`](crate::BackpressureLayer) inserts a `ClientHandle`
 /// into every request's extensions before calling the inner service, so a
 /// handler can watch its own client and adapt: slow down, switch to
-/// snapshots, or pause (the seed's `pauseSubscription()` /
-/// `resumeSubscription()`).
+/// snapshots, or pause while the client is under pressure and resume once
+/// it has caught up.
 ///
 /// ```no_run
 /// use std::convert::Infallible;

@@ -27,7 +27,7 @@
 //! # #[tokio::main]
 //! # async fn main() {
 //! let app = Router::new().route("/events", get(events)).layer(
-//!     BackpressureLayer::new(BufferConfig::default().max_bytes(1 << 20))
+//!     BackpressureLayer::new(BufferConfig::default().with_max_bytes(1 << 20))
 //!         .observer(TracingObserver::new()),
 //! );
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await.unwrap();
@@ -59,6 +59,7 @@
 //! - `metrics`: `MetricsObserver`, through the `metrics` facade.
 //! - `serde`: `Serialize` for stats and registry snapshots.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,

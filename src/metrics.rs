@@ -37,6 +37,7 @@ use crate::observer::{BackpressureEvent, BackpressureObserver, EventKind};
 ///     .unwrap();
 /// // ... serve `handle.render()` at GET /metrics
 /// ```
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 #[derive(Debug, Default)]
 pub struct MetricsObserver {
     route: Option<String>,

@@ -40,7 +40,7 @@ use std::sync::Arc;
 
 use crate::buffer::BufferStats;
 use crate::client::ClientInfo;
-use crate::handle::HandleInner;
+use crate::handle::{ClientHandle, HandleInner};
 
 /// One backpressure event of one client.
 #[derive(Clone, Copy)]
@@ -52,8 +52,64 @@ pub struct BackpressureEvent<'a> {
     pub kind: EventKind,
     /// The client's buffer right after it happened.
     pub stats: BufferStats,
-    /// For the crate's own observers (the registry).
+    /// Behind [`handle`](Self::handle).
     pub(crate) handle: &'a Arc<HandleInner>,
+}
+
+impl BackpressureEvent<'_> {
+    /// The [`ClientHandle`] of the client this event is about: the same
+    /// client the request's extensions and [`ClientRegistry`](crate::ClientRegistry)
+    /// hold a handle to, with its live stats and health.
+    ///
+    /// Cheap (it clones an `Arc`), so an observer can take one on
+    /// [`Opened`](EventKind::Opened) and keep it, e.g. to build its own table
+    /// of live clients. A handle kept past [`Closed`](EventKind::Closed)
+    /// stays valid: it reports [`Health::Closed`](crate::Health::Closed)
+    /// and the final stats.
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use std::sync::{Arc, Mutex};
+    ///
+    /// use tower_backpressure::{
+    ///     BackpressureEvent, BackpressureLayer, BackpressureObserver, BufferConfig, ClientHandle,
+    ///     ClientId, EventKind, Health,
+    /// };
+    ///
+    /// /// Live clients, by id, for an admin page of our own.
+    /// #[derive(Clone, Default)]
+    /// struct LiveClients(Arc<Mutex<HashMap<ClientId, ClientHandle>>>);
+    ///
+    /// impl LiveClients {
+    ///     fn under_pressure(&self) -> Vec<ClientHandle> {
+    ///         let clients = self.0.lock().unwrap();
+    ///         clients.values().filter(|c| c.health() == Health::Pressure).cloned().collect()
+    ///     }
+    /// }
+    ///
+    /// impl BackpressureObserver for LiveClients {
+    ///     fn on_event(&self, event: &BackpressureEvent<'_>) {
+    ///         // On the hot path: only a short lock, never a wait.
+    ///         match event.kind {
+    ///             EventKind::Opened => {
+    ///                 self.0.lock().unwrap().insert(event.client.id(), event.handle());
+    ///             }
+    ///             EventKind::Closed { .. } => {
+    ///                 self.0.lock().unwrap().remove(&event.client.id());
+    ///             }
+    ///             _ => {}
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// let clients = LiveClients::default();
+    /// let layer = BackpressureLayer::new(BufferConfig::default()).observer(clients.clone());
+    /// assert!(clients.under_pressure().is_empty());
+    /// # let _ = layer;
+    /// ```
+    pub fn handle(&self) -> ClientHandle {
+        ClientHandle::new(self.handle.clone())
+    }
 }
 
 impl fmt::Debug for BackpressureEvent<'_> {
@@ -144,6 +200,13 @@ impl EvictReason {
     }
 }
 
+impl fmt::Display for EvictReason {
+    /// The [`as_str`](Self::as_str) name, e.g. `stalled`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl CloseReason {
     /// A short lowercase name: `completed`, `client_gone`, `inner_error`,
     /// `evicted`.
@@ -153,6 +216,25 @@ impl CloseReason {
             CloseReason::ClientGone => "client_gone",
             CloseReason::InnerError => "inner_error",
             CloseReason::Evicted(_) => "evicted",
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    /// The [`as_str`](Self::as_str) name, with the rule for an eviction:
+    /// `completed`, `client_gone`, `inner_error`, `evicted (stalled)`.
+    ///
+    /// ```
+    /// use tower_backpressure::{CloseReason, EvictReason};
+    ///
+    /// assert_eq!(CloseReason::ClientGone.to_string(), "client_gone");
+    /// let evicted = CloseReason::Evicted(EvictReason::Stalled);
+    /// assert_eq!(format!("closed ({evicted})"), "closed (evicted (stalled))");
+    /// ```
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::Evicted(rule) => write!(f, "evicted ({rule})"),
+            reason => f.write_str(reason.as_str()),
         }
     }
 }
@@ -225,12 +307,13 @@ mod tracing_observer {
 
     /// Logs backpressure through the `tracing` crate (feature `tracing`).
     ///
-    /// - `warn` when a client comes under pressure, with the seed's numbers:
+    /// - `warn` when a client comes under pressure, with its buffer's numbers:
     ///   `client 7 backpressure: 812/1000 buffered, 0 dropped`;
     /// - `info` when it recovers;
     /// - `debug` when a response opens or closes, and for each batch of drops.
     ///
     /// Fields: `client`, `peer`, `path`, `buffered`, `capacity`, `dropped`.
+    #[cfg_attr(docsrs, doc(cfg(feature = "tracing")))]
     #[derive(Debug, Clone, Copy, Default)]
     pub struct TracingObserver {
         _priv: (),
@@ -312,8 +395,7 @@ mod tracing_observer {
                     rule = rule.as_str(),
                     sent = s.sent,
                     dropped = s.dropped,
-                    "client {id} evicted ({}): {} sent, {} dropped",
-                    rule.as_str(),
+                    "client {id} evicted ({rule}): {} sent, {} dropped",
                     s.sent,
                     s.dropped
                 ),
@@ -324,8 +406,7 @@ mod tracing_observer {
                     reason = reason.as_str(),
                     sent = s.sent,
                     dropped = s.dropped,
-                    "client {id} stream closed ({}): {} sent, {} dropped",
-                    reason.as_str(),
+                    "client {id} stream closed ({reason}): {} sent, {} dropped",
                     s.sent,
                     s.dropped
                 ),
@@ -392,9 +473,32 @@ mod tests {
         );
     }
 
+    #[test]
+    fn reasons_display_as_their_names_with_the_rule() {
+        let rules = [
+            (EvictReason::Overflow, "overflow"),
+            (EvictReason::DroppedTotal, "dropped_total"),
+            (EvictReason::DroppedWindow, "dropped_window"),
+            (EvictReason::Stalled, "stalled"),
+            (EvictReason::Pressure, "pressure"),
+            (EvictReason::DataLoss, "data_loss"),
+        ];
+        for (rule, name) in rules {
+            assert_eq!(rule.to_string(), name);
+            assert_eq!(rule.to_string(), rule.as_str());
+            assert_eq!(
+                CloseReason::Evicted(rule).to_string(),
+                format!("evicted ({name})")
+            );
+        }
+        assert_eq!(CloseReason::Completed.to_string(), "completed");
+        assert_eq!(CloseReason::ClientGone.to_string(), "client_gone");
+        assert_eq!(CloseReason::InnerError.to_string(), "inner_error");
+    }
+
     #[cfg(feature = "tracing")]
     #[test]
-    fn tracing_observer_warns_with_the_seed_numbers() {
+    fn tracing_observer_warns_with_the_guide_numbers() {
         #[derive(Clone, Default)]
         struct Capture(Arc<Mutex<Vec<u8>>>);
         impl std::io::Write for Capture {

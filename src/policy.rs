@@ -70,8 +70,9 @@ pub enum GapAction<D> {
 /// Tells the client what it missed.
 ///
 /// Implemented by `()` (no marker, the default), [`SseGapMarker`],
-/// [`NdjsonGapMarker`], [`GrpcDataLoss`] and closures `Fn(Gap) -> GapAction<D>`.
-/// It runs while hyper polls the body, once per gap.
+/// [`NdjsonGapMarker`], [`GrpcDataLoss`], closures `Fn(Gap) -> GapAction<D>`,
+/// and `Option<M>` of any marker (`None`: no marker), for a marker chosen at
+/// run time. It runs while hyper polls the body, once per gap.
 pub trait GapMarker<D>: Clone + Send + Sync + 'static {
     /// The action for a gap of `gap.frames` frames.
     fn on_gap(&self, gap: Gap) -> GapAction<D>;
@@ -90,6 +91,39 @@ where
 {
     fn on_gap(&self, gap: Gap) -> GapAction<D> {
         self(gap)
+    }
+}
+
+/// `Some(marker)` marks gaps as `marker` does; `None` marks none
+/// ([`GapAction::Skip`]), like `()`. The layer's type is the same either way,
+/// so a flag can switch the marker off:
+///
+/// ```
+/// use tower_backpressure::{BackpressureLayer, BufferConfig, Gap, GapAction, GapMarker, SseGapMarker};
+///
+/// let mark_gaps = true; // e.g. from a command-line flag
+/// let marker = mark_gaps.then(SseGapMarker::new); // Option<SseGapMarker>
+/// let layer = BackpressureLayer::new(BufferConfig::default()).gap_marker(marker);
+/// # let _ = layer;
+///
+/// let gap = Gap { frames: 3, bytes: 120 };
+/// let off: Option<SseGapMarker> = None;
+/// assert_eq!(GapMarker::<bytes::Bytes>::on_gap(&off, gap), GapAction::Skip);
+/// assert!(matches!(
+///     GapMarker::<bytes::Bytes>::on_gap(&Some(SseGapMarker::new()), gap),
+///     GapAction::Insert(_)
+/// ));
+/// ```
+impl<D, M> GapMarker<D> for Option<M>
+where
+    M: GapMarker<D>,
+{
+    #[inline]
+    fn on_gap(&self, gap: Gap) -> GapAction<D> {
+        match self {
+            Some(marker) => marker.on_gap(gap),
+            None => GapAction::Skip,
+        }
     }
 }
 
@@ -206,6 +240,29 @@ mod tests {
         assert_eq!(
             t["grpc-message"],
             "client%20too%20slow:%2042%20frames%20of%20messages%20dropped"
+        );
+    }
+
+    #[test]
+    fn an_optional_marker_marks_only_when_some() {
+        let gap = Gap {
+            frames: 7,
+            bytes: 70,
+        };
+        assert_eq!(
+            Some(NdjsonGapMarker::new()).on_gap(gap),
+            NdjsonGapMarker::new().on_gap(gap)
+        );
+        assert_eq!(None::<NdjsonGapMarker>.on_gap(gap), GapAction::Skip);
+        let closure = |gap: Gap| GapAction::Insert(gap.frames);
+        assert_eq!(Some(closure).on_gap(gap), GapAction::Insert(7));
+        assert!(matches!(
+            GapMarker::<Bytes>::on_gap(&Some(GrpcDataLoss::new()), gap),
+            GapAction::End(_)
+        ));
+        assert_eq!(
+            GapMarker::<Bytes>::on_gap(&None::<GrpcDataLoss>, gap),
+            GapAction::Skip
         );
     }
 }

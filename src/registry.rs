@@ -158,8 +158,7 @@ impl BackpressureObserver for ClientRegistry {
     fn on_event(&self, event: &BackpressureEvent<'_>) {
         match event.kind {
             EventKind::Opened => {
-                let handle = ClientHandle::new(event.handle.clone());
-                self.clients().insert(event.client.id(), handle);
+                self.clients().insert(event.client.id(), event.handle());
             }
             EventKind::Closed { .. } => {
                 self.clients().remove(&event.client.id());
@@ -178,6 +177,8 @@ impl fmt::Debug for ClientRegistry {
 }
 
 /// One client in a [`RegistrySnapshot`].
+///
+/// `Serialize` with the `serde` feature.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -217,6 +218,8 @@ pub struct ClientSnapshot {
 }
 
 /// Sums over the clients of a [`RegistrySnapshot`].
+///
+/// `Serialize` with the `serde` feature.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -236,6 +239,8 @@ pub struct Totals {
 }
 
 /// A copy of a [`ClientRegistry`]'s table.
+///
+/// `Serialize` with the `serde` feature.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]

@@ -35,7 +35,8 @@ fn kinds(all: &[Seen]) -> Vec<EventKind> {
 #[tokio::test]
 async fn a_ready_burst_is_one_pressure_one_dropped_batch_then_one_recovery() {
     let (observer, mut events) = recorder();
-    let layer = BackpressureLayer::new(BufferConfig::new(10).threshold(0.5)).observer(observer);
+    let layer =
+        BackpressureLayer::new(BufferConfig::new(10).with_threshold(0.5)).observer(observer);
     let svc = ServiceBuilder::new()
         .layer(layer)
         .service(service_fn(|_: Request<()>| async {

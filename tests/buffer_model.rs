@@ -256,8 +256,8 @@ fn run_with(
         Overflow::DropOldest
     };
     let config = BufferConfig::new(capacity)
-        .max_bytes(max_bytes)
-        .overflow(overflow);
+        .with_max_bytes(max_bytes)
+        .with_overflow(overflow);
     // Items are (id, weight) pairs; the weigher reads the weight.
     let mut real = ClientBuffer::with_weigher(config, |item: &(u32, usize)| item.1);
     let mut model = Model::new(capacity, max_bytes, drop_newest);

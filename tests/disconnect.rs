@@ -93,7 +93,7 @@ async fn evicted_client_loses_its_connection(config: BufferConfig, rule: EvictRe
 #[tokio::test]
 async fn disconnect_policy_closes_the_connection_of_a_client_that_never_reads() {
     evicted_client_loses_its_connection(
-        BufferConfig::new(16).overflow(Overflow::Disconnect),
+        BufferConfig::new(16).with_overflow(Overflow::Disconnect),
         EvictReason::Overflow,
     )
     .await;
@@ -102,7 +102,8 @@ async fn disconnect_policy_closes_the_connection_of_a_client_that_never_reads() 
 #[tokio::test]
 async fn a_stall_eviction_closes_the_connection_of_a_client_that_never_reads() {
     evicted_client_loses_its_connection(
-        BufferConfig::new(16).evict(Eviction::none().after_stall(Duration::from_millis(200))),
+        BufferConfig::new(16)
+            .with_eviction(Eviction::none().after_stall(Duration::from_millis(200))),
         EvictReason::Stalled,
     )
     .await;

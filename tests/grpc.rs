@@ -97,7 +97,7 @@ fn assert_increasing(seqs: &[u64]) {
 async fn a_stalled_call_that_resumes_gets_whole_increasing_ticks_and_ok() {
     const COUNT: u64 = 20_000;
     let (observer, mut events) = recorder();
-    let config = BufferConfig::new(16).max_bytes(16 * 1024);
+    let config = BufferConfig::new(16).with_max_bytes(16 * 1024);
     let (addr, _stop) = serve!(BackpressureLayer::new(config).observer(observer));
 
     let mut stream = subscribe(addr, COUNT, Some(SMALL_WINDOW)).await;
@@ -173,7 +173,7 @@ async fn a_fast_call_gets_every_tick() {
 async fn with_grpc_data_loss_a_stalled_call_ends_with_data_loss() {
     const COUNT: u64 = 20_000;
     let (observer, mut events) = recorder();
-    let config = BufferConfig::new(16).max_bytes(16 * 1024);
+    let config = BufferConfig::new(16).with_max_bytes(16 * 1024);
     let layer = BackpressureLayer::new(config)
         .observer(observer)
         .gap_marker(GrpcDataLoss::new());

@@ -1,9 +1,12 @@
-//! The client registry and its health service, the metrics observer, the
-//! handle a handler sees, and the flush strategies.
+//! The client registry and its health service, a registry written by a user
+//! with the public API, the metrics observer, the handle a handler sees, and
+//! the flush strategies.
 
 mod common;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,8 +15,8 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_backpressure::{
-    BackpressureLayer, BufferConfig, ClientHandle, ClientRegistry, CloseReason, EventKind, Flush,
-    Health, SseGapMarker,
+    BackpressureEvent, BackpressureLayer, BackpressureObserver, BufferConfig, ClientHandle,
+    ClientId, ClientRegistry, CloseReason, EventKind, Flush, Health, SseGapMarker,
 };
 
 const N: u64 = 20_000;
@@ -22,7 +25,7 @@ const N: u64 = 20_000;
 async fn registry_lists_open_clients_with_true_numbers_and_forgets_them_when_they_go() {
     let registry = ClientRegistry::new();
     let (observer, mut events) = recorder();
-    let layer = BackpressureLayer::new(BufferConfig::new(64).threshold(0.5))
+    let layer = BackpressureLayer::new(BufferConfig::new(64).with_threshold(0.5))
         .observer((registry.clone(), observer));
     let (producer, body) = channel_body(8, None);
     let addr = serve(
@@ -72,6 +75,137 @@ async fn registry_lists_open_clients_with_true_numbers_and_forgets_them_when_the
     closed_as(&mut events, CloseReason::ClientGone).await;
     assert!(registry.is_empty(), "a gone client leaves the table");
     assert_eq!(registry.snapshot().totals.clients, 0);
+}
+
+/// A registry written by a user, through the public API only: a handle per
+/// client from `BackpressureEvent::handle` on `Opened`, dropped on `Closed`.
+#[derive(Clone, Default)]
+struct LiveClients(Arc<Mutex<HashMap<ClientId, ClientHandle>>>);
+
+impl LiveClients {
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    fn by_peer(&self, peer: SocketAddr) -> Option<ClientHandle> {
+        let clients = self.0.lock().unwrap();
+        clients
+            .values()
+            .find(|c| c.info().peer_addr() == Some(peer))
+            .cloned()
+    }
+}
+
+impl BackpressureObserver for LiveClients {
+    fn on_event(&self, event: &BackpressureEvent<'_>) {
+        match event.kind {
+            EventKind::Opened => {
+                let handle = event.handle();
+                assert_eq!(handle.info().id(), event.client.id());
+                self.0.lock().unwrap().insert(event.client.id(), handle);
+            }
+            EventKind::Closed { .. } => {
+                self.0.lock().unwrap().remove(&event.client.id());
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_user_written_observer_keeps_its_own_table_of_live_clients() {
+    const FEW: u64 = 5;
+    let live = LiveClients::default();
+    let (recorder, mut events) = recorder();
+    // `live` hears each event before `recorder` passes it on to the test.
+    let layer = BackpressureLayer::new(BufferConfig::new(64).with_threshold(0.5))
+        .observer((live.clone(), recorder));
+    // `/a` and `/b` stream from channels the test feeds; the handler notes
+    // the id of the `ClientHandle` it finds in its request.
+    let (a_producer, a_body) = channel_body(8, None);
+    let (b_producer, b_body) = channel_body(8, None);
+    let bodies = Arc::new(Mutex::new(HashMap::from([("/a", a_body), ("/b", b_body)])));
+    let seen_by_handler = Arc::new(Mutex::new(HashMap::new()));
+    let handler = {
+        let seen_by_handler = seen_by_handler.clone();
+        tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let path = req.uri().path().to_owned();
+            let id = req.extensions().get::<ClientHandle>().unwrap().info().id();
+            seen_by_handler.lock().unwrap().insert(path.clone(), id);
+            let body = bodies.lock().unwrap().remove(path.as_str()).unwrap();
+            std::future::ready(Ok::<_, std::convert::Infallible>(
+                http::Response::builder()
+                    .header(http::header::CONTENT_TYPE, "text/event-stream")
+                    .body(http_body_util::StreamBody::new(body))
+                    .unwrap(),
+            ))
+        })
+    };
+    let addr = serve(ServiceBuilder::new().layer(layer).service(handler)).await;
+
+    let mut a = connect(addr, None).await;
+    let mut b = connect(addr, Some(4096)).await;
+    let a_response = common::get(&mut a, "/a").await;
+    let b_response = common::get(&mut b, "/b").await;
+    assert_eq!(live.len(), 2, "listed from the moment the responses open");
+    let a_handle = live.by_peer(a.local).expect("client a is listed");
+    let b_handle = live.by_peer(b.local).expect("client b is listed");
+    assert_eq!(
+        (a_handle.info().path(), b_handle.info().path()),
+        ("/a", "/b")
+    );
+    let seen_by_handler = seen_by_handler.lock().unwrap().clone();
+    assert_eq!(seen_by_handler["/a"], a_handle.info().id());
+    assert_eq!(seen_by_handler["/b"], b_handle.info().id());
+    assert!(a_handle.is_buffered() && b_handle.is_buffered());
+
+    // Client a reads a few events; the handle in our table counts them.
+    for seq in 0..FEW {
+        a_producer.tx.send(sse_event(seq, 100)).await.unwrap();
+    }
+    let mut a_body = a_response.into_body();
+    let mut read = Vec::new();
+    while read.len() < FEW as usize * 100 {
+        let frame = guard("client a's events", a_body.frame()).await;
+        read.extend_from_slice(&frame.unwrap().unwrap().into_data().unwrap());
+    }
+    assert_eq!(sse_ids(&read), (0..FEW).collect::<Vec<_>>());
+    let st = a_handle.stats().expect("a buffered response has stats");
+    assert_eq!((st.pushed, st.sent, st.dropped), (FEW, FEW, 0));
+    assert_eq!(a_handle.health(), Health::Healthy);
+
+    // Client b reads nothing while N events come: its handle shows the drops.
+    guard("the producer", produce(b_producer.tx, N, 1000)).await;
+    guard("the end of b's inner body", b_producer.inner_done)
+        .await
+        .unwrap();
+    let st = b_handle.stats().expect("a buffered response has stats");
+    assert_eq!(st.pushed, N);
+    assert!(st.dropped > 0, "a stalled client loses frames");
+    assert_eq!(st.sent + st.dropped + st.buffered as u64, N, "{st:?}");
+
+    // Client b disconnects: it leaves our table, and the handle we took out
+    // of it tells why, with the final numbers.
+    drop(b_response);
+    b.conn.abort();
+    drop(b);
+    let closed = closed_as(&mut events, CloseReason::ClientGone).await;
+    assert_eq!(closed.id, b_handle.info().id());
+    assert_eq!(live.len(), 1);
+    assert!(live.by_peer(a.local).is_some());
+    assert_eq!(b_handle.health(), Health::Closed(CloseReason::ClientGone));
+    assert_eq!(b_handle.stats().unwrap().pushed, N);
+    assert_eq!(a_handle.health(), Health::Healthy, "a is still streaming");
+
+    // Client a's stream ends: the table is empty.
+    drop(a_producer.tx);
+    while let Some(frame) = guard("the end of a's stream", a_body.frame()).await {
+        frame.unwrap();
+    }
+    let closed = closed_as(&mut events, CloseReason::Completed).await;
+    assert_eq!(closed.id, a_handle.info().id());
+    assert_eq!(live.len(), 0, "the table never outgrows the open streams");
+    assert_eq!(a_handle.health(), Health::Closed(CloseReason::Completed));
 }
 
 #[tokio::test]
@@ -172,7 +306,7 @@ fn metrics_observer_records_drops_pressure_and_closes() {
     metrics::with_local_recorder(&recorder, || {
         rt.block_on(async {
             let (observer, mut events) = recorder_events();
-            let layer = BackpressureLayer::new(BufferConfig::new(10).threshold(0.5))
+            let layer = BackpressureLayer::new(BufferConfig::new(10).with_threshold(0.5))
                 .observer((MetricsObserver::new(), observer));
             let (producer, body) = channel_body(128, None);
             let svc = ServiceBuilder::new()
@@ -253,7 +387,9 @@ async fn the_handler_sees_its_client_come_under_pressure_and_recover() {
     let (producer, body) = channel_body(256, None);
     let inner = one_response(body, "text/event-stream");
     let svc = ServiceBuilder::new()
-        .layer(BackpressureLayer::new(BufferConfig::new(10).threshold(0.5)))
+        .layer(BackpressureLayer::new(
+            BufferConfig::new(10).with_threshold(0.5),
+        ))
         .map_request(move |req: Request<()>| {
             let handle = req.extensions().get::<ClientHandle>().cloned().unwrap();
             let _ = handle_tx.lock().unwrap().take().unwrap().send(handle);
@@ -342,7 +478,7 @@ async fn read_frames_with(config: BufferConfig, frames: u64, marker: bool) -> Ve
 #[tokio::test]
 async fn coalesce_joins_waiting_frames_in_order_up_to_its_limits() {
     let frames = read_frames_with(
-        BufferConfig::new(1000).flush(Flush::coalesce(10, 1 << 20)),
+        BufferConfig::new(1000).with_flush(Flush::coalesce(10, 1 << 20)),
         100,
         false,
     )
@@ -353,7 +489,7 @@ async fn coalesce_joins_waiting_frames_in_order_up_to_its_limits() {
 
     // The byte limit: 40-byte events, at most 100 bytes: 2 per write.
     let frames = read_frames_with(
-        BufferConfig::new(1000).flush(Flush::coalesce(10, 100)),
+        BufferConfig::new(1000).with_flush(Flush::coalesce(10, 100)),
         10,
         false,
     )
@@ -365,7 +501,7 @@ async fn coalesce_joins_waiting_frames_in_order_up_to_its_limits() {
 
     // Never across a gap: the marker stands between.
     let frames = read_frames_with(
-        BufferConfig::new(5).flush(Flush::coalesce(10, 1 << 20)),
+        BufferConfig::new(5).with_flush(Flush::coalesce(10, 1 << 20)),
         20,
         true,
     )
@@ -384,7 +520,7 @@ async fn interval_releases_at_most_once_per_period_and_never_delays_the_end() {
     let (producer, body) = channel_body(1024, None);
     let svc = ServiceBuilder::new()
         .layer(BackpressureLayer::new(
-            BufferConfig::new(1000).flush(Flush::interval(period)),
+            BufferConfig::new(1000).with_flush(Flush::interval(period)),
         ))
         .service(one_response(body, "text/event-stream"));
     let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();

@@ -70,7 +70,7 @@ async fn drop_oldest_with_sse_markers_announces_every_gap_with_its_count() {
 #[tokio::test]
 async fn drop_newest_keeps_the_oldest_and_announces_the_lost_tail() {
     let (observer, mut events) = recorder();
-    let config = BufferConfig::new(64).overflow(Overflow::DropNewest);
+    let config = BufferConfig::new(64).with_overflow(Overflow::DropNewest);
     let layer = BackpressureLayer::new(config)
         .observer(observer)
         .gap_marker(SseGapMarker::new());
@@ -98,7 +98,7 @@ async fn drop_newest_keeps_the_oldest_and_announces_the_lost_tail() {
 #[tokio::test]
 async fn pause_loses_nothing_and_keeps_the_buffer_within_one_frame_of_its_limit() {
     let (observer, mut events) = recorder();
-    let config = BufferConfig::new(64).overflow(Overflow::Pause);
+    let config = BufferConfig::new(64).with_overflow(Overflow::Pause);
     let layer = BackpressureLayer::new(config).observer(observer);
     let (_client, response, produced, _inner_done, _) = stalled!(layer);
     // The client reads only once the buffer is full: the producer cannot have
@@ -123,8 +123,8 @@ async fn pause_blocks_the_producer_exactly_when_the_buffer_is_full() {
         .layer(
             BackpressureLayer::new(
                 BufferConfig::new(10)
-                    .threshold(1.0)
-                    .overflow(Overflow::Pause),
+                    .with_threshold(1.0)
+                    .with_overflow(Overflow::Pause),
             )
             .observer(observer),
         )
@@ -153,7 +153,7 @@ async fn pause_blocks_the_producer_exactly_when_the_buffer_is_full() {
 #[tokio::test]
 async fn disconnect_ends_the_response_with_an_error_and_stops_the_pump() {
     let (observer, mut events) = recorder();
-    let config = BufferConfig::new(64).overflow(Overflow::Disconnect);
+    let config = BufferConfig::new(64).with_overflow(Overflow::Disconnect);
     let layer = BackpressureLayer::new(config).observer(observer);
     let (_client, response, produced, _, inner_dropped) = stalled!(layer);
     let c = closed(&mut events).await;
@@ -176,7 +176,8 @@ async fn disconnect_ends_the_response_with_an_error_and_stops_the_pump() {
 
 async fn evicted_by(eviction: Eviction, want: EvictReason) -> Seen {
     let (observer, mut events) = recorder();
-    let layer = BackpressureLayer::new(BufferConfig::new(64).evict(eviction)).observer(observer);
+    let layer =
+        BackpressureLayer::new(BufferConfig::new(64).with_eviction(eviction)).observer(observer);
     let (_client, response, _produced, _, inner_dropped) = stalled!(layer);
     let c = closed(&mut events).await;
     assert_eq!(
@@ -238,7 +239,7 @@ async fn the_body_error_is_evicted_with_the_rule() {
     let (producer, body) = channel_body(64, None);
     let svc = ServiceBuilder::new()
         .layer(BackpressureLayer::new(
-            BufferConfig::new(4).overflow(Overflow::Disconnect),
+            BufferConfig::new(4).with_overflow(Overflow::Disconnect),
         ))
         .service(one_response(body, "text/event-stream"));
     let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();

@@ -131,7 +131,7 @@ async fn a_client_that_keeps_up_gets_every_message_in_order() {
 async fn coalesce_flushes_once_per_batch() {
     let log = Log::default();
     let mut sink =
-        BufferedSink::builder(BufferConfig::new(1000).flush(Flush::coalesce(10, 1 << 20)))
+        BufferedSink::builder(BufferConfig::new(1000).with_flush(Flush::coalesce(10, 1 << 20)))
             .weigh(eight)
             .spawn(log.clone());
     for i in 0..95 {
@@ -148,9 +148,10 @@ async fn coalesce_flushes_once_per_batch() {
 async fn interval_releases_at_most_once_per_period() {
     let log = Log::default();
     let period = Duration::from_millis(100);
-    let mut sink = BufferedSink::builder(BufferConfig::new(1000).flush(Flush::interval(period)))
-        .weigh(eight)
-        .spawn(log.clone());
+    let mut sink =
+        BufferedSink::builder(BufferConfig::new(1000).with_flush(Flush::interval(period)))
+            .weigh(eight)
+            .spawn(log.clone());
     let start = Instant::now();
     for i in 0..5 {
         sink.send(i).await.unwrap();
@@ -198,7 +199,7 @@ async fn a_client_that_goes_away_closes_the_sink() {
 #[tokio::test]
 async fn pause_makes_the_producer_wait_and_loses_nothing() {
     let (tx, rx) = mpsc::channel::<i64>(0);
-    let mut sink = BufferedSink::builder(BufferConfig::new(2).overflow(Overflow::Pause))
+    let mut sink = BufferedSink::builder(BufferConfig::new(2).with_overflow(Overflow::Pause))
         .weigh(eight)
         .spawn(tx);
     let produce = async {
@@ -218,7 +219,7 @@ async fn pause_makes_the_producer_wait_and_loses_nothing() {
 async fn disconnect_evicts_on_overflow_and_drops_the_real_sink() {
     let (tx, rx) = mpsc::channel::<i64>(0);
     let (observer, mut events) = recorder();
-    let mut sink = BufferedSink::builder(BufferConfig::new(2).overflow(Overflow::Disconnect))
+    let mut sink = BufferedSink::builder(BufferConfig::new(2).with_overflow(Overflow::Disconnect))
         .observer(observer)
         .weigh(eight)
         .spawn(tx);
@@ -261,7 +262,7 @@ async fn the_stall_rule_evicts_a_client_that_takes_nothing() {
     let (tx, _rx) = mpsc::channel::<i64>(0);
     let (observer, mut events) = recorder();
     let mut sink = BufferedSink::builder(
-        BufferConfig::new(8).evict(Eviction::none().after_stall(Duration::from_secs(1))),
+        BufferConfig::new(8).with_eviction(Eviction::none().after_stall(Duration::from_secs(1))),
     )
     .observer(observer)
     .weigh(eight)

@@ -74,8 +74,8 @@ async fn stalled_client_gets_the_newest_frames_and_the_counts_add_up() {
         })
         .boxed();
     let config = BufferConfig::new(CAPACITY)
-        .max_bytes(MAX_BYTES)
-        .threshold(0.5);
+        .with_max_bytes(MAX_BYTES)
+        .with_threshold(0.5);
     let (addr, mut events) = one_stream_server(body, config).await;
 
     let mut client = connect(addr, Some(4096)).await;

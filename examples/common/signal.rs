@@ -1,5 +1,5 @@
-//! Shared by the example servers: the end of the DESIGN contract, a clean
-//! exit on SIGINT or SIGTERM.
+//! Shared by the example servers: the last part of their common contract
+//! (see each server's docs), a clean exit on SIGINT or SIGTERM.
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.
 pub(crate) async fn shutdown_signal() {

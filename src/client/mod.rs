@@ -423,7 +423,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
                 return Produce::Closed;
             }
         }
-        if self.config.get_overflow() == Overflow::Pause && st.storage.is_full() {
+        if self.config.overflow() == Overflow::Pause && st.storage.is_full() {
             st.producer_paused = true;
         }
         if st.producer_paused {
@@ -445,7 +445,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
     /// The class a frame is stored as: under `Overflow::Pause` nothing is
     /// dropped, so droppable frames count as critical.
     fn effective_class(&self, class: FrameClass) -> FrameClass {
-        if self.config.get_overflow() == Overflow::Pause && class == FrameClass::Droppable {
+        if self.config.overflow() == Overflow::Pause && class == FrameClass::Droppable {
             FrameClass::Critical
         } else {
             class
@@ -537,7 +537,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         }
         if !st.storage.is_empty() {
             let waiting = st.storage.len();
-            let (max_frames, max_bytes) = match release.allow(self.config.get_flush(), waiting) {
+            let (max_frames, max_bytes) = match release.allow(self.config.flush(), waiting) {
                 Ok(limits) => limits,
                 Err(at) => {
                     st.register_consumer(cx);
@@ -724,7 +724,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         was_empty: bool,
         dropped: Dropped,
     ) -> Option<EvictReason> {
-        let rules = self.config.get_eviction();
+        let rules = self.config.eviction();
         if was_empty && !st.storage.is_empty() && rules.stall.is_some() {
             st.waiting_since = Some(now().max(st.last_taken));
         }
@@ -772,7 +772,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
 
     /// The next moment a timed rule could fire.
     fn next_deadline(&self, st: &State<D, S>) -> Option<Instant> {
-        let rules = self.config.get_eviction();
+        let rules = self.config.eviction();
         let stall = rules
             .stall
             .zip(st.waiting_since)
@@ -790,7 +790,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
 
     /// A timed rule that has fired by `t`.
     fn timed_out(&self, st: &State<D, S>, t: Instant) -> Option<EvictReason> {
-        let rules = self.config.get_eviction();
+        let rules = self.config.eviction();
         if let (Some(d), Some(since)) = (rules.stall, st.waiting_since) {
             if !st.storage.is_empty() && t >= after(since, d) {
                 return Some(EvictReason::Stalled);
@@ -814,7 +814,7 @@ impl<D, O: BackpressureObserver, S: Admit<D>> Client<D, O, S> {
         let Some(budget) = &self.budget else {
             return Ok(0);
         };
-        let pause = self.config.get_overflow() == Overflow::Pause;
+        let pause = self.config.overflow() == Overflow::Pause;
         let need = self.raw_lock().storage.growth(weight, class);
         if class == FrameClass::Critical && !pause {
             budget.force(need);
@@ -845,7 +845,7 @@ impl<D, O: BackpressureObserver, S: Admit<D>> Client<D, O, S> {
             self.settle(&st, taken);
             return Pushed::Closed;
         }
-        let overflow = self.config.get_overflow();
+        let overflow = self.config.overflow();
         let was_empty = st.storage.is_empty();
         let refused = reserved.is_err();
         let mut dropped = Dropped::default();
@@ -900,7 +900,7 @@ impl<D, O: BackpressureObserver, S: Admit<D>> Client<D, O, S> {
 }
 
 fn has_timed_rule(config: &BufferConfig) -> bool {
-    let rules = config.get_eviction();
+    let rules = config.eviction();
     rules.stall.is_some() || rules.pressure.is_some()
 }
 

@@ -92,18 +92,18 @@ impl<D, W> Storage<D> for ClientBuffer<D, W> {
             return weight;
         }
         let config = ClientBuffer::config(self);
-        if config.get_overflow() == Overflow::DropNewest {
+        if config.overflow() == Overflow::DropNewest {
             // The incoming frame is the one dropped.
             return 0;
         }
         // Dropping the oldest makes room: the ring ends no fuller than its
         // byte limit, or one frame of the same count for the one dropped.
         let by_bytes = config
-            .get_max_bytes()
+            .max_bytes()
             .map(|max| max.max(weight).saturating_sub(self.bytes()));
         let by_frames = self
             .peek()
-            .filter(|_| self.len() >= config.get_capacity())
+            .filter(|_| self.len() >= config.capacity())
             .map(|(_, oldest, _)| weight.saturating_sub(oldest));
         match (by_bytes, by_frames) {
             (Some(a), Some(b)) => a.max(b).min(weight),

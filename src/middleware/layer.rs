@@ -80,7 +80,9 @@ impl<P, O, M, C> BackpressureLayer<P, O, M, C> {
         }
     }
 
-    /// Replaces the predicate that chooses which responses are buffered.
+    /// Replaces the predicate that chooses which responses are buffered;
+    /// to extend the default one, pass `DefaultPredicate::new().or(..)` (see
+    /// [`Predicate`]).
     ///
     /// Whatever it says, a response with a `Content-Encoding` or a body of
     /// exact size is never buffered.

@@ -59,7 +59,7 @@ where
     M: GapMarker<T>,
 {
     pub(super) fn new(core: Arc<Core<T, O, W, C>>, sink: S, marker: M) -> Self {
-        let limits = match core.client.config().get_flush() {
+        let limits = match core.client.config().flush() {
             Flush::Immediate => (1, usize::MAX),
             Flush::Coalesce {
                 max_frames,

@@ -37,13 +37,9 @@ impl fmt::Display for SinkClosed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.reason {
             CloseReason::Evicted(rule) => {
-                write!(
-                    f,
-                    "buffered sink closed: client evicted ({})",
-                    rule.as_str()
-                )
+                write!(f, "buffered sink closed: client evicted ({rule})")
             }
-            reason => write!(f, "buffered sink closed: {}", reason.as_str()),
+            reason => write!(f, "buffered sink closed: {reason}"),
         }
     }
 }

@@ -22,7 +22,7 @@
 //! # Closing
 //!
 //! [`close`](futures_util::SinkExt::close) (or dropping the `BufferedSink`)
-//! is the seed's "cleanup on disconnect": the drain task delivers what is
+//! cleans up after the client: the drain task delivers what is
 //! still buffered, then closes the real sink, within the
 //! [close timeout](Builder::close_timeout) (5 s by default). A client that
 //! takes nothing in that time is given up on: `Closed` reports
