@@ -17,18 +17,27 @@
 //! `broadcast` is the exception: `recv` clones the value out of the shared
 //! slot by design, and a new frame must be cloned for each `send`.
 //!
+//! `dropped_within` measures something else: the cost of the
+//! `Eviction::after_dropped_within` rule on a stalled `BufferedSink` (see
+//! its function).
+//!
 //! ```text
 //! cargo bench --bench buffer
+//! cargo bench --bench buffer -- dropped_within
 //! ```
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 use std::hint::black_box;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use futures::{Sink, SinkExt};
 use tokio::sync::{broadcast, mpsc};
-use tower_backpressure::{BufferConfig, ClientBuffer, FrameClass};
+use tower_backpressure::{BufferConfig, BufferedSink, ClientBuffer, Eviction, FrameClass};
 
 const CAPACITY: usize = 1024;
 const FRAME: usize = 256;
@@ -163,11 +172,78 @@ fn full(c: &mut Criterion) {
     group.finish();
 }
 
+/// A real sink whose client never takes anything: the drain task never takes
+/// a message out of the buffer.
+struct Stalled;
+
+impl<T> Sink<T> for Stalled {
+    type Error = Infallible;
+
+    fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Pending
+    }
+
+    fn start_send(self: Pin<&mut Self>, _: T) -> Result<(), Infallible> {
+        Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// `Eviction::after_dropped_within` at scale: a `BufferedSink` of capacity 1
+/// in front of a client that takes nothing, so every push after the first
+/// drops one frame, each at its own instant (real time). `on`: the rule with
+/// an hour's window and a count never reached, so every drop stays in the
+/// window; `off`: no rule. Each iteration is `n` pushes on a fresh sink;
+/// `time / n` is the cost per push, which should not grow with `n`.
+fn dropped_within(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("dropped_within");
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
+    for n in [10_000u64, 40_000] {
+        group.throughput(Throughput::Elements(n));
+        let rules = [
+            ("off", Eviction::none()),
+            (
+                "on",
+                Eviction::none().after_dropped_within(u64::MAX, Duration::from_secs(3600)),
+            ),
+        ];
+        for (name, eviction) in rules {
+            group.bench_function(format!("{name}/{n}"), |b| {
+                b.iter(|| {
+                    rt.block_on(async {
+                        let mut sink = BufferedSink::builder(BufferConfig::new(1).evict(eviction))
+                            .weigh(|_: &u64| 8)
+                            .spawn(Stalled);
+                        for i in 0..n {
+                            sink.send(black_box(i)).await.unwrap();
+                        }
+                        assert_eq!(sink.stats().dropped, n - 1);
+                        sink.abandon().await;
+                    })
+                });
+            });
+        }
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = not_full, full
+    targets = not_full, full, dropped_within
 }
 criterion_main!(benches);
