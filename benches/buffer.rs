@@ -223,9 +223,10 @@ fn dropped_within(c: &mut Criterion) {
             group.bench_function(format!("{name}/{n}"), |b| {
                 b.iter(|| {
                     rt.block_on(async {
-                        let mut sink = BufferedSink::builder(BufferConfig::new(1).evict(eviction))
-                            .weigh(|_: &u64| 8)
-                            .spawn(Stalled);
+                        let mut sink =
+                            BufferedSink::builder(BufferConfig::new(1).with_eviction(eviction))
+                                .weigh(|_: &u64| 8)
+                                .spawn(Stalled);
                         for i in 0..n {
                             sink.send(black_box(i)).await.unwrap();
                         }

@@ -166,7 +166,7 @@ impl MemoryBudget {
             .map(|m| (m.budget_bytes(), m))
             .filter(|(bytes, _)| *bytes > 0)
             .collect();
-        members.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        members.sort_unstable_by_key(|(bytes, _)| std::cmp::Reverse(*bytes));
         let mut freed = 0;
         for (_, member) in members {
             freed += member.shed(need - freed);

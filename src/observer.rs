@@ -25,15 +25,34 @@
 //! 4. [`Closed`](EventKind::Closed) exactly once, last, with its
 //!    [`CloseReason`]: also when the body is dropped before its end.
 //!
-//! # Callbacks run on the hot path
+//! # Callbacks run on the hot path, outside any lock
 //!
-//! Events other than `Opened` are delivered while the client's buffer is
-//! locked, which keeps them in order. A callback must be quick and must not
-//! block or await: record a number, send on a non-blocking channel, log. If a
-//! callback panics inside the pump task, the pump stops and the response
-//! ends with an error ([`PumpStopped`](crate::PumpStopped)); if it panics while
-//! hyper polls the body, hyper's connection task unwinds as for any panicking
-//! body.
+//! Events are queued under the client's lock as they happen and delivered
+//! right after it is released, by the thread that made them happen (the
+//! pump task, hyper's connection task, a task sending into a
+//! [`BufferedSink`](crate::BufferedSink), or the task whose frame made a
+//! [`MemoryBudget`](crate::MemoryBudget) shed this client's frames). So a
+//! callback may read anything the crate offers: the event's
+//! [`handle`](BackpressureEvent::handle), a
+//! [`ClientRegistry`](crate::ClientRegistry) snapshot, the budget's stats.
+//! One client's events reach the observer one at a time and in order.
+//!
+//! A callback must be quick and must not block or await: record a number,
+//! send on a non-blocking channel, log. It must not wait for another
+//! client's events (they may be delivered by the same thread).
+//!
+//! # If a callback panics
+//!
+//! The client's state is complete before any observer hears of a change: a
+//! `Closed` client is closed (its [`ClientHandle`](crate::ClientHandle) says
+//! so, its buffer and budget bytes are freed) whatever its observers do. The
+//! panic is caught, the remaining events still reach every observer (both
+//! halves of a pair hear every event), and then the panic is resumed in the
+//! thread that delivered: the pump task stops (the response ends with
+//! [`PumpStopped`](crate::PumpStopped) after the frames kept before it), or
+//! hyper's connection task unwinds as for any panicking body. A panic during
+//! delivery from a thread that is already unwinding is not resumed, so an
+//! observer never turns a panic into an abort.
 
 use std::fmt;
 use std::sync::Arc;
@@ -293,8 +312,14 @@ where
     B: BackpressureObserver,
 {
     fn on_event(&self, event: &BackpressureEvent<'_>) {
-        self.0.on_event(event);
+        // The second hears every event even if the first panics.
+        let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.0.on_event(event);
+        }));
         self.1.on_event(event);
+        if let Err(panic) = first {
+            std::panic::resume_unwind(panic);
+        }
     }
 }
 

@@ -123,8 +123,8 @@ impl<T> Sink<T> for Stalled {
 async fn a_paused_pump_ended_by_a_data_loss_gap_stops_and_drops_the_inner_body() {
     let (observer, mut events) = recorder();
     let config = BufferConfig::new(1000)
-        .max_bytes(100)
-        .overflow(Overflow::Pause);
+        .with_max_bytes(100)
+        .with_overflow(Overflow::Pause);
     let layer = BackpressureLayer::new(config)
         .observer(observer)
         .gap_marker(GrpcDataLoss::new())
@@ -221,7 +221,7 @@ async fn a_finished_stream_is_still_evicted(config: BufferConfig, want: EvictRea
 #[tokio::test(start_paused = true)]
 async fn after_stall_evicts_a_client_whose_stream_already_ended() {
     a_finished_stream_is_still_evicted(
-        BufferConfig::new(100).evict(Eviction::none().after_stall(Duration::from_secs(1))),
+        BufferConfig::new(100).with_eviction(Eviction::none().after_stall(Duration::from_secs(1))),
         EvictReason::Stalled,
     )
     .await;
@@ -233,8 +233,8 @@ async fn after_stall_evicts_a_client_whose_stream_already_ended() {
 async fn after_pressure_for_evicts_a_client_whose_stream_already_ended() {
     a_finished_stream_is_still_evicted(
         BufferConfig::new(4)
-            .threshold(0.5)
-            .evict(Eviction::none().after_pressure_for(Duration::from_secs(1))),
+            .with_threshold(0.5)
+            .with_eviction(Eviction::none().after_pressure_for(Duration::from_secs(1))),
         EvictReason::Pressure,
     )
     .await;
@@ -276,7 +276,7 @@ fn an_observer_that_reads_the_registry_and_the_handle_does_not_deadlock() {
             };
             // The reader before the registry: on `Closed` the client is
             // still listed when the reader asks.
-            let layer = BackpressureLayer::new(BufferConfig::new(4).threshold(0.5))
+            let layer = BackpressureLayer::new(BufferConfig::new(4).with_threshold(0.5))
                 .observer(((reader, registry.clone()), recorder));
             let frames: Vec<Result<http_body::Frame<Bytes>, Infallible>> = (0..20)
                 .map(|i| Ok(http_body::Frame::data(sse_event(i, 40))))
@@ -405,7 +405,10 @@ async fn the_budget_sheds_a_smaller_client_when_the_largest_holds_only_critical_
 #[tokio::test(start_paused = true)]
 async fn the_budget_sheds_a_smaller_client_when_the_largest_is_a_pause_client() {
     let budget = MemoryBudget::new(100);
-    let mut x = stalled_sink(BufferConfig::new(100).overflow(Overflow::Pause), &budget);
+    let mut x = stalled_sink(
+        BufferConfig::new(100).with_overflow(Overflow::Pause),
+        &budget,
+    );
     for _ in 0..2 {
         x.send(droppable(30)).await.unwrap();
     }
@@ -431,7 +434,7 @@ async fn a_budget_refusal_disconnects_a_disconnect_client() {
     assert_eq!(budget.used(), 100);
 
     let (observer, mut events) = recorder();
-    let mut d = BufferedSink::builder(BufferConfig::new(10).overflow(Overflow::Disconnect))
+    let mut d = BufferedSink::builder(BufferConfig::new(10).with_overflow(Overflow::Disconnect))
         .observer(observer)
         .memory_budget(budget.clone())
         .classify(msg_class)
@@ -515,7 +518,7 @@ async fn three_frames_then_the_end(layer: BackpressureLayer) {
 /// which ends the response with `PumpStopped`.
 #[tokio::test(start_paused = true)]
 async fn after_stall_duration_max_is_refused_or_never_fires() {
-    let config = BufferConfig::new(100).evict(Eviction::none().after_stall(Duration::MAX));
+    let config = BufferConfig::new(100).with_eviction(Eviction::none().after_stall(Duration::MAX));
     if let Some(layer) = layer_or_refused(config) {
         three_frames_then_the_end(layer).await;
     }
@@ -525,8 +528,8 @@ async fn after_stall_duration_max_is_refused_or_never_fires() {
 #[tokio::test(start_paused = true)]
 async fn after_pressure_for_duration_max_is_refused_or_never_fires() {
     let config = BufferConfig::new(4)
-        .threshold(0.5)
-        .evict(Eviction::none().after_pressure_for(Duration::MAX));
+        .with_threshold(0.5)
+        .with_eviction(Eviction::none().after_pressure_for(Duration::MAX));
     if let Some(layer) = layer_or_refused(config) {
         three_frames_then_the_end(layer).await;
     }
@@ -537,7 +540,7 @@ async fn after_pressure_for_duration_max_is_refused_or_never_fires() {
 /// polled (hyper's connection task would unwind).
 #[tokio::test(start_paused = true)]
 async fn flush_interval_duration_max_is_refused_or_releases_without_panic() {
-    let config = BufferConfig::new(100).flush(Flush::interval(Duration::MAX));
+    let config = BufferConfig::new(100).with_flush(Flush::interval(Duration::MAX));
     let Some(layer) = layer_or_refused(config) else {
         return;
     };
@@ -718,7 +721,7 @@ fn a_panic_in_closed_while_unwinding_does_not_abort() {
 async fn after_dropped_within_fires_exactly_when_the_count_is_exceeded_at_scale() {
     const MAX: u64 = 50_000;
     let config = BufferConfig::new(1)
-        .evict(Eviction::none().after_dropped_within(MAX, Duration::from_secs(3600)));
+        .with_eviction(Eviction::none().after_dropped_within(MAX, Duration::from_secs(3600)));
     let mut sink = BufferedSink::builder(config)
         .weigh(|_: &u64| 8)
         .spawn(Stalled);
@@ -752,7 +755,7 @@ async fn after_dropped_within_fires_exactly_when_the_count_is_exceeded_at_scale(
 #[tokio::test(start_paused = true)]
 async fn is_end_stream_is_false_while_an_eviction_error_is_pending() {
     let budget = MemoryBudget::new(100);
-    let config = BufferConfig::new(100).evict(Eviction::none().after_dropped(0));
+    let config = BufferConfig::new(100).with_eviction(Eviction::none().after_dropped(0));
     let layer = BackpressureLayer::new(config).memory_budget(budget.clone());
     let (producer, inner) = channel_body(16, None);
     let svc = ServiceBuilder::new()
