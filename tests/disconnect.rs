@@ -19,10 +19,10 @@ use tower_backpressure::{
     Overflow,
 };
 
+type BoxStream = futures::stream::BoxStream<'static, Result<http_body::Frame<Bytes>, Infallible>>;
+
 /// An endless SSE stream of 1 KiB events, as fast as the pump takes them.
-fn endless() -> Response<
-    StreamBody<futures::stream::BoxStream<'static, Result<http_body::Frame<Bytes>, Infallible>>>,
-> {
+fn endless() -> Response<StreamBody<BoxStream>> {
     use futures::StreamExt;
     let events =
         futures::stream::iter(0u64..).map(|seq| Ok(http_body::Frame::data(sse_event(seq, 1024))));
