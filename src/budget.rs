@@ -1,8 +1,10 @@
 //! One byte budget shared by many clients.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use crate::sync::{AtomicU64, AtomicUsize, Mutex, MutexGuard};
 
 /// A client that holds bytes under a [`MemoryBudget`].
 pub(crate) trait BudgetMember: Send + Sync {
@@ -117,7 +119,7 @@ impl MemoryBudget {
         }
     }
 
-    fn members(&self) -> std::sync::MutexGuard<'_, Vec<Weak<dyn BudgetMember>>> {
+    fn members(&self) -> MutexGuard<'_, Vec<Weak<dyn BudgetMember>>> {
         self.inner.members.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -149,7 +151,9 @@ impl MemoryBudget {
                 return false;
             }
             let need = used + bytes - inner.limit;
-            if self.shed(need) == 0 {
+            if self.shed(need) == 0 && inner.used.load(Ordering::Acquire) >= used {
+                // Nothing droppable anywhere, and nobody returned bytes
+                // meanwhile (a client that took frames may have).
                 return false;
             }
         }

@@ -83,6 +83,7 @@ pub mod policy;
 pub mod predicate;
 pub mod registry;
 pub mod sink;
+mod sync;
 
 pub use crate::budget::{BudgetStats, MemoryBudget};
 pub use crate::buffer::{BufferStats, ByWeigh, ClientBuffer, Dropped, Weigh, Weigher};

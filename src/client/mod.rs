@@ -18,13 +18,15 @@
 mod clock;
 mod events;
 mod info;
+#[cfg(all(test, backpressure_loom))]
+mod loom;
 mod storage;
 
 use std::any::Any;
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Waker};
 use std::time::Duration;
 
@@ -46,6 +48,7 @@ use crate::observer::{
     BackpressureEvent, BackpressureObserver, CloseReason, EventKind, EvictReason,
 };
 use crate::policy::{GapAction, GapMarker};
+use crate::sync::{AtomicBool, AtomicUsize, Mutex, MutexGuard};
 
 /// The side that reports drops, batched, each time its task runs: the
 /// producer's pump for a response body, the consumer's drain for a sink.
@@ -701,17 +704,24 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
     /// bytes were taken from the budget for it beforehand.
     fn settle(&self, st: &State<D, S>, reserved: usize) {
         if let Some(budget) = &self.budget {
+            // Only changed under the client's lock. Bytes are returned to
+            // the budget before the mirror goes down, so that a shed that
+            // finds nothing here finds the budget already freed.
             let now = st.storage.bytes();
             let held = self
                 .budget_bytes
-                .swap(now, Ordering::AcqRel)
+                .load(Ordering::Acquire)
                 .saturating_add(reserved);
             if held > now {
                 budget.release(held - now);
-            } else if now > held {
-                // The storage grew more than was reserved (a weigher that
-                // is not deterministic): count what it holds.
-                budget.force(now - held);
+                self.budget_bytes.store(now, Ordering::Release);
+            } else {
+                self.budget_bytes.store(now, Ordering::Release);
+                if now > held {
+                    // The storage grew more than was reserved (a weigher
+                    // that is not deterministic): count what it holds.
+                    budget.force(now - held);
+                }
             }
         }
     }
@@ -996,7 +1006,7 @@ impl<D: Send, O: BackpressureObserver, S: Storage<D> + Send> BudgetMember for Cl
 impl<D, O, S> Drop for Client<D, O, S> {
     fn drop(&mut self) {
         if let Some(budget) = &self.budget {
-            budget.release(*self.budget_bytes.get_mut());
+            budget.release(self.budget_bytes.load(Ordering::Acquire));
         }
     }
 }
