@@ -1,0 +1,188 @@
+//! The consumer side's steps: the next frame (or the end), gap markers, and
+//! `Flush::Interval`'s releases.
+
+use std::any::Any;
+use std::task::Context;
+
+use bytes::{Bytes, BytesMut};
+use tokio::time::Instant;
+
+use super::{Client, Next, State, Storage, after, now};
+use crate::buffer::Gap;
+use crate::config::Flush;
+use crate::handle::Health;
+use crate::observer::{BackpressureObserver, CloseReason, EventKind, EvictReason};
+use crate::policy::{GapAction, GapMarker};
+
+/// `Flush::Interval`'s bookkeeping, kept by the consumer side.
+#[derive(Debug, Default)]
+pub(crate) struct Release {
+    left: usize,
+    next: Option<Instant>,
+}
+
+impl Release {
+    /// The frames and bytes that may go out in one batch now, or the moment
+    /// of the next release.
+    fn allow(&mut self, flush: Flush, waiting: usize) -> Result<(usize, usize), Instant> {
+        match flush {
+            Flush::Immediate => Ok((1, 0)),
+            Flush::Coalesce {
+                max_frames,
+                max_bytes,
+            } => Ok((max_frames, max_bytes)),
+            Flush::Interval {
+                period,
+                max_frames,
+                max_bytes,
+            } => {
+                if self.left == 0 {
+                    let t = now();
+                    if let Some(at) = self.next.filter(|at| t < *at) {
+                        return Err(at);
+                    }
+                    self.left = waiting;
+                    self.next = Some(after(t, period));
+                }
+                Ok((max_frames.min(self.left), max_bytes))
+            }
+        }
+    }
+}
+
+impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
+    /// The consumer step: the next frame (joined with those after it, up to
+    /// the flush limits, when `join` and the data is `Bytes`), or the end,
+    /// or `Wait` with the consumer's waker registered.
+    pub(crate) fn poll_next(&self, cx: &Context<'_>, release: &mut Release, join: bool) -> Next<D>
+    where
+        D: 'static,
+    {
+        let mut st = self.lock();
+        if let Some(reason) = st.evicted.take() {
+            self.refresh_done(&st);
+            return Next::Evicted(reason);
+        }
+        if st.closed {
+            return Next::Closed;
+        }
+        if !st.storage.is_empty() {
+            let waiting = st.storage.len();
+            let (max_frames, max_bytes) = match release.allow(self.config.flush(), waiting) {
+                Ok(limits) => limits,
+                Err(at) => {
+                    st.register_consumer(cx);
+                    return Next::Wait(Some(at));
+                }
+            };
+            let (first, gap) = st.storage.pop().expect("not empty");
+            let mut taken = 1;
+            let data = if join && max_frames > 1 {
+                coalesce(first, &mut st.storage, max_frames, max_bytes, &mut taken)
+            } else {
+                first
+            };
+            release.left = release.left.saturating_sub(taken);
+            self.after_pop(&mut st);
+            return Next::Data(data, gap);
+        }
+        if st.end && !st.storage.trailing_gap().is_empty() {
+            return Next::TrailingGap(st.storage.take_trailing_gap());
+        }
+        if let Some(trailers) = st.trailers.take() {
+            self.close_locked(&mut st, CloseReason::Completed);
+            return Next::Trailers(trailers);
+        }
+        if let Some(error) = st.error.take() {
+            self.close_locked(&mut st, CloseReason::InnerError);
+            return Next::Error(error);
+        }
+        if st.end {
+            self.close_locked(&mut st, CloseReason::Completed);
+            st.wake_producer = true;
+            return Next::End;
+        }
+        if st.stopped {
+            self.close_locked(&mut st, CloseReason::InnerError);
+            return Next::Stopped;
+        }
+        st.register_consumer(cx);
+        Next::Wait(None)
+    }
+
+    /// Registers the consumer's waker while it waits for something else
+    /// (the client's connection): a close, an eviction or drops to report
+    /// wake it.
+    pub(crate) fn watch(&self, cx: &Context<'_>) {
+        self.raw_lock().register_consumer(cx);
+    }
+
+    /// Asks `marker` what to do at a gap; a marker that ends the stream
+    /// closes it with [`EvictReason::DataLoss`] (and wakes the producer, so
+    /// that it stops).
+    pub(crate) fn on_gap<M: GapMarker<D>>(&self, marker: &M, gap: Gap) -> GapAction<D> {
+        let action = marker.on_gap(gap);
+        if let GapAction::End(_) = action {
+            self.close(CloseReason::Evicted(EvictReason::DataLoss));
+        }
+        action
+    }
+
+    /// After the consumer took frames: `Recovered` on the way down, the
+    /// budget, and a wake-up for the producer if it may go on.
+    pub(super) fn after_pop(&self, st: &mut State<D, S>) {
+        let t = now();
+        st.last_taken = t;
+        st.waiting_since = (!st.storage.is_empty()).then_some(t);
+        if st.pressure.is_some() && st.storage.is_healthy() {
+            st.pressure = None;
+            self.handle.set_health(Health::Healthy);
+            st.event(EventKind::Recovered);
+        }
+        self.settle(st, 0);
+        if st.end && st.storage.is_empty() {
+            self.refresh_done(st);
+        }
+        if st.producer_paused && !st.storage.is_full() {
+            st.producer_paused = false;
+            st.wake_producer = true;
+        }
+    }
+}
+
+/// Joins the frames waiting after `first` into one, up to the limits and
+/// never across a gap, when the data is `Bytes`; any other data type goes
+/// out frame by frame.
+fn coalesce<D: 'static, S: Storage<D>>(
+    first: D,
+    storage: &mut S,
+    max_frames: usize,
+    max_bytes: usize,
+    taken: &mut usize,
+) -> D {
+    let fits = |storage: &S, len: usize| {
+        storage
+            .peek()
+            .is_some_and(|(_, w, gap)| gap.is_empty() && len + w <= max_bytes)
+    };
+    let Some(head) = (&first as &dyn Any).downcast_ref::<Bytes>() else {
+        return first;
+    };
+    if !fits(storage, head.len()) {
+        return first;
+    }
+    let mut joined = BytesMut::with_capacity(max_bytes.min(64 * 1024));
+    joined.extend_from_slice(head);
+    while *taken < max_frames && fits(storage, joined.len()) {
+        let (next, _) = storage.pop().expect("peeked");
+        if let Some(b) = (&next as &dyn Any).downcast_ref::<Bytes>() {
+            joined.extend_from_slice(b);
+        }
+        *taken += 1;
+    }
+    let mut out: Option<D> = None;
+    if let Some(slot) = (&mut out as &mut dyn Any).downcast_mut::<Option<Bytes>>() {
+        *slot = Some(joined.freeze());
+    }
+    out.expect("D is Bytes")
+}

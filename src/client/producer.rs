@@ -1,0 +1,218 @@
+//! The producer side's steps: admission under the overflow policy and the
+//! memory budget, the end of the stream, the timed rules' watch.
+
+use std::task::Context;
+
+use tokio::time::Instant;
+
+use super::rules::has_timed_rule;
+use super::{Admit, Client, End, Produce, Pushed, Reporter, State, Storage, now, register};
+use crate::buffer::{Dropped, FrameClass};
+use crate::config::Overflow;
+use crate::observer::{BackpressureObserver, EventKind, EvictReason};
+
+impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
+    /// Where the producer stands; registers its waker, and applies a timed
+    /// rule that is due.
+    pub(crate) fn poll_produce(&self, cx: &Context<'_>) -> Produce {
+        let mut st = self.lock();
+        if st.closed || st.end {
+            return Produce::Closed;
+        }
+        register(&mut st.producer, cx);
+        if has_timed_rule(&self.config) {
+            if let Some(reason) = self.timed_out(&st, now()) {
+                self.evict(&mut st, reason);
+                st.wake_consumer = true;
+                return Produce::Closed;
+            }
+        }
+        if self.config.overflow() == Overflow::Pause && st.storage.is_full() {
+            st.producer_paused = true;
+        }
+        if st.producer_paused {
+            return Produce::Paused;
+        }
+        Produce::Ready {
+            behind: !st.storage.is_empty(),
+        }
+    }
+
+    /// Registers the producer's waker (to hear of the close); `false` if
+    /// the stream has closed.
+    pub(crate) fn register_producer(&self, cx: &Context<'_>) -> bool {
+        let mut st = self.lock();
+        register(&mut st.producer, cx);
+        !st.closed
+    }
+
+    /// The class a frame is stored as: under `Overflow::Pause` nothing is
+    /// dropped, so droppable frames count as critical.
+    pub(super) fn effective_class(&self, class: FrameClass) -> FrameClass {
+        if self.config.overflow() == Overflow::Pause && class == FrameClass::Droppable {
+            FrameClass::Critical
+        } else {
+            class
+        }
+    }
+
+    /// Reports the drops gathered since the last report: at most once per
+    /// run of the reporting side's task.
+    pub(crate) fn report_drops(&self) {
+        let mut st = self.lock();
+        self.report_drops_locked(&mut st);
+    }
+
+    pub(super) fn report_drops_locked(&self, st: &mut State<D, S>) {
+        if st.unreported.frames > 0 && !st.closed {
+            let Dropped { frames, bytes } = std::mem::take(&mut st.unreported);
+            st.event(EventKind::Dropped {
+                count: frames as u64,
+                bytes: bytes as u64,
+            });
+        }
+    }
+
+    /// The producer ended: what it left goes after the kept frames.
+    pub(crate) fn finish(&self, end: End) {
+        let mut st = self.lock();
+        if st.end {
+            return;
+        }
+        st.end = true;
+        match end {
+            End::Eof => {}
+            End::Trailers(t) => st.trailers = Some(t),
+            End::Error(e) => st.error = Some(e),
+        }
+        if self.reporter == Reporter::Producer {
+            self.report_drops_locked(&mut st);
+        }
+        self.refresh_done(&st);
+        st.wake_consumer = true;
+    }
+
+    /// The producer's task stopped before the end (it panicked, or its
+    /// runtime shut down): the consumer ends with an error after the kept
+    /// frames.
+    pub(crate) fn producer_stopped(&self) {
+        let mut st = self.lock();
+        if st.end {
+            return;
+        }
+        st.stopped = true;
+        st.wake_consumer = true;
+    }
+
+    /// Applies a timed eviction rule that is due; returns when the next one
+    /// could be, if frames wait (or pressure lasts) and the stream is open.
+    pub(crate) fn check_timers(&self) -> Option<Instant> {
+        if !has_timed_rule(&self.config) {
+            return None;
+        }
+        let mut st = self.lock();
+        if st.closed {
+            return None;
+        }
+        if let Some(reason) = self.timed_out(&st, now()) {
+            self.evict(&mut st, reason);
+            st.wake_consumer = true;
+            return None;
+        }
+        self.next_deadline(&st)
+    }
+}
+
+impl<D, O: BackpressureObserver, S: Admit<D>> Client<D, O, S> {
+    /// Takes room in the memory budget for what the frame adds to the
+    /// storage, after what the storage's own policy drops for it. Runs with
+    /// no lock held: the budget may shed other clients' frames (or this
+    /// one's) under their locks. `Err` holds what was taken anyway.
+    pub(super) fn reserve(&self, class: FrameClass, weight: usize) -> Result<usize, usize> {
+        let Some(budget) = &self.budget else {
+            return Ok(0);
+        };
+        let pause = self.config.overflow() == Overflow::Pause;
+        let need = self.raw_lock().storage.growth(weight, class);
+        if class == FrameClass::Critical && !pause {
+            budget.force(need);
+            return Ok(need);
+        }
+        if budget.reserve(need) {
+            Ok(need)
+        } else if pause {
+            // Nothing is dropped under `Pause`: keep the frame, then wait.
+            budget.force(need);
+            Err(need)
+        } else {
+            Err(0)
+        }
+    }
+
+    /// The producer step: puts a frame into the storage under the overflow
+    /// policy and the budget, applies the drop rules, and wakes the
+    /// consumer when it waits for this.
+    pub(crate) fn push(&self, item: D, class: FrameClass, weight: usize) -> Pushed {
+        let class = self.effective_class(class);
+        let reserved = self.reserve(class, weight);
+        let mut st = self.lock();
+        let taken = match reserved {
+            Ok(n) | Err(n) => n,
+        };
+        if st.closed || st.end {
+            self.settle(&st, taken);
+            return Pushed::Closed;
+        }
+        let overflow = self.config.overflow();
+        let was_empty = st.storage.is_empty();
+        let refused = reserved.is_err();
+        let mut dropped = Dropped::default();
+        let evict = if overflow == Overflow::Disconnect
+            && class != FrameClass::Critical
+            && (refused || !st.storage.has_room_for(weight))
+        {
+            self.settle(&st, taken);
+            Some(EvictReason::Overflow)
+        } else {
+            if refused && overflow != Overflow::Pause {
+                // The budget has no room even after shedding: this frame
+                // is the one dropped.
+                st.storage.reject(weight);
+                if let Some(b) = &self.budget {
+                    b.count_dropped(1);
+                }
+                dropped = Dropped {
+                    frames: 1,
+                    bytes: weight,
+                };
+            } else {
+                dropped = st.storage.push(item, class);
+                self.settle(&st, taken);
+                // A `Pause` client over the budget waits for its client,
+                // if it has frames that its client will take.
+                if refused && !was_empty {
+                    st.producer_paused = true;
+                }
+            }
+            self.after_push(&mut st, was_empty, dropped)
+        };
+        if let Some(reason) = evict {
+            self.evict(&mut st, reason);
+            st.wake_consumer = true;
+            return Pushed::Closed;
+        }
+        if overflow == Overflow::Pause && st.storage.is_full() {
+            st.producer_paused = true;
+        }
+        let paused = st.producer_paused;
+        if was_empty || (dropped.frames > 0 && self.reporter == Reporter::Consumer) {
+            st.wake_consumer = true;
+        }
+        drop(st);
+        if paused {
+            Pushed::Paused
+        } else {
+            Pushed::Taken
+        }
+    }
+}
