@@ -17,10 +17,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::FutureExt;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::{Body, Frame};
-use http_body_util::BodyExt;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError};
 use tokio::sync::mpsc;
@@ -65,6 +63,16 @@ impl Body for ChanBody {
 impl Drop for ChanBody {
     fn drop(&mut self) {
         self.dropped.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Counts the wake-ups of the client's task (hyper's connection task).
+#[derive(Default)]
+struct Wakes(AtomicU64);
+
+impl futures::task::ArcWake for Wakes {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -179,7 +187,8 @@ struct Case {
     marker: bool,
     budget: Option<usize>,
     classes: Classes,
-    ops: Vec<Op>,
+    /// Each step, and how many turns the runtime gets after it.
+    ops: Vec<(Op, usize)>,
 }
 
 impl Case {
@@ -280,6 +289,12 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Turns after a step: usually enough for every task to settle, sometimes
+/// fewer, so that the client reads while the pump is behind.
+fn turns() -> impl Strategy<Value = usize> {
+    prop_oneof![6 => Just(SETTLE), 1 => Just(0usize), 1 => Just(1usize), 1 => Just(3usize)]
+}
+
 fn case() -> impl Strategy<Value = Case> {
     let threshold = prop_oneof![
         8 => (1u32..=100).prop_map(|p| f64::from(p) / 100.0),
@@ -310,7 +325,7 @@ fn case() -> impl Strategy<Value = Case> {
     let budget = prop::option::weighted(0.25, prop_oneof![1usize..=3_000, Just(usize::MAX / 2)]);
     (
         (1usize..=50, max_bytes, threshold, overflow, flush(), rules()),
-        (any::<bool>(), budget, classes, prop::collection::vec(op(), 1..60)),
+        (any::<bool>(), budget, classes, prop::collection::vec((op(), turns()), 1..60)),
     )
         .prop_map(
             |((capacity, max_bytes, threshold, overflow, flush, rules), (marker, budget, classes, ops))| Case {
@@ -481,6 +496,8 @@ struct Reader {
     finished: bool,
     /// When a frame was last taken out of the buffer.
     last_taken: Option<Instant>,
+    /// The last poll was pending; the wake-ups counted before it.
+    pending: Option<u64>,
 }
 
 struct Run<'a> {
@@ -502,6 +519,7 @@ struct Run<'a> {
     drops: Vec<(Instant, u64)>,
     last_dropped: u64,
     largest_frame: usize,
+    wakes: Arc<Wakes>,
 }
 
 impl Run<'_> {
@@ -600,7 +618,23 @@ impl Run<'_> {
             return Err("an exact size hint on a buffered body".into());
         }
         let end_promised = body.is_end_stream();
-        let polled = body.frame().now_or_never();
+        let wakes = self.wakes.0.load(Ordering::SeqCst);
+        let waker = futures::task::waker(self.wakes.clone());
+        let polled = match Pin::new(&mut *body).poll_frame(&mut Context::from_waker(&waker)) {
+            Poll::Ready(next) => Some(next),
+            Poll::Pending => None,
+        };
+        match (polled.is_some(), self.reader.pending) {
+            (true, Some(before)) if before == self.wakes.0.load(Ordering::SeqCst) => {
+                return Err(
+                    "the body was pending, nothing woke the client, then it had a frame: \
+                     a lost wake-up (hyper would wait forever)"
+                        .into(),
+                );
+            }
+            (true, _) => self.reader.pending = None,
+            (false, _) => self.reader.pending = Some(wakes),
+        }
         if end_promised && !matches!(polled, Some(None)) {
             return Err(format!(
                 "is_end_stream() was true, then the body yielded {:?} (hyper would have lost it)",
@@ -683,8 +717,9 @@ impl Run<'_> {
         }
     }
 
-    /// Checks what holds between steps.
-    fn quiescent(&mut self) -> Result<(), String> {
+    /// Checks what holds between steps; `settled`: every task has had its
+    /// turns since the last step (so due timers and wake-ups were handled).
+    fn quiescent(&mut self, settled: bool) -> Result<(), String> {
         self.violations()?;
         let now = Instant::now();
         let handle = self.handle().clone();
@@ -701,6 +736,9 @@ impl Run<'_> {
         if let Some((reason, _)) = closed {
             if health != Health::Closed(reason) {
                 return Err(format!("Closed({reason:?}) but health {health:?}"));
+            }
+            if !settled {
+                return Ok(());
             }
             // The pump has ended and dropped the inner body.
             if !self.inner_dropped.load(Ordering::SeqCst) {
@@ -752,10 +790,16 @@ impl Run<'_> {
             }
         }
         let criticals = c.classes != Classes::AllDroppable;
-        if !criticals && c.budget.is_none() {
-            if matches!(c.overflow, Overflow::Pause | Overflow::Disconnect) && stats.dropped > 0 {
-                return Err(format!("{:?} dropped {} frames", c.overflow, stats.dropped));
-            }
+        // Under `Pause` nothing is dropped; under `Disconnect` the client is
+        // cut off instead (only a shared budget may shed its frames).
+        // (Known bug, `pause_never_drops_a_replaceable_frame`: `Pause`
+        // drops `Replace` frames; left out here until it is fixed.)
+        let replace = matches!(c.classes, Classes::ReplaceEvery(_));
+        if ((c.overflow == Overflow::Pause && !replace)
+            || (c.overflow == Overflow::Disconnect && c.budget.is_none()))
+            && stats.dropped > 0
+        {
+            return Err(format!("{:?} dropped {} frames", c.overflow, stats.dropped));
         }
         if !criticals && stats.high_water > c.capacity {
             return Err(format!(
@@ -780,6 +824,17 @@ impl Run<'_> {
             }
         }
 
+        if !settled {
+            return Ok(());
+        }
+        // The pump takes every frame at once, unless it must wait (`Pause`)
+        // or the producer's end was taken.
+        if c.overflow != Overflow::Pause && self.ended.is_none() {
+            let taken = self.taken.load(Ordering::SeqCst);
+            if taken != self.sent {
+                return Err(format!("{} frames sent, the pump took {taken}", self.sent));
+            }
+        }
         // Rules that must have fired by now.
         let rules = c.rules;
         if let Some(max) = rules.dropped {
@@ -950,11 +1005,12 @@ where
         drops: Vec::new(),
         last_dropped: 0,
         largest_frame: 0,
+        wakes: Arc::new(Wakes::default()),
     };
     settle().await;
-    run.quiescent()?;
+    run.quiescent(true)?;
 
-    for (i, op) in case.ops.iter().enumerate() {
+    for (i, (op, turns)) in case.ops.iter().enumerate() {
         let step = async {
             match op {
                 Op::Push { n, pad } => {
@@ -971,7 +1027,7 @@ where
                     if let Some(b) = body.as_mut() {
                         for _ in 0..*k {
                             run.read_one(b)?;
-                            settle().await;
+                            tokio::task::yield_now().await;
                         }
                     }
                 }
@@ -996,10 +1052,13 @@ where
                     }
                 }
             }
-            settle().await;
-            run.quiescent()
+            for _ in 0..*turns {
+                tokio::task::yield_now().await;
+            }
+            run.quiescent(*turns >= SETTLE)
         };
-        step.await.map_err(|e| format!("after op {i} {op:?}: {e}"))?;
+        step.await
+            .map_err(|e| format!("after step {i} {op:?} (+{turns} turns): {e}"))?;
     }
 
     // The end: the producer finishes, and the client reads what is left,
@@ -1012,28 +1071,42 @@ where
     if let Some(b) = body.as_mut() {
         let step = match case.flush {
             Flush::Interval { period, .. } if period > YEAR => FAR,
-            Flush::Interval { period, .. } => period.max(TICK),
+            Flush::Interval { period, .. } => period + TICK,
             _ => TICK,
         };
+        // As hyper does: poll; when pending, wait for a wake-up (letting
+        // time pass, which fires the body's timers); never poll a body that
+        // says it has ended.
         let mut rounds = 0;
         while !run.reader.finished {
             rounds += 1;
             if rounds > 20_000 {
                 return Err(format!("the body never ended: {:?}", run.reader));
             }
+            if b.is_end_stream() {
+                break;
+            }
             if !run.read_one(b).map_err(|e| format!("finishing: {e}"))? {
                 settle().await;
-                if !run.read_one(b).map_err(|e| format!("finishing: {e}"))? {
+                let before = run.reader.pending;
+                if before == Some(run.wakes.0.load(Ordering::SeqCst)) {
                     tokio::time::advance(step).await;
+                    settle().await;
+                    if before == Some(run.wakes.0.load(Ordering::SeqCst)) {
+                        return Err(format!(
+                            "finishing: the body is pending and nothing wakes it, even after {step:?}: {:?}",
+                            run.reader
+                        ));
+                    }
                 }
             }
             settle().await;
-            run.quiescent().map_err(|e| format!("finishing: {e}"))?;
+            run.quiescent(true).map_err(|e| format!("finishing: {e}"))?;
         }
     }
     drop(body);
     settle().await;
-    run.quiescent().map_err(|e| format!("at the end: {e}"))?;
+    run.quiescent(true).map_err(|e| format!("at the end: {e}"))?;
     if std::env::var("PROP_DEBUG").is_ok() {
         eprintln!("closed {:?} sent {} delivered {} events {}", run.closed().map(|c| c.0), run.sent, run.reader.delivered.len(), run.events().len());
     }
@@ -1142,4 +1215,85 @@ proptest! {
     fn any_config_and_any_interleaving_keeps_the_promises(case in case()) {
         check(case)?;
     }
+}
+
+// ----- regressions: minimal cases the properties found -----
+
+/// A buffered body over a channel the test feeds, through `layer`.
+async fn one_body<M, C>(
+    layer: BackpressureLayer<tower_backpressure::DefaultPredicate, (), M, C>,
+) -> (
+    mpsc::UnboundedSender<Item>,
+    BackpressureBody<ChanBody, Arc<Log>, M>,
+    Arc<Log>,
+)
+where
+    M: GapMarker<Bytes>,
+    C: tower_backpressure::Classify<Bytes>,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let inner = Arc::new(Mutex::new(Some(ChanBody {
+        rx,
+        taken: Arc::default(),
+        dropped: Arc::default(),
+    })));
+    let log = Arc::new(Log::default());
+    let slot = log.clone();
+    let svc = ServiceBuilder::new()
+        .layer(layer.observer(log.clone()))
+        .service(service_fn(move |req: Request<()>| {
+            let _ = slot
+                .handle
+                .set(req.extensions().get::<ClientHandle>().cloned().unwrap());
+            let body = inner.lock().unwrap().take().unwrap();
+            std::future::ready(Ok::<_, Infallible>(
+                Response::builder()
+                    .header(header::CONTENT_TYPE, "text/event-stream")
+                    .body(body)
+                    .unwrap(),
+            ))
+        }));
+    let response = svc.oneshot(Request::new(())).await.unwrap();
+    (tx, response.into_body(), log)
+}
+
+/// `Overflow::Pause` promises that nothing is dropped: the producer waits
+/// for room. A frame the classify hook marks `Replace` (the README's
+/// keep-alive) is still dropped to make room by bytes, and the client is
+/// told it lagged.
+#[tokio::test(start_paused = true)]
+#[ignore = "bug: Overflow::Pause drops a FrameClass::Replace frame to make room under max_bytes"]
+async fn pause_never_drops_a_replaceable_frame() {
+    let layer = BackpressureLayer::new(
+        BufferConfig::new(4)
+            .max_bytes(150)
+            .overflow(Overflow::Pause),
+    )
+    .gap_marker(SseGapMarker::new())
+    .classify(|frame: &Bytes| {
+        if frame.starts_with(b":") {
+            FrameClass::Replace(0)
+        } else {
+            FrameClass::Droppable
+        }
+    });
+    let (tx, mut body, log) = one_body(layer).await;
+    // 14 + 144 bytes: over the byte limit together.
+    tx.send(Ok(Frame::data(Bytes::from_static(b": keep-alive\n\n"))))
+        .unwrap();
+    tx.send(Ok(Frame::data(event(0, 130)))).unwrap();
+    drop(tx);
+    settle().await;
+
+    let stats = log.handle.get().unwrap().stats().unwrap();
+    let mut read = Vec::new();
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        read.extend_from_slice(&frame.unwrap().into_data().unwrap());
+    }
+    assert_eq!(
+        String::from_utf8(read).unwrap(),
+        format!(": keep-alive\n\n{}", std::str::from_utf8(&event(0, 130)).unwrap()),
+        "the client gets every frame, late"
+    );
+    assert_eq!(stats.dropped, 0, "nothing is dropped under Pause: {stats:?}");
 }
