@@ -102,13 +102,25 @@ where
 
 type Body = StreamBody<futures::stream::BoxStream<'static, Result<Frame<Bytes>, Infallible>>>;
 
+/// Says when it is dropped: the pump that held it has no push in flight.
+struct Gone(tokio::sync::mpsc::UnboundedSender<()>);
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
 /// `FRAMES` events, yielding to the runtime every few.
-fn stream() -> Body {
-    let frames = futures::stream::iter(0..FRAMES).then(|seq| async move {
-        if seq % 16 == 0 {
-            tokio::task::yield_now().await;
+fn stream(gone: Gone) -> Body {
+    let frames = futures::stream::iter(0..FRAMES).then(move |seq| {
+        let _keep = &gone;
+        async move {
+            if seq % 16 == 0 {
+                tokio::task::yield_now().await;
+            }
+            Ok(Frame::data(sse_event(seq, SIZE)))
         }
-        Ok(Frame::data(sse_event(seq, SIZE)))
     });
     StreamBody::new(frames.boxed())
 }
@@ -129,8 +141,9 @@ struct Recorder {
     seen: Arc<Seen>,
     registry: ClientRegistry,
     budget: MemoryBudget,
-    /// Only one of the two positions records (the observer hears every
-    /// event twice: before and after the registry).
+    /// The observer hears every event twice: before the registry (this
+    /// one records the events) and after it (this one says when `Closed`
+    /// went through).
     records: bool,
 }
 
@@ -171,10 +184,10 @@ impl tower_backpressure::BackpressureObserver for Recorder {
                 .entry(e.client.id())
                 .or_default()
                 .push((e.kind, e.stats));
-            if let EventKind::Closed { .. } = e.kind {
-                if let Some(tx) = &*self.seen.closed.lock().unwrap() {
-                    let _ = tx.send(e.client.id());
-                }
+        } else if let EventKind::Closed { .. } = e.kind {
+            // After the registry heard it.
+            if let Some(tx) = &*self.seen.closed.lock().unwrap() {
+                let _ = tx.send(e.client.id());
             }
         }
     }
@@ -266,6 +279,7 @@ async fn observers_that_read_the_registry_handles_and_budget_never_deadlock() {
     .observer(observer)
     .memory_budget(budget.clone());
     let handles = seen.clone();
+    let (gone_tx, mut gone) = tokio::sync::mpsc::unbounded_channel();
     let svc = ServiceBuilder::new()
         .layer(layer)
         .service(service_fn(move |req: Request<Incoming>| {
@@ -278,7 +292,7 @@ async fn observers_that_read_the_registry_handles_and_budget_never_deadlock() {
             std::future::ready(Ok::<_, Infallible>(
                 Response::builder()
                     .header(header::CONTENT_TYPE, "text/event-stream")
-                    .body(stream())
+                    .body(stream(Gone(gone_tx.clone())))
                     .unwrap(),
             ))
         }));
@@ -335,6 +349,10 @@ async fn observers_that_read_the_registry_handles_and_budget_never_deadlock() {
         // health changed, from whichever thread closed it).
         for _ in 0..FAST + STALLED + LEAVING {
             closed.recv().await.unwrap();
+        }
+        // ... and its pump has stopped (no push in flight).
+        for _ in 0..FAST + STALLED + LEAVING {
+            gone.recv().await.unwrap();
         }
     };
     tokio::time::timeout(WATCHDOG, scenario)
