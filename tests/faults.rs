@@ -84,7 +84,8 @@ struct Panicky {
 
 impl BackpressureObserver for Panicky {
     fn on_event(&self, event: &BackpressureEvent<'_>) {
-        if kind_of(&event.kind) == self.kind && self.seen.fetch_add(1, Ordering::SeqCst) + 1 == self.nth
+        if kind_of(&event.kind) == self.kind
+            && self.seen.fetch_add(1, Ordering::SeqCst) + 1 == self.nth
         {
             self.fired.store(true, Ordering::SeqCst);
             panic!("observer panics on {:?} #{}", self.kind, self.nth);
@@ -146,15 +147,15 @@ struct Case {
 
 impl Case {
     fn encode(&self) -> String {
-        format!("{:?} {:?} {} {:?}", self.path, self.kind, self.nth, self.order)
+        format!(
+            "{:?} {:?} {} {:?}",
+            self.path, self.kind, self.nth, self.order
+        )
     }
 
     fn decode(s: &str) -> Case {
         let parts: Vec<&str> = s.split(' ').collect();
-        let path = *PATHS
-            .iter()
-            .find(|p| format!("{p:?}") == parts[0])
-            .unwrap();
+        let path = *PATHS.iter().find(|p| format!("{p:?}") == parts[0]).unwrap();
         let kind = *KINDS.iter().find(|k| format!("{k:?}") == parts[1]).unwrap();
         let nth = parts[2].parse().unwrap();
         let order = if parts[3] == "RegistryFirst" {
@@ -194,7 +195,9 @@ impl Report {
 
     fn parse(out: &str) -> Option<Report> {
         // libtest prints `test child ... ` before the child's own output.
-        let line = out.lines().find_map(|l| l.split_once("REPORT ").map(|(_, r)| r))?;
+        let line = out
+            .lines()
+            .find_map(|l| l.split_once("REPORT ").map(|(_, r)| r))?;
         let field = |name: &str| {
             line.split(' ')
                 .find_map(|f| f.strip_prefix(&format!("{name}=")))
@@ -245,10 +248,11 @@ impl World {
         }
     }
 
-    fn layer(&self, config: BufferConfig) -> BackpressureLayer<
-        tower_backpressure::DefaultPredicate,
-        Arc<dyn BackpressureObserver>,
-    > {
+    fn layer(
+        &self,
+        config: BufferConfig,
+    ) -> BackpressureLayer<tower_backpressure::DefaultPredicate, Arc<dyn BackpressureObserver>>
+    {
         BackpressureLayer::new(config)
             .observer(self.observer.clone())
             .memory_budget(self.budget.clone())
@@ -284,8 +288,12 @@ impl World {
     }
 }
 
+/// A body of frames all ready at once.
+type Burst =
+    StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
 /// `n` SSE events of 100 bytes, all ready at once.
-fn burst(n: u64) -> StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>> {
+fn burst(n: u64) -> Burst {
     let frames: Vec<_> = (0..n).map(|i| Ok(Frame::data(sse_event(i, 100)))).collect();
     StreamBody::new(futures::stream::iter(frames))
 }
@@ -390,7 +398,10 @@ fn run_case(case: Case) -> Report {
         Path::Shed => block_on(async {
             // 1000 bytes for both; a rule that evicts at the first drop.
             let budget = MemoryBudget::new(1000);
-            let world = World { budget: budget.clone(), ..world };
+            let world = World {
+                budget: budget.clone(),
+                ..world
+            };
             let config = BufferConfig::new(100)
                 .threshold(0.05)
                 .evict(Eviction::none().after_dropped(0));
@@ -400,18 +411,19 @@ fn run_case(case: Case) -> Report {
             for _ in 0..2 {
                 let (tx, rx) = mpsc::unbounded_channel::<Result<Frame<Bytes>, Infallible>>();
                 let handles = world.handles.clone();
-                let body = StreamBody::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+                let body =
+                    StreamBody::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
                 let body = Arc::new(Mutex::new(Some(body)));
-                let svc = ServiceBuilder::new().layer(layer.clone()).service(service_fn(
-                    move |req: Request<()>| {
+                let svc = ServiceBuilder::new()
+                    .layer(layer.clone())
+                    .service(service_fn(move |req: Request<()>| {
                         handles
                             .lock()
                             .unwrap()
                             .push(req.extensions().get::<ClientHandle>().cloned().unwrap());
                         let body = body.lock().unwrap().take().unwrap();
                         std::future::ready(Ok::<_, Infallible>(sse(body)))
-                    },
-                ));
+                    }));
                 let response = AssertUnwindSafe(svc.oneshot(Request::new(())))
                     .catch_unwind()
                     .await;
@@ -511,16 +523,16 @@ fn run_case(case: Case) -> Report {
                     std::mem::forget(tx);
                     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
                     let body = Arc::new(Mutex::new(Some(body)));
-                    let svc = ServiceBuilder::new().layer(layer.clone()).service(service_fn(
-                        move |req: Request<()>| {
+                    let svc = ServiceBuilder::new()
+                        .layer(layer.clone())
+                        .service(service_fn(move |req: Request<()>| {
                             handles
                                 .lock()
                                 .unwrap()
                                 .push(req.extensions().get::<ClientHandle>().cloned().unwrap());
                             let body = body.lock().unwrap().take().unwrap();
                             std::future::ready(Ok::<_, Infallible>(sse(body)))
-                        },
-                    ));
+                        }));
                     if let Ok(Ok(response)) = AssertUnwindSafe(svc.oneshot(Request::new(())))
                         .catch_unwind()
                         .await
@@ -597,7 +609,10 @@ impl futures::Sink<Bytes> for FailingSink {
     type Error = io::Error;
     fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.0.load(Ordering::SeqCst) >= 2 {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "client gone")));
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "client gone",
+            )));
         }
         Poll::Ready(Ok(()))
     }
@@ -811,7 +826,11 @@ async fn faulty_inner_body(panic: bool) {
                 }
             }
         }
-        assert_eq!(sse_ids(&data), vec![0, 1, 2, 3, 4], "the kept data comes first");
+        assert_eq!(
+            sse_ids(&data),
+            vec![0, 1, 2, 3, 4],
+            "the kept data comes first"
+        );
         let error = error.expect("the body ends in error");
         if panic {
             assert!(error.downcast_ref::<PumpStopped>().is_some(), "{error}");
@@ -832,7 +851,10 @@ async fn faulty_inner_body(panic: bool) {
     let mut client = connect(addr, None).await;
     let response = get(&mut client, "/events").await;
     let body = guard("the body", response.into_body().collect()).await;
-    assert!(body.is_err(), "the response ends in error, not as a complete stream");
+    assert!(
+        body.is_err(),
+        "the response ends in error, not as a complete stream"
+    );
     closed_as(&mut events, CloseReason::InnerError).await;
     let handle = handles.recv().await.unwrap();
     assert_eq!(handle.health(), Health::Closed(CloseReason::InnerError));
@@ -866,7 +888,14 @@ async fn one_response<O: BackpressureObserver>(
     layer: BackpressureLayer<tower_backpressure::DefaultPredicate, O>,
 ) -> (
     Arc<Mutex<Option<ClientHandle>>>,
-    std::thread::Result<Response<tower_backpressure::BackpressureBody<impl http_body::Body<Data = Bytes, Error = Infallible> + Send + 'static, O>>>,
+    std::thread::Result<
+        Response<
+            tower_backpressure::BackpressureBody<
+                impl http_body::Body<Data = Bytes, Error = Infallible> + Send + 'static,
+                O,
+            >,
+        >,
+    >,
 ) {
     let handle = Arc::new(Mutex::new(None));
     let slot = handle.clone();

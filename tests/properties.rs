@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 use tower_backpressure::{
     BackpressureBody, BackpressureEvent, BackpressureLayer, BackpressureObserver, BufferConfig,
-    BufferStats, ClientHandle, CloseReason, Evicted, EvictReason, EventKind, Eviction, Flush,
+    BufferStats, ClientHandle, CloseReason, EventKind, EvictReason, Evicted, Eviction, Flush,
     FrameClass, GapMarker, Health, MemoryBudget, Overflow, PumpStopped, SseGapMarker,
 };
 
@@ -166,7 +166,10 @@ enum EndKind {
 #[derive(Debug, Clone)]
 enum Op {
     /// The producer sends `n` frames with `pad` bytes of data each.
-    Push { n: usize, pad: usize },
+    Push {
+        n: usize,
+        pad: usize,
+    },
     /// The client polls the body `k` times.
     Read(usize),
     Advance(Duration),
@@ -324,11 +327,26 @@ fn case() -> impl Strategy<Value = Case> {
     ];
     let budget = prop::option::weighted(0.25, prop_oneof![1usize..=3_000, Just(usize::MAX / 2)]);
     (
-        (1usize..=50, max_bytes, threshold, overflow, flush(), rules()),
-        (any::<bool>(), budget, classes, prop::collection::vec((op(), turns()), 1..60)),
+        (
+            1usize..=50,
+            max_bytes,
+            threshold,
+            overflow,
+            flush(),
+            rules(),
+        ),
+        (
+            any::<bool>(),
+            budget,
+            classes,
+            prop::collection::vec((op(), turns()), 1..60),
+        ),
     )
         .prop_map(
-            |((capacity, max_bytes, threshold, overflow, flush, rules), (marker, budget, classes, ops))| Case {
+            |(
+                (capacity, max_bytes, threshold, overflow, flush, rules),
+                (marker, budget, classes, ops),
+            )| Case {
                 capacity,
                 max_bytes,
                 threshold,
@@ -374,7 +392,10 @@ fn holds(s: &BufferStats) -> bool {
 impl BackpressureObserver for Log {
     fn on_event(&self, e: &BackpressureEvent<'_>) {
         if !holds(&e.stats) {
-            self.violation(format!("{:?}: counters do not add up: {:?}", e.kind, e.stats));
+            self.violation(format!(
+                "{:?}: counters do not add up: {:?}",
+                e.kind, e.stats
+            ));
         }
         match self.handle.get() {
             None => self.violation(format!("{:?} before the handle was known", e.kind)),
@@ -543,7 +564,9 @@ impl Run<'_> {
         // announced lost. Replaced frames leave no gap; nothing else may go
         // missing silently, and critical frames never go missing.
         let missing = to - from;
-        let keyed = (from..to).filter(|&s| self.case.classes.is_keyed(s)).count() as u64;
+        let keyed = (from..to)
+            .filter(|&s| self.case.classes.is_keyed(s))
+            .count() as u64;
         if let Some(s) = (from..to).find(|&s| self.case.classes.is_critical(s)) {
             return Err(format!("critical frame {s} was lost"));
         }
@@ -607,7 +630,10 @@ impl Run<'_> {
     }
 
     /// Polls the body once; `false` if it was pending.
-    fn read_one<M>(&mut self, body: &mut BackpressureBody<ChanBody, Arc<Log>, M>) -> Result<bool, String>
+    fn read_one<M>(
+        &mut self,
+        body: &mut BackpressureBody<ChanBody, Arc<Log>, M>,
+    ) -> Result<bool, String>
     where
         M: GapMarker<Bytes>,
     {
@@ -979,7 +1005,9 @@ where
         .layer(layer)
         .service(service_fn(move |req: Request<()>| {
             let handle = req.extensions().get::<ClientHandle>().cloned();
-            let _ = slot.handle.set(handle.expect("the layer inserts a ClientHandle"));
+            let _ = slot
+                .handle
+                .set(handle.expect("the layer inserts a ClientHandle"));
             let body = inner.lock().unwrap().take().expect("one request");
             std::future::ready(Ok::<_, Infallible>(
                 Response::builder()
@@ -1110,9 +1138,16 @@ where
     }
     drop(body);
     settle().await;
-    run.quiescent(true).map_err(|e| format!("at the end: {e}"))?;
+    run.quiescent(true)
+        .map_err(|e| format!("at the end: {e}"))?;
     if std::env::var("PROP_DEBUG").is_ok() {
-        eprintln!("closed {:?} sent {} delivered {} events {}", run.closed().map(|c| c.0), run.sent, run.reader.delivered.len(), run.events().len());
+        eprintln!(
+            "closed {:?} sent {} delivered {} events {}",
+            run.closed().map(|c| c.0),
+            run.sent,
+            run.reader.delivered.len(),
+            run.events().len()
+        );
     }
     final_checks(&run)
 }
@@ -1120,7 +1155,10 @@ where
 fn final_checks(run: &Run<'_>) -> Result<(), String> {
     let (reason, stats) = run.closed().ok_or("no Closed event at the end")?;
     if !matches!(run.handle().health(), Health::Closed(r) if r == reason) {
-        return Err(format!("health {:?} after Closed({reason:?})", run.handle().health()));
+        return Err(format!(
+            "health {:?} after Closed({reason:?})",
+            run.handle().health()
+        ));
     }
     if stats.buffered != 0 && !matches!(reason, CloseReason::ClientGone | CloseReason::Evicted(_)) {
         return Err(format!("Closed({reason:?}) with frames left: {stats:?}"));
@@ -1131,7 +1169,10 @@ fn final_checks(run: &Run<'_>) -> Result<(), String> {
         CloseReason::Completed | CloseReason::InnerError => {
             // The end reached the client, after every kept frame.
             if stats.pushed != taken {
-                return Err(format!("{taken} frames taken from the inner body, {} counted", stats.pushed));
+                return Err(format!(
+                    "{taken} frames taken from the inner body, {} counted",
+                    stats.pushed
+                ));
             }
             if stats.sent != r.delivered.len() as u64 {
                 return Err(format!(
@@ -1210,7 +1251,7 @@ fn final_checks(run: &Run<'_>) -> Result<(), String> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 64,
+        cases: 256,
         failure_persistence: None,
         ..ProptestConfig::default()
     })]
@@ -1296,10 +1337,16 @@ async fn pause_never_drops_a_replaceable_frame() {
     }
     assert_eq!(
         String::from_utf8(read).unwrap(),
-        format!(": keep-alive\n\n{}", std::str::from_utf8(&event(0, 130)).unwrap()),
+        format!(
+            ": keep-alive\n\n{}",
+            std::str::from_utf8(&event(0, 130)).unwrap()
+        ),
         "the client gets every frame, late"
     );
-    assert_eq!(stats.dropped, 0, "nothing is dropped under Pause: {stats:?}");
+    assert_eq!(
+        stats.dropped, 0,
+        "nothing is dropped under Pause: {stats:?}"
+    );
 }
 
 /// `Overflow::Disconnect` cuts a client off instead of dropping. A

@@ -153,7 +153,13 @@ impl tower_backpressure::BackpressureObserver for Recorder {
         // delivers it.
         let snapshot = self.registry.snapshot();
         let budget = self.budget.stats();
-        let handle = self.seen.handles.lock().unwrap().get(&e.client.id()).cloned();
+        let handle = self
+            .seen
+            .handles
+            .lock()
+            .unwrap()
+            .get(&e.client.id())
+            .cloned();
         let mut reads = snapshot.clients.len() as u64 + budget.clients as u64;
         match handle {
             Some(handle) => {
@@ -201,7 +207,10 @@ impl Recorder {
 
 /// One client's events: `Opened` first, `Pressure`/`Recovered` alternating,
 /// `Closed` once and last, counters never going back.
-fn check_client(id: ClientId, events: &[(EventKind, tower_backpressure::BufferStats)]) -> Result<(), String> {
+fn check_client(
+    id: ClientId,
+    events: &[(EventKind, tower_backpressure::BufferStats)],
+) -> Result<(), String> {
     let kinds: Vec<EventKind> = events.iter().map(|(k, _)| *k).collect();
     if kinds.first() != Some(&EventKind::Opened) {
         return Err(format!("client {id}: first event not Opened: {kinds:?}"));
@@ -220,7 +229,9 @@ fn check_client(id: ClientId, events: &[(EventKind, tower_backpressure::BufferSt
                 return Err(format!("client {id}: Pressure twice: {kinds:?}"));
             }
             EventKind::Recovered if !pressure => {
-                return Err(format!("client {id}: Recovered without Pressure: {kinds:?}"));
+                return Err(format!(
+                    "client {id}: Recovered without Pressure: {kinds:?}"
+                ));
             }
             EventKind::Pressure | EventKind::Recovered => pressure = !pressure,
             _ => {}
@@ -271,31 +282,28 @@ async fn observers_that_read_the_registry_handles_and_budget_never_deadlock() {
         records,
     };
     let observer = (recorder(true), (registry.clone(), recorder(false)));
-    let layer = BackpressureLayer::new(
-        BufferConfig::new(64)
-            .max_bytes(32 * 1024)
-            .threshold(0.5),
-    )
-    .observer(observer)
-    .memory_budget(budget.clone());
+    let layer = BackpressureLayer::new(BufferConfig::new(64).max_bytes(32 * 1024).threshold(0.5))
+        .observer(observer)
+        .memory_budget(budget.clone());
     let handles = seen.clone();
     let (gone_tx, mut gone) = tokio::sync::mpsc::unbounded_channel();
-    let svc = ServiceBuilder::new()
-        .layer(layer)
-        .service(service_fn(move |req: Request<Incoming>| {
-            let handle = req.extensions().get::<ClientHandle>().cloned().unwrap();
-            handles
-                .handles
-                .lock()
-                .unwrap()
-                .insert(handle.info().id(), handle);
-            std::future::ready(Ok::<_, Infallible>(
-                Response::builder()
-                    .header(header::CONTENT_TYPE, "text/event-stream")
-                    .body(stream(Gone(gone_tx.clone())))
-                    .unwrap(),
-            ))
-        }));
+    let svc =
+        ServiceBuilder::new()
+            .layer(layer)
+            .service(service_fn(move |req: Request<Incoming>| {
+                let handle = req.extensions().get::<ClientHandle>().cloned().unwrap();
+                handles
+                    .handles
+                    .lock()
+                    .unwrap()
+                    .insert(handle.info().id(), handle);
+                std::future::ready(Ok::<_, Infallible>(
+                    Response::builder()
+                        .header(header::CONTENT_TYPE, "text/event-stream")
+                        .body(stream(Gone(gone_tx.clone())))
+                        .unwrap(),
+                ))
+            }));
 
     let scenario = async {
         let addr = serve_small(svc).await;
@@ -313,7 +321,10 @@ async fn observers_that_read_the_registry_handles_and_budget_never_deadlock() {
                     let read = read_all(response.into_body()).await;
                     let ids = sse_ids(&read.data);
                     assert_eq!(ids.last(), Some(&(FRAMES - 1)), "fast client {i}");
-                    assert!(ids.windows(2).all(|w| w[0] < w[1]), "fast client {i}: order");
+                    assert!(
+                        ids.windows(2).all(|w| w[0] < w[1]),
+                        "fast client {i}: order"
+                    );
                 } else {
                     // Reads a few frames, then leaves.
                     let mut body = response.into_body();
@@ -368,9 +379,9 @@ async fn observers_that_read_the_registry_handles_and_budget_never_deadlock() {
         check_client(*id, events).unwrap();
     }
     assert!(
-        events
-            .values()
-            .any(|e| e.iter().any(|(k, _)| matches!(k, EventKind::Dropped { .. }))),
+        events.values().any(|e| e
+            .iter()
+            .any(|(k, _)| matches!(k, EventKind::Dropped { .. }))),
         "some client dropped frames"
     );
     assert!(seen.reads.load(Ordering::Relaxed) > 0);
