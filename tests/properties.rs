@@ -1260,6 +1260,153 @@ proptest! {
     fn any_config_and_any_interleaving_keeps_the_promises(case in case()) {
         check(case)?;
     }
+
+    #[test]
+    fn clients_sharing_a_budget_account_for_every_byte(case in shared_case()) {
+        check_shared(case)?;
+    }
+}
+
+// ----- several clients under one budget -----
+
+#[derive(Debug, Clone)]
+enum SharedOp {
+    Push { client: usize, n: usize, pad: usize },
+    Read { client: usize, k: usize },
+    End { client: usize },
+    Drop { client: usize },
+}
+
+#[derive(Debug, Clone)]
+struct SharedCase {
+    limit: usize,
+    /// Per client: capacity, overflow.
+    clients: Vec<(usize, Overflow)>,
+    ops: Vec<SharedOp>,
+}
+
+fn shared_case() -> impl Strategy<Value = SharedCase> {
+    let overflow = prop_oneof![
+        3 => Just(Overflow::DropOldest),
+        1 => Just(Overflow::DropNewest),
+        1 => Just(Overflow::Disconnect),
+        1 => Just(Overflow::Pause),
+    ];
+    (
+        prop_oneof![1usize..=200, 200usize..=3_000],
+        prop::collection::vec((1usize..=20, overflow), 2..=4),
+    )
+        .prop_flat_map(|(limit, clients)| {
+            let n = clients.len();
+            let op = prop_oneof![
+                6 => (0..n, 1usize..=10, 0usize..=200).prop_map(|(client, n, pad)| SharedOp::Push { client, n, pad }),
+                4 => (0..n, 1usize..=6).prop_map(|(client, k)| SharedOp::Read { client, k }),
+                1 => (0..n).prop_map(|client| SharedOp::End { client }),
+                1 => (0..n).prop_map(|client| SharedOp::Drop { client }),
+            ];
+            (Just(limit), Just(clients), prop::collection::vec(op, 1..50))
+        })
+        .prop_map(|(limit, clients, ops)| SharedCase { limit, clients, ops })
+}
+
+fn check_shared(case: SharedCase) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    rt.block_on(drive_shared(&case))
+        .map_err(TestCaseError::fail)
+}
+
+async fn drive_shared(case: &SharedCase) -> Result<(), String> {
+    let budget = MemoryBudget::new(case.limit);
+    let mut clients = Vec::new();
+    for &(capacity, overflow) in &case.clients {
+        let layer = BackpressureLayer::new(BufferConfig::new(capacity).overflow(overflow))
+            .memory_budget(budget.clone());
+        let (tx, body, log) = one_body(layer).await;
+        clients.push((Some(tx), Some(body), log, 0u64));
+    }
+    let waker = futures::task::noop_waker();
+    let check = |clients: &[(
+        Option<mpsc::UnboundedSender<Item>>,
+        Option<BackpressureBody<ChanBody, Arc<Log>, ()>>,
+        Arc<Log>,
+        u64,
+    )],
+                 at: &str|
+     -> Result<(), String> {
+        let mut held = 0;
+        let mut forced = false;
+        for (i, (_, _, log, _)) in clients.iter().enumerate() {
+            let handle = log.handle.get().unwrap();
+            let s = handle.stats().unwrap();
+            if !holds(&s) {
+                return Err(format!("{at}: client {i}: counters do not add up: {s:?}"));
+            }
+            if let Some(v) = log.violations.lock().unwrap().first() {
+                return Err(format!("{at}: client {i}: {v}"));
+            }
+            if !matches!(handle.health(), Health::Closed(_)) {
+                held += s.buffered_bytes;
+                forced |= case.clients[i].1 == Overflow::Pause;
+            }
+        }
+        if budget.used() != held {
+            return Err(format!(
+                "{at}: the budget counts {} bytes, the clients hold {held}",
+                budget.used()
+            ));
+        }
+        // Known bug (`a_budget_shed_of_the_pushing_client_keeps_the_total_under_the_limit`):
+        // the total may go over by what one frame adds; left out until fixed.
+        let slack = 12 + 200 + 2 + 3;
+        if !forced && held > case.limit + slack {
+            return Err(format!("{at}: {held} bytes held, budget {}", case.limit));
+        }
+        Ok(())
+    };
+    settle().await;
+    check(&clients, "at the start")?;
+    for (i, op) in case.ops.iter().enumerate() {
+        match *op {
+            SharedOp::Push { client, n, pad } => {
+                let (tx, _, _, sent) = &mut clients[client];
+                if let Some(tx) = tx {
+                    for _ in 0..n {
+                        let _ = tx.send(Ok(Frame::data(event(*sent, pad))));
+                        *sent += 1;
+                    }
+                }
+            }
+            SharedOp::Read { client, k } => {
+                if let Some(body) = &mut clients[client].1 {
+                    for _ in 0..k {
+                        let _ = Pin::new(&mut *body).poll_frame(&mut Context::from_waker(&waker));
+                        settle().await;
+                    }
+                }
+            }
+            SharedOp::End { client } => clients[client].0 = None,
+            SharedOp::Drop { client } => clients[client].1 = None,
+        }
+        settle().await;
+        check(&clients, &format!("after step {i} {op:?}"))?;
+    }
+    for c in &mut clients {
+        c.0 = None;
+        c.1 = None;
+    }
+    settle().await;
+    check(&clients, "at the end")?;
+    if budget.used() != 0 {
+        return Err(format!(
+            "the budget holds {} bytes after every client closed",
+            budget.used()
+        ));
+    }
+    Ok(())
 }
 
 // ----- regressions: minimal cases the properties found -----
@@ -1386,5 +1533,30 @@ async fn disconnect_never_drops_to_make_room_for_a_critical_frame() {
     assert!(
         ids == [Sse::Id(0), Sse::Id(1), Sse::Id(2)] || evicted == Some(EvictReason::Overflow),
         "read {ids:?}, then {evicted:?}"
+    );
+}
+
+/// A shared budget keeps the total under its limit. When a client's own
+/// frame needs room, the budget sheds that client's oldest frame, which
+/// leaves the ring with room: the frame is then appended without the drop
+/// that the reservation counted on, and the budget is forced over.
+#[tokio::test(start_paused = true)]
+#[ignore = "bug: MemoryBudget goes over its limit when the pushing client's own frame is shed to make room"]
+async fn a_budget_shed_of_the_pushing_client_keeps_the_total_under_the_limit() {
+    let budget = MemoryBudget::new(40);
+    let layer = BackpressureLayer::new(BufferConfig::new(2)).memory_budget(budget.clone());
+    let (tx, _body, log) = one_body(layer).await;
+    // 14 + 14 bytes fill the ring; then 34 bytes.
+    for (seq, pad) in [(0, 0), (1, 0), (2, 20)] {
+        tx.send(Ok(Frame::data(event(seq, pad)))).unwrap();
+        settle().await;
+    }
+    let stats = log.handle.get().unwrap().stats().unwrap();
+    assert_eq!(budget.used(), stats.buffered_bytes);
+    assert!(
+        budget.used() <= budget.limit(),
+        "{} bytes buffered under a budget of {}: {stats:?}",
+        budget.used(),
+        budget.limit()
     );
 }
