@@ -1319,6 +1319,15 @@ fn check_shared(case: SharedCase) -> Result<(), TestCaseError> {
         .map_err(TestCaseError::fail)
 }
 
+/// A client of `drive_shared`: its producer, its body, what its observer
+/// saw, and how many frames were sent.
+type SharedClient = (
+    Option<mpsc::UnboundedSender<Item>>,
+    Option<BackpressureBody<ChanBody, Arc<Log>, ()>>,
+    Arc<Log>,
+    u64,
+);
+
 async fn drive_shared(case: &SharedCase) -> Result<(), String> {
     let budget = MemoryBudget::new(case.limit);
     let mut clients = Vec::new();
@@ -1329,14 +1338,7 @@ async fn drive_shared(case: &SharedCase) -> Result<(), String> {
         clients.push((Some(tx), Some(body), log, 0u64));
     }
     let waker = futures::task::noop_waker();
-    let check = |clients: &[(
-        Option<mpsc::UnboundedSender<Item>>,
-        Option<BackpressureBody<ChanBody, Arc<Log>, ()>>,
-        Arc<Log>,
-        u64,
-    )],
-                 at: &str|
-     -> Result<(), String> {
+    let check = |clients: &[SharedClient], at: &str| -> Result<(), String> {
         let mut held = 0;
         let mut forced = false;
         for (i, (_, _, log, _)) in clients.iter().enumerate() {
