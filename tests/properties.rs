@@ -1140,15 +1140,6 @@ where
     settle().await;
     run.quiescent(true)
         .map_err(|e| format!("at the end: {e}"))?;
-    if std::env::var("PROP_DEBUG").is_ok() {
-        eprintln!(
-            "closed {:?} sent {} delivered {} events {}",
-            run.closed().map(|c| c.0),
-            run.sent,
-            run.reader.delivered.len(),
-            run.events().len()
-        );
-    }
     final_checks(&run)
 }
 
