@@ -374,6 +374,21 @@ impl<T, W> ClientBuffer<T, W> {
             && (self.live == 0 || self.bytes.saturating_add(weight) <= self.max_bytes)
     }
 
+    /// Whether a frame of `weight` and `class` fits without dropping
+    /// anything: a replacing frame first frees its key's frame.
+    pub(crate) fn has_room_for_class(&self, weight: usize, class: FrameClass) -> bool {
+        let FrameClass::Replace(key) = class else {
+            return self.has_room_for(weight);
+        };
+        let Some(index) = self.keys.get(&key).and_then(|&seq| self.index_of(seq)) else {
+            return self.has_room_for(weight);
+        };
+        let live = self.live - 1;
+        let bytes = self.bytes - self.slots[index].weight;
+        live < self.config.capacity()
+            && (live == 0 || bytes.saturating_add(weight) <= self.max_bytes)
+    }
+
     /// Whether the buffer is at a limit: the next push would drop.
     pub fn is_full(&self) -> bool {
         !self.has_room_for(1)

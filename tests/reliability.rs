@@ -114,13 +114,18 @@ impl<T> Sink<T> for Stalled {
 // Bug 1: a paused pump is never woken again.
 
 /// Bug 1: under `Overflow::Pause`, a gap (a replace-class frame dropped for
-/// the byte limit) that the gap marker answers with `GapAction::End`
-/// (`GrpcDataLoss`) closes the stream while the pump is paused. The pump's
-/// waker must not be lost: once the client has the trailers and the body is
-/// dropped, the pump task ends and drops the inner body, even though the
-/// producer is still there.
+/// the byte limit) that the gap marker answered with `GapAction::End`
+/// (`GrpcDataLoss`) closed the stream while the pump was paused, and the
+/// pump's waker was lost: the pump task and the inner body lived forever.
+///
+/// Since then `Pause` drops nothing, replace-class frames included (see
+/// `pause_never_drops_a_replaceable_frame` in tests/properties.rs), so that
+/// gap cannot happen. What remains of the bug is its class: a stream that
+/// closes while its pump is paused must wake the pump, which ends and drops
+/// the inner body, although the producer is still there. Here the client
+/// takes one frame and then goes.
 #[tokio::test(start_paused = true)]
-async fn a_paused_pump_ended_by_a_data_loss_gap_stops_and_drops_the_inner_body() {
+async fn a_paused_pump_stops_and_drops_the_inner_body_when_the_stream_closes() {
     let (observer, mut events) = recorder();
     let config = BufferConfig::new(1000)
         .with_max_bytes(100)
@@ -135,9 +140,9 @@ async fn a_paused_pump_ended_by_a_data_loss_gap_stops_and_drops_the_inner_body()
         .service(one_response(inner, "application/grpc"));
     let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
 
-    // 10 bytes; 95 that do not fit beside them (the 10 are dropped: a gap);
-    // 5 that fill the byte limit exactly: the pump pauses, with a 4th frame
-    // still waiting in the producer's channel.
+    // 10 bytes, then 95 that do not fit beside them: the pump pauses (it
+    // drops nothing under `Pause`), with two more frames still waiting in the
+    // producer's channel.
     for (key, len) in [(0u8, 10), (1, 95), (2, 5), (3, 5)] {
         producer.tx.try_send(Bytes::from(vec![key; len])).unwrap();
     }
@@ -145,13 +150,9 @@ async fn a_paused_pump_ended_by_a_data_loss_gap_stops_and_drops_the_inner_body()
         .await
         .expect("a frame")
         .expect("not an error");
-    let trailers = first
-        .into_trailers()
-        .expect("the stream ends at the gap with DATA_LOSS trailers");
-    assert_eq!(trailers["grpc-status"], "15");
-    assert!(guard("the end", body.frame()).await.is_none());
+    assert_eq!(first.into_data().expect("data, not a gap"), vec![0u8; 10]);
     drop(body);
-    closed_as(&mut events, CloseReason::Evicted(EvictReason::DataLoss)).await;
+    closed_as(&mut events, CloseReason::ClientGone).await;
 
     // The producer still holds its end: only the pump ending drops the inner
     // body. A leaked pump keeps it (and its task) forever.

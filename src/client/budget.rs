@@ -5,7 +5,8 @@ use std::sync::atomic::Ordering;
 use super::{Client, Reporter, State, Storage};
 use crate::budget::BudgetMember;
 use crate::buffer::Dropped;
-use crate::observer::BackpressureObserver;
+use crate::config::Overflow;
+use crate::observer::{BackpressureObserver, EvictReason};
 
 impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
     /// Brings the budget in line with the storage after a change; `reserved`
@@ -44,6 +45,14 @@ impl<D: Send, O: BackpressureObserver, S: Storage<D> + Send> BudgetMember for Cl
         let mut st = self.lock();
         if st.closed {
             return 0;
+        }
+        if self.config.overflow() == Overflow::Disconnect {
+            // It drops nothing: it is cut off, and all it holds is freed.
+            let held = st.storage.bytes();
+            if held > 0 {
+                self.evict(&mut st, EvictReason::Overflow);
+            }
+            return held;
         }
         let mut freed = Dropped::default();
         while freed.bytes < need {

@@ -342,7 +342,15 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
 
     /// Fires `Opened`: the first event of a client.
     pub(crate) fn open(&self) {
-        self.lock().event(EventKind::Opened);
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.lock().event(EventKind::Opened);
+        }));
+        if let Err(panic) = opened {
+            // The stream will never start: close it, so that nothing (a
+            // registry, a handle) waits for it.
+            self.close(CloseReason::ClientGone);
+            std::panic::resume_unwind(panic);
+        }
     }
 
     /// The storage's counters now.

@@ -1,6 +1,7 @@
 //! The producer side's steps: admission under the overflow policy and the
 //! memory budget, the end of the stream, the timed rules' watch.
 
+use std::sync::atomic::Ordering;
 use std::task::Context;
 
 use tokio::time::Instant;
@@ -49,7 +50,9 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
     /// The class a frame is stored as: under `Overflow::Pause` nothing is
     /// dropped, so droppable frames count as critical.
     pub(super) fn effective_class(&self, class: FrameClass) -> FrameClass {
-        if self.config.overflow() == Overflow::Pause && class == FrameClass::Droppable {
+        if self.config.overflow() == Overflow::Pause && class != FrameClass::Critical {
+            // Nor replaced: a frame that takes another's place under its
+            // key may still need room that only a drop could make.
             FrameClass::Critical
         } else {
             class
@@ -167,9 +170,10 @@ impl<D, O: BackpressureObserver, S: Admit<D>> Client<D, O, S> {
         let was_empty = st.storage.is_empty();
         let refused = reserved.is_err();
         let mut dropped = Dropped::default();
+        // `Disconnect` drops nothing: a frame that needs room evicts the
+        // client.
         let evict = if overflow == Overflow::Disconnect
-            && class != FrameClass::Critical
-            && (refused || !st.storage.has_room_for(weight))
+            && (refused || !st.storage.has_room_for_class(weight, class))
         {
             self.settle(&st, taken);
             Some(EvictReason::Overflow)
@@ -187,6 +191,24 @@ impl<D, O: BackpressureObserver, S: Admit<D>> Client<D, O, S> {
                 };
             } else {
                 dropped = st.storage.push(item, class);
+                if let Some(budget) = self.budget.as_ref().filter(|_| !refused) {
+                    // The budget took `taken` for this frame. If the storage
+                    // grew more (the budget shed this client's own oldest
+                    // frame, so the ring kept what it meant to drop), drop
+                    // the oldest again to stay within what was taken.
+                    let allowed = self
+                        .budget_bytes
+                        .load(Ordering::Acquire)
+                        .saturating_add(taken);
+                    while st.storage.bytes() > allowed {
+                        let Some(weight) = st.storage.evict_oldest() else {
+                            break;
+                        };
+                        budget.count_dropped(1);
+                        dropped.frames += 1;
+                        dropped.bytes += weight;
+                    }
+                }
                 self.settle(&st, taken);
                 // A `Pause` client over the budget waits for its client,
                 // if it has frames that its client will take.
@@ -194,7 +216,12 @@ impl<D, O: BackpressureObserver, S: Admit<D>> Client<D, O, S> {
                     st.producer_paused = true;
                 }
             }
-            self.after_push(&mut st, was_empty, dropped)
+            let rule = self.after_push(&mut st, was_empty, dropped);
+            if overflow == Overflow::Disconnect && dropped.frames > 0 {
+                Some(EvictReason::Overflow)
+            } else {
+                rule
+            }
         };
         if let Some(reason) = evict {
             self.evict(&mut st, reason);

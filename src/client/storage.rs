@@ -22,8 +22,9 @@ pub(crate) trait Storage<D> {
     fn is_full(&self) -> bool;
     /// Under the pressure threshold.
     fn is_healthy(&self) -> bool;
-    /// A frame of `weight` fits without dropping anything.
-    fn has_room_for(&self, weight: usize) -> bool;
+    /// A frame of `weight` and `class` fits without dropping anything (a
+    /// replacing frame takes its key's frame's place first).
+    fn has_room_for_class(&self, weight: usize, class: FrameClass) -> bool;
     /// How many bytes the storage can grow by when a frame of `weight` and
     /// `class` arrives, after dropping what its own policy drops for it: what
     /// a memory budget has to find room for.
@@ -82,9 +83,8 @@ impl<D, W> Storage<D> for ClientBuffer<D, W> {
         ClientBuffer::is_healthy(self)
     }
 
-    #[inline]
-    fn has_room_for(&self, weight: usize) -> bool {
-        ClientBuffer::has_room_for(self, weight)
+    fn has_room_for_class(&self, weight: usize, class: FrameClass) -> bool {
+        ClientBuffer::has_room_for_class(self, weight, class)
     }
 
     fn growth(&self, weight: usize, class: FrameClass) -> usize {
