@@ -1246,7 +1246,7 @@ fn seed() -> proptest::test_runner::RngSeed {
     let seed = std::env::var("PROPTEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_0f_ba_c4);
+        .unwrap_or(0x5eed_bac4);
     proptest::test_runner::RngSeed::Fixed(seed)
 }
 
