@@ -109,7 +109,10 @@ struct Args {
     /// Mark each gap in a client's stream: `event: lagged` with
     /// `data: {"dropped":N}` on /events, `{"type":"lagged","dropped":N}` on
     /// /stream.ndjson.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off)]
+    // `ArgAction::Set`: for a `bool` field clap's derive otherwise makes a
+    // value-less flag, whose implicit `true` then fails `on_off`.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off,
+          action = clap::ArgAction::Set)]
     gap_marker: bool,
     /// Disconnect a client once more than N of its events were dropped.
     #[arg(long, value_name = "N")]
