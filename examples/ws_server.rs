@@ -16,6 +16,11 @@
 //! curl http://127.0.0.1:3000/health/clients
 //! ```
 //!
+//! A client evicted by its buffer's rules that never reads again loses its
+//! connection too: the accept loop (`examples/common/serve.rs`) puts each
+//! connection's [`Connection`] into its requests, and the handler hands it to
+//! the client's sink.
+//!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
 //! `listening on http://HOST:PORT` is printed on stdout; SIGINT and SIGTERM
@@ -30,7 +35,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, Extension, State};
 use axum::http::{Method, Uri};
 use axum::response::Response;
 use axum::routing::get;
@@ -40,6 +45,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::task::TaskTracker;
+use tower_backpressure::conn::Connection;
 use tower_backpressure::sink::Builder;
 use tower_backpressure::{
     BackpressureObserver, BufferConfig, BufferedSink, ClientInfo, ClientRegistry, FrameClass, Gap,
@@ -126,8 +132,11 @@ impl Hub {
     }
 }
 
-/// `GET /ws` and `GET /health/clients`. Serve it with
-/// `into_make_service_with_connect_info::<SocketAddr>()`.
+/// `GET /ws` and `GET /health/clients`. Serve it with axum's
+/// `ConnectInfo<SocketAddr>` in every request (as
+/// `into_make_service_with_connect_info::<SocketAddr>()` or
+/// `examples/common/serve.rs` do), and with the [`Connection`] of the
+/// request's connection if the server has one.
 pub fn router(hub: Hub, registry: &ClientRegistry) -> Router {
     Router::new()
         .route("/ws", get(ws))
@@ -185,22 +194,17 @@ async fn main() -> ExitCode {
     );
 
     let mut stopped = shutdown;
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    // Each request carries its connection, which the client's sink closes
+    // if it evicts the client.
+    let server = serve::serve_http1_and_http2(listener, app, async move {
         let _ = stopped.wait_for(|stop| *stop).await;
-    })
-    .into_future();
+    });
     let mut server = std::pin::pin!(server);
 
     tokio::select! {
-        result = &mut server => {
-            // Only an error ends the server before a signal.
-            if let Err(e) = result {
-                eprintln!("error: server failed: {e}");
-            }
+        () = &mut server => {
+            // The server stops only after a signal.
+            eprintln!("error: server stopped unexpectedly");
             return ExitCode::FAILURE;
         }
         () = shutdown_signal() => {}
@@ -212,12 +216,10 @@ async fn main() -> ExitCode {
     // clients' tasks too.
     clients.close();
     let stopped = async {
-        let (served, ()) = tokio::join!(server, clients.wait());
-        served
+        tokio::join!(server, clients.wait());
     };
     match tokio::time::timeout(SHUTDOWN_GRACE, stopped).await {
-        Ok(Ok(())) => tracing::info!("stopped"),
-        Ok(Err(e)) => tracing::warn!("server error while stopping: {e}"),
+        Ok(()) => tracing::info!("stopped"),
         Err(_) => tracing::warn!("some clients did not close within {SHUTDOWN_GRACE:?}"),
     }
     ExitCode::SUCCESS
@@ -227,21 +229,29 @@ async fn main() -> ExitCode {
 async fn ws(
     State(hub): State<Hub>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    connection: Option<Extension<Connection>>,
     uri: Uri,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let info = ClientInfo::new(Method::GET, uri, Some(peer)).with_route("/ws");
+    let connection = connection.map(|Extension(connection)| connection);
     let clients = hub.clients.clone();
-    upgrade.on_upgrade(move |socket| clients.track_future(client(socket, info, hub)))
+    upgrade.on_upgrade(move |socket| clients.track_future(client(socket, info, connection, hub)))
 }
 
 /// One client: ticks go into its buffer, never waiting for it; the buffer's
-/// drain task writes them to the socket at the client's pace.
-async fn client(socket: WebSocket, info: ClientInfo, hub: Hub) {
+/// drain task writes them to the socket at the client's pace. Evicting the
+/// client closes `connection` (the upgraded connection), so that a client
+/// that never reads again does not keep it open.
+async fn client(socket: WebSocket, info: ClientInfo, connection: Option<Connection>, hub: Hub) {
     let (tx, mut rx) = socket.split();
     let mut ticks = hub.ticks.subscribe();
     let mut shutdown = hub.shutdown;
-    let mut sink = hub.sinks.client(info).spawn(tx);
+    let mut sinks = hub.sinks.client(info);
+    if let Some(connection) = connection {
+        sinks = sinks.connection(connection);
+    }
+    let mut sink = sinks.spawn(tx);
     enum Next {
         Send(Message),
         Left,
@@ -361,6 +371,8 @@ async fn produce(ticks: broadcast::Sender<Utf8Bytes>, rate: u64, payload: String
     }
 }
 
+#[path = "common/serve.rs"]
+mod serve;
 #[path = "common/signal.rs"]
 mod signal;
 use signal::shutdown_signal;
