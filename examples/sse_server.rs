@@ -75,6 +75,14 @@ mod serve;
 /// client may never take the events still buffered for it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// The largest `--rate`. Every millisecond the producer sends what is due
+/// without yielding: at a rate far beyond what it can send, that loop never
+/// ends, and SIGTERM no longer stops the server.
+const MAX_RATE: u64 = 10_000_000;
+
+/// The largest `--size` (1 MiB).
+const MAX_SIZE: u64 = 1 << 20;
+
 /// Server-Sent Events at a fixed rate, each client behind a drop-oldest buffer.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -84,10 +92,11 @@ struct Args {
     addr: String,
     /// Events per second, shared by all clients.
     #[arg(long, value_name = "EVENTS_PER_SEC", default_value_t = 1000,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_RATE))]
     rate: u64,
     /// Size of each event's `data:` payload.
-    #[arg(long, value_name = "BYTES", default_value_t = 256)]
+    #[arg(long, value_name = "BYTES", default_value_t = 256,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=MAX_SIZE))]
     size: usize,
     /// Frames buffered per client before the oldest are dropped.
     #[arg(long, value_name = "FRAMES", default_value_t = 1000)]
@@ -161,6 +170,9 @@ fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
     }
     if let Some(ms) = args.evict_after_stall_ms {
         eviction = eviction.after_stall(Duration::from_millis(ms));
+    }
+    if args.evict_after_stall_ms == Some(0) {
+        return Err("--evict-after-stall-ms must be at least 1".into());
     }
     if args.budget_bytes == Some(0) {
         return Err("--budget-bytes must be at least 1".into());

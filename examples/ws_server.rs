@@ -59,6 +59,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// the Close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The largest `--rate`. Every millisecond the producer sends what is due
+/// without yielding: at a rate far beyond what it can send, that loop never
+/// ends, and SIGTERM no longer stops the server.
+const MAX_RATE: u64 = 10_000_000;
+
+/// The largest `--size` (1 MiB).
+const MAX_SIZE: u64 = 1 << 20;
+
 /// WebSocket messages at a fixed rate, each client behind a drop-oldest buffer.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -68,10 +76,11 @@ struct Args {
     addr: String,
     /// Messages per second, shared by all clients.
     #[arg(long, value_name = "EVENTS_PER_SEC", default_value_t = 1000,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_RATE))]
     rate: u64,
     /// Size of each message's `payload`.
-    #[arg(long, value_name = "BYTES", default_value_t = 256)]
+    #[arg(long, value_name = "BYTES", default_value_t = 256,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=MAX_SIZE))]
     size: usize,
     /// Messages buffered per client before the oldest are dropped.
     #[arg(long, value_name = "FRAMES", default_value_t = 1000)]
