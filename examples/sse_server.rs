@@ -95,8 +95,10 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..=MAX_RATE))]
     rate: u64,
     /// Size of each event's `data:` payload.
+    // At least 1: axum writes no `data:` line for empty data, and browsers
+    // ignore an event without one.
     #[arg(long, value_name = "BYTES", default_value_t = 256,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=MAX_SIZE))]
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_SIZE))]
     size: usize,
     /// Frames buffered per client before the oldest are dropped.
     #[arg(long, value_name = "FRAMES", default_value_t = 1000)]
