@@ -65,9 +65,12 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tower_backpressure::{
     BackpressureLayer, BufferConfig, ClientRegistry, Eviction, MemoryBudget, NdjsonGapMarker,
-    Overflow, SseGapMarker, TracingObserver,
+    SseGapMarker, TracingObserver,
 };
 
+#[path = "common/flags.rs"]
+mod flags;
+use flags::{Policy, on_off};
 #[path = "common/serve.rs"]
 mod serve;
 
@@ -120,8 +123,7 @@ struct Args {
     /// Mark each gap in a client's stream: `event: lagged` with
     /// `data: {"dropped":N}` on /events, `{"type":"lagged","dropped":N}` on
     /// /stream.ndjson.
-    // `ArgAction::Set`: for a `bool` field clap's derive otherwise makes a
-    // value-less flag, whose implicit `true` then fails `on_off`.
+    // `ArgAction::Set`: see `on_off`.
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off,
           action = clap::ArgAction::Set)]
     gap_marker: bool,
@@ -136,33 +138,11 @@ struct Args {
     budget_bytes: Option<usize>,
 }
 
-/// `--policy`.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum Policy {
-    DropOldest,
-    DropNewest,
-    Pause,
-    Disconnect,
-}
-
-fn on_off(s: &str) -> Result<bool, String> {
-    match s {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(format!("expected on or off, got {s:?}")),
-    }
-}
-
 /// The buffer configuration the flags describe.
 fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
     let mut config = BufferConfig::new(args.capacity)
         .with_threshold(args.threshold)
-        .with_overflow(match args.policy {
-            Policy::DropOldest => Overflow::DropOldest,
-            Policy::DropNewest => Overflow::DropNewest,
-            Policy::Pause => Overflow::Pause,
-            Policy::Disconnect => Overflow::Disconnect,
-        });
+        .with_overflow(args.policy.overflow());
     if let Some(max_bytes) = args.max_bytes {
         config = config.with_max_bytes(max_bytes);
     }

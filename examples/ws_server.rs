@@ -16,10 +16,14 @@
 //! curl http://127.0.0.1:3000/health/clients
 //! ```
 //!
-//! A client evicted by its buffer's rules that never reads again loses its
-//! connection too: the accept loop (`examples/common/serve.rs`) puts each
-//! connection's [`Connection`] into its requests, and the handler hands it to
-//! the client's sink.
+//! Slow-client policies, as in `sse_server`:
+//! `--policy drop-oldest|drop-newest|pause|disconnect`, `--gap-marker on|off`
+//! (default on), `--evict-after-dropped N`, `--evict-after-stall-ms T`, and
+//! `--budget-bytes B` for one memory budget shared by all clients. A client
+//! evicted by them that never reads again loses its connection too: the
+//! accept loop (`examples/common/serve.rs`, HTTP/1.1 and HTTP/2 with prior
+//! knowledge on one port) puts each connection's [`Connection`] into its
+//! requests, and the handler hands it to the client's sink.
 //!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
@@ -48,8 +52,8 @@ use tokio_util::task::TaskTracker;
 use tower_backpressure::conn::Connection;
 use tower_backpressure::sink::Builder;
 use tower_backpressure::{
-    BackpressureObserver, BufferConfig, BufferedSink, ClientInfo, ClientRegistry, FrameClass, Gap,
-    GapAction, TracingObserver,
+    BackpressureObserver, BufferConfig, BufferedSink, ClientInfo, ClientRegistry, Eviction,
+    FrameClass, Gap, GapAction, MemoryBudget, TracingObserver,
 };
 
 /// How long open WebSockets get to close after SIGINT/SIGTERM.
@@ -91,6 +95,53 @@ struct Args {
     /// Fraction of the limits at which a client counts as under pressure, in (0, 1].
     #[arg(long, value_name = "F", default_value_t = 0.8)]
     threshold: f64,
+    /// What a full buffer does. `pause` makes the client's task wait for
+    /// room; since one producer feeds everyone, the shared channel then skips
+    /// ticks for it (announced as `{"type":"lagged",…}` too).
+    #[arg(long, value_enum, default_value_t = Policy::DropOldest)]
+    policy: Policy,
+    /// Send `{"type":"lagged","dropped":N}` before the first message after
+    /// each gap.
+    // `ArgAction::Set`: see `on_off`.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off,
+          action = clap::ArgAction::Set)]
+    gap_marker: bool,
+    /// Disconnect a client once more than N of its messages were dropped.
+    #[arg(long, value_name = "N")]
+    evict_after_dropped: Option<u64>,
+    /// Disconnect a client that took no message for T milliseconds while
+    /// messages waited.
+    #[arg(long, value_name = "T")]
+    evict_after_stall_ms: Option<u64>,
+    /// One budget in bytes for the messages buffered across all clients.
+    #[arg(long, value_name = "B")]
+    budget_bytes: Option<usize>,
+}
+
+/// The buffer configuration the flags describe.
+fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
+    let mut config = BufferConfig::new(args.capacity)
+        .with_threshold(args.threshold)
+        .with_overflow(args.policy.overflow());
+    if let Some(max_bytes) = args.max_bytes {
+        config = config.with_max_bytes(max_bytes);
+    }
+    let mut eviction = Eviction::none();
+    if let Some(n) = args.evict_after_dropped {
+        eviction = eviction.after_dropped(n);
+    }
+    if let Some(ms) = args.evict_after_stall_ms {
+        if ms == 0 {
+            return Err("--evict-after-stall-ms must be at least 1".into());
+        }
+        eviction = eviction.after_stall(Duration::from_millis(ms));
+    }
+    if args.budget_bytes == Some(0) {
+        return Err("--budget-bytes must be at least 1".into());
+    }
+    config = config.with_eviction(eviction);
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
 }
 
 /// What every client's [`BufferedSink`] is built from.
@@ -110,6 +161,8 @@ pub struct Hub {
     shutdown: watch::Receiver<bool>,
     /// Every client's task, for a clean exit.
     clients: TaskTracker,
+    /// Whether gaps are announced.
+    gap_marker: bool,
 }
 
 impl Hub {
@@ -132,7 +185,24 @@ impl Hub {
             sinks,
             shutdown,
             clients: TaskTracker::new(),
+            gap_marker: true,
         })
+    }
+
+    /// Announces no gap (`--gap-marker off`): the client only sees a jump in
+    /// `seq`.
+    pub fn without_gap_marker(mut self) -> Self {
+        self.sinks = self
+            .sinks
+            .gap_marker(no_marker as fn(Gap) -> GapAction<Message>);
+        self.gap_marker = false;
+        self
+    }
+
+    /// Puts every client under one shared memory budget.
+    pub fn memory_budget(mut self, budget: MemoryBudget) -> Self {
+        self.sinks = self.sinks.memory_budget(budget);
+        self
     }
 
     /// Every client's task.
@@ -161,23 +231,36 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let mut config = BufferConfig::new(args.capacity).with_threshold(args.threshold);
-    if let Some(max_bytes) = args.max_bytes {
-        config = config.with_max_bytes(max_bytes);
-    }
-    let registry = ClientRegistry::new();
+    // Refuse a bad configuration now, not when the first client connects.
+    let config = match buffer_config(&args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let budget = args.budget_bytes.map(MemoryBudget::new);
+    let registry = match &budget {
+        Some(budget) => ClientRegistry::new().with_budget(budget.clone()),
+        None => ClientRegistry::new(),
+    };
     let observer: Arc<dyn BackpressureObserver> =
         Arc::new((registry.clone(), TracingObserver::new()));
     let (stop, shutdown) = watch::channel(false);
     let producer = Producer::spawn(args.rate, args.size);
-    // Refuse a bad configuration now, not when the first client connects.
-    let hub = match Hub::new(config, observer, &producer, shutdown.clone()) {
+    let mut hub = match Hub::new(config, observer, &producer, shutdown.clone()) {
         Ok(hub) => hub,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
+    if !args.gap_marker {
+        hub = hub.without_gap_marker();
+    }
+    if let Some(budget) = budget {
+        hub = hub.memory_budget(budget);
+    }
     let clients = hub.clients().clone();
     let app = router(hub, &registry);
 
@@ -199,7 +282,9 @@ async fn main() -> ExitCode {
         capacity = args.capacity,
         max_bytes = args.max_bytes,
         threshold = args.threshold,
-        "serving GET /ws and GET /health/clients"
+        policy = ?args.policy,
+        gap_marker = args.gap_marker,
+        "serving GET /ws and GET /health/clients over HTTP/1.1 and HTTP/2"
     );
 
     let mut stopped = shutdown;
@@ -270,9 +355,13 @@ async fn client(socket: WebSocket, info: ClientInfo, connection: Option<Connecti
         let next = tokio::select! {
             tick = ticks.recv() => match tick {
                 Ok(text) => Next::Send(Message::Text(text)),
-                // Only if this task was starved of CPU for 4096 ticks: say
-                // so, as the buffer does for its own drops.
-                Err(broadcast::error::RecvError::Lagged(n)) => Next::Send(lagged_message(n)),
+                // Only if this task was starved of CPU for 4096 ticks (or
+                // waited under `--policy pause`): say so, as the buffer does
+                // for its own drops.
+                Err(broadcast::error::RecvError::Lagged(n)) if hub.gap_marker => {
+                    Next::Send(lagged_message(n))
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => Next::Stop,
             },
             incoming = rx.next() => match incoming {
@@ -312,6 +401,11 @@ async fn client(socket: WebSocket, info: ClientInfo, connection: Option<Connecti
 /// The gap marker: `{"type":"lagged","dropped":N}` before the next message.
 fn lagged(gap: Gap) -> GapAction<Message> {
     GapAction::Insert(lagged_message(gap.frames))
+}
+
+/// `--gap-marker off`.
+fn no_marker(_: Gap) -> GapAction<Message> {
+    GapAction::Skip
 }
 
 fn lagged_message(dropped: u64) -> Message {
@@ -380,6 +474,9 @@ async fn produce(ticks: broadcast::Sender<Utf8Bytes>, rate: u64, payload: String
     }
 }
 
+#[path = "common/flags.rs"]
+mod flags;
+use flags::{Policy, on_off};
 #[path = "common/serve.rs"]
 mod serve;
 #[path = "common/signal.rs"]

@@ -8,9 +8,9 @@
 //! must exit with status 0.
 //!
 //! An evicted client that never reads again must lose its connection: 20
-//! such clients of `sse_server` (a stall rule, and `--policy disconnect`)
-//! are dropped from `/health/clients` and the server closes all 20
-//! connections.
+//! such clients of `sse_server`, and of `ws_server` (a stall rule, and
+//! `--policy disconnect`), are dropped from `/health/clients` and the server
+//! closes all 20 connections (on Linux: it holds none of their sockets).
 //!
 //! The binaries are `cargo build --examples --all-features` next to this
 //! test's own (`target/<profile>/examples/`); the test runs that build once,
@@ -655,13 +655,25 @@ async fn sse_server_refuses_what_it_cannot_honour() {
     .await;
 }
 
-/// 20 clients that send `GET /events` and never read again (after the
-/// response headers): once the layer evicts them they are gone from
-/// `/health/clients`, and the server has closed all 20 connections (it
-/// holds none of their sockets; each client reads the rest, then the end).
-async fn evicted_clients_lose_their_connections(args: &'static str) {
+/// `GET /events`, as a raw HTTP/1.1 request.
+const SSE_REQUEST: &[u8] = b"GET /events HTTP/1.1\r\nhost: localhost\r\n\r\n";
+/// `GET /ws` with a WebSocket upgrade, as a raw HTTP/1.1 request.
+const WS_REQUEST: &[u8] = b"GET /ws HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\n\
+connection: upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n";
+
+/// 20 clients of `example` that send `request` and never read again (after
+/// the response's status line, `status`): once they are evicted they are
+/// gone from `/health/clients`, and the server has closed all 20
+/// connections (it holds none of their sockets; each client reads the rest,
+/// then the end).
+async fn evicted_clients_lose_their_connections(
+    example: &str,
+    args: &'static str,
+    request: &[u8],
+    status: &[u8],
+) {
     const CLIENTS: usize = 20;
-    let server = start("sse_server", args).await;
+    let server = start(example, args).await;
     let addr = server.addr;
     #[cfg(target_os = "linux")]
     let before = server.sockets();
@@ -673,10 +685,7 @@ async fn evicted_clients_lose_their_connections(args: &'static str) {
         let mut stream = within(STEP, "a connection", socket.connect(addr))
             .await
             .unwrap();
-        stream
-            .write_all(b"GET /events HTTP/1.1\r\nhost: localhost\r\n\r\n")
-            .await
-            .unwrap();
+        stream.write_all(request).await.unwrap();
         // The response headers (and whatever came with them), then never
         // another read until the end of the test.
         let mut head = vec![0u8; 1024];
@@ -684,7 +693,7 @@ async fn evicted_clients_lose_their_connections(args: &'static str) {
             .await
             .unwrap();
         assert!(
-            head[..n].starts_with(b"HTTP/1.1 200 OK\r\n"),
+            head[..n].starts_with(status),
             "{:?}",
             String::from_utf8_lossy(&head[..n])
         );
@@ -743,10 +752,16 @@ async fn evicted_clients_lose_their_connections(args: &'static str) {
 async fn sse_server_closes_the_connections_of_evicted_clients() {
     tokio::join!(
         evicted_clients_lose_their_connections(
-            "--rate 2000 --size 1024 --evict-after-stall-ms 300"
+            "sse_server",
+            "--rate 2000 --size 1024 --evict-after-stall-ms 300",
+            SSE_REQUEST,
+            b"HTTP/1.1 200 OK\r\n",
         ),
         evicted_clients_lose_their_connections(
-            "--rate 2000 --size 1024 --capacity 100 --policy disconnect"
+            "sse_server",
+            "--rate 2000 --size 1024 --capacity 100 --policy disconnect",
+            SSE_REQUEST,
+            b"HTTP/1.1 200 OK\r\n",
         ),
     );
 }
@@ -756,6 +771,10 @@ async fn sse_server_closes_the_connections_of_evicted_clients() {
 const WS_RUNS: &[&str] = &[
     "",
     "--rate 2000 --size 16 --capacity 10 --max-bytes 4096 --threshold 0.5",
+    "--size 0 --policy drop-newest --gap-marker off",
+    "--policy pause --gap-marker on --evict-after-dropped 0",
+    "--policy disconnect --evict-after-stall-ms 5000 --budget-bytes 65536",
+    "--policy drop-oldest --evict-after-dropped 100000",
 ];
 
 /// A WebSocket client gets `{"seq":N,"payload":…}` messages; the registry
@@ -828,6 +847,11 @@ async fn ws_server_refuses_what_it_cannot_honour() {
         ("--threshold 2", "threshold"),
         ("--rate 0", "--rate"),
         ("--size 2000000", "--size"),
+        ("--gap-marker maybe", "--gap-marker"),
+        ("--gap-marker", "--gap-marker"),
+        ("--policy nope", "--policy"),
+        ("--evict-after-stall-ms 0", "--evict-after-stall-ms"),
+        ("--budget-bytes 0", "--budget-bytes"),
     ];
     futures::future::join_all(
         cases
@@ -1005,5 +1029,23 @@ async fn demo_adaptive_and_loadgen_refuse_bad_values() {
         refused_at_once("adaptive", "--rate 5000000000", "--rate"),
         refused_at_once("loadgen", "--runs 0", "--runs"),
         refused_at_once("loadgen", "--variant nope", "--variant"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_server_closes_the_connections_of_evicted_clients() {
+    tokio::join!(
+        evicted_clients_lose_their_connections(
+            "ws_server",
+            "--rate 2000 --size 1024 --evict-after-stall-ms 300",
+            WS_REQUEST,
+            b"HTTP/1.1 101 Switching Protocols\r\n",
+        ),
+        evicted_clients_lose_their_connections(
+            "ws_server",
+            "--rate 2000 --size 1024 --capacity 100 --policy disconnect",
+            WS_REQUEST,
+            b"HTTP/1.1 101 Switching Protocols\r\n",
+        ),
     );
 }

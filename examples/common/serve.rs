@@ -10,9 +10,9 @@
 //! of an evicted HTTP/1 client that never reads again.
 //!
 //! What hyper holds for a client that stops reading, before the layer's
-//! buffer, is bounded here (see the README, "What hyper and the kernel
-//! hold"): [`HTTP1_MAX_BUF_SIZE`] per HTTP/1 connection;
-//! [`HTTP2_MAX_SEND_BUF_SIZE`] per HTTP/2 stream, times at most
+//! buffer, is bounded here (see the README, "What is and is not dropped"
+//! and "What hyper holds over HTTP/2"): [`HTTP1_MAX_BUF_SIZE`] per HTTP/1
+//! connection; [`HTTP2_MAX_SEND_BUF_SIZE`] per HTTP/2 stream, times at most
 //! [`HTTP2_MAX_CONCURRENT_STREAMS`] streams per connection.
 
 use std::future::Future;
