@@ -35,10 +35,15 @@ use tower_backpressure::{BackpressureLayer, BufferConfig, ClientHandle, Health};
 #[derive(Debug, Parser)]
 struct Args {
     /// How long the clients run, in seconds.
-    #[arg(long, default_value_t = 5)]
+    // At least 1: with 0 a client may end before its request reaches the
+    // server, which then has no producer to report.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     seconds: u64,
     /// Events per second each producer aims for.
-    #[arg(long, default_value_t = 5000)]
+    // At most 10^6: the producer's tick period (1 s / rate) must not round
+    // to zero.
+    #[arg(long, value_name = "EVENTS_PER_SEC", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     rate: u64,
 }
 
@@ -111,7 +116,7 @@ async fn events(
         client: client.clone(),
     });
     producers.lock().unwrap().insert(name, counts.clone());
-    let every = Duration::from_secs(1) / rate.max(1) as u32;
+    let every = Duration::from_secs(1) / rate as u32;
     let stream = futures::stream::unfold(
         (0u64, client, counts, tokio::time::interval(every)),
         |(seq, mut client, counts, mut tick)| async move {

@@ -63,6 +63,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// The full path of the one method.
 pub const SUBSCRIBE_PATH: &str = "/tower_backpressure.demo.Ticker/Subscribe";
 
+/// The largest `--rate`. Every millisecond the producer sends what is due
+/// without yielding: at a rate far beyond what it can send, that loop never
+/// ends, and SIGTERM no longer stops the server.
+const MAX_RATE: u64 = 10_000_000;
+
+/// The largest `--size` (1 MiB).
+const MAX_SIZE: u64 = 1 << 20;
+
 /// gRPC server streaming at a fixed rate, each call behind a drop-oldest buffer.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -72,10 +80,11 @@ struct Args {
     addr: String,
     /// Ticks per second, shared by all calls.
     #[arg(long, value_name = "TICKS_PER_SEC", default_value_t = 1000,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_RATE))]
     rate: u64,
     /// Size of each tick's `payload`.
-    #[arg(long, value_name = "BYTES", default_value_t = 256)]
+    #[arg(long, value_name = "BYTES", default_value_t = 256,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=MAX_SIZE))]
     size: usize,
     /// Frames buffered per call before the oldest are dropped.
     #[arg(long, value_name = "FRAMES", default_value_t = 1000)]

@@ -65,15 +65,26 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tower_backpressure::{
     BackpressureLayer, BufferConfig, ClientRegistry, Eviction, MemoryBudget, NdjsonGapMarker,
-    Overflow, SseGapMarker, TracingObserver,
+    SseGapMarker, TracingObserver,
 };
 
+#[path = "common/flags.rs"]
+mod flags;
+use flags::{Policy, on_off};
 #[path = "common/serve.rs"]
 mod serve;
 
 /// How long open streams get to finish after SIGINT/SIGTERM: a stalled
 /// client may never take the events still buffered for it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// The largest `--rate`. Every millisecond the producer sends what is due
+/// without yielding: at a rate far beyond what it can send, that loop never
+/// ends, and SIGTERM no longer stops the server.
+const MAX_RATE: u64 = 10_000_000;
+
+/// The largest `--size` (1 MiB).
+const MAX_SIZE: u64 = 1 << 20;
 
 /// Server-Sent Events at a fixed rate, each client behind a drop-oldest buffer.
 #[derive(Debug, Parser)]
@@ -84,10 +95,13 @@ struct Args {
     addr: String,
     /// Events per second, shared by all clients.
     #[arg(long, value_name = "EVENTS_PER_SEC", default_value_t = 1000,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_RATE))]
     rate: u64,
     /// Size of each event's `data:` payload.
-    #[arg(long, value_name = "BYTES", default_value_t = 256)]
+    // At least 1: axum writes no `data:` line for empty data, and browsers
+    // ignore an event without one.
+    #[arg(long, value_name = "BYTES", default_value_t = 256,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_SIZE))]
     size: usize,
     /// Frames buffered per client before the oldest are dropped.
     #[arg(long, value_name = "FRAMES", default_value_t = 1000)]
@@ -109,7 +123,9 @@ struct Args {
     /// Mark each gap in a client's stream: `event: lagged` with
     /// `data: {"dropped":N}` on /events, `{"type":"lagged","dropped":N}` on
     /// /stream.ndjson.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off)]
+    // `ArgAction::Set`: see `on_off`.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off,
+          action = clap::ArgAction::Set)]
     gap_marker: bool,
     /// Disconnect a client once more than N of its events were dropped.
     #[arg(long, value_name = "N")]
@@ -122,33 +138,11 @@ struct Args {
     budget_bytes: Option<usize>,
 }
 
-/// `--policy`.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum Policy {
-    DropOldest,
-    DropNewest,
-    Pause,
-    Disconnect,
-}
-
-fn on_off(s: &str) -> Result<bool, String> {
-    match s {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(format!("expected on or off, got {s:?}")),
-    }
-}
-
 /// The buffer configuration the flags describe.
 fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
     let mut config = BufferConfig::new(args.capacity)
         .with_threshold(args.threshold)
-        .with_overflow(match args.policy {
-            Policy::DropOldest => Overflow::DropOldest,
-            Policy::DropNewest => Overflow::DropNewest,
-            Policy::Pause => Overflow::Pause,
-            Policy::Disconnect => Overflow::Disconnect,
-        });
+        .with_overflow(args.policy.overflow());
     if let Some(max_bytes) = args.max_bytes {
         config = config.with_max_bytes(max_bytes);
     }
@@ -158,6 +152,9 @@ fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
     }
     if let Some(ms) = args.evict_after_stall_ms {
         eviction = eviction.after_stall(Duration::from_millis(ms));
+    }
+    if args.evict_after_stall_ms == Some(0) {
+        return Err("--evict-after-stall-ms must be at least 1".into());
     }
     if args.budget_bytes == Some(0) {
         return Err("--budget-bytes must be at least 1".into());

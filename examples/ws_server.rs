@@ -16,6 +16,15 @@
 //! curl http://127.0.0.1:3000/health/clients
 //! ```
 //!
+//! Slow-client policies, as in `sse_server`:
+//! `--policy drop-oldest|drop-newest|pause|disconnect`, `--gap-marker on|off`
+//! (default on), `--evict-after-dropped N`, `--evict-after-stall-ms T`, and
+//! `--budget-bytes B` for one memory budget shared by all clients. A client
+//! evicted by them that never reads again loses its connection too: the
+//! accept loop (`examples/common/serve.rs`, HTTP/1.1 and HTTP/2 with prior
+//! knowledge on one port) puts each connection's [`Connection`] into its
+//! requests, and the handler hands it to the client's sink.
+//!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
 //! `listening on http://HOST:PORT` is printed on stdout; SIGINT and SIGTERM
@@ -30,7 +39,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code};
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, Extension, State};
 use axum::http::{Method, Uri};
 use axum::response::Response;
 use axum::routing::get;
@@ -40,10 +49,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::task::TaskTracker;
+use tower_backpressure::conn::Connection;
 use tower_backpressure::sink::Builder;
 use tower_backpressure::{
-    BackpressureObserver, BufferConfig, BufferedSink, ClientInfo, ClientRegistry, FrameClass, Gap,
-    GapAction, TracingObserver,
+    BackpressureObserver, BufferConfig, BufferedSink, ClientInfo, ClientRegistry, Eviction,
+    FrameClass, Gap, GapAction, MemoryBudget, TracingObserver,
 };
 
 /// How long open WebSockets get to close after SIGINT/SIGTERM.
@@ -52,6 +62,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How long one client's close may take: delivering what is buffered, then
 /// the Close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The largest `--rate`. Every millisecond the producer sends what is due
+/// without yielding: at a rate far beyond what it can send, that loop never
+/// ends, and SIGTERM no longer stops the server.
+const MAX_RATE: u64 = 10_000_000;
+
+/// The largest `--size` (1 MiB).
+const MAX_SIZE: u64 = 1 << 20;
 
 /// WebSocket messages at a fixed rate, each client behind a drop-oldest buffer.
 #[derive(Debug, Parser)]
@@ -62,10 +80,11 @@ struct Args {
     addr: String,
     /// Messages per second, shared by all clients.
     #[arg(long, value_name = "EVENTS_PER_SEC", default_value_t = 1000,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_RATE))]
     rate: u64,
     /// Size of each message's `payload`.
-    #[arg(long, value_name = "BYTES", default_value_t = 256)]
+    #[arg(long, value_name = "BYTES", default_value_t = 256,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=MAX_SIZE))]
     size: usize,
     /// Messages buffered per client before the oldest are dropped.
     #[arg(long, value_name = "FRAMES", default_value_t = 1000)]
@@ -76,6 +95,53 @@ struct Args {
     /// Fraction of the limits at which a client counts as under pressure, in (0, 1].
     #[arg(long, value_name = "F", default_value_t = 0.8)]
     threshold: f64,
+    /// What a full buffer does. `pause` makes the client's task wait for
+    /// room; since one producer feeds everyone, the shared channel then skips
+    /// ticks for it (announced as `{"type":"lagged",…}` too).
+    #[arg(long, value_enum, default_value_t = Policy::DropOldest)]
+    policy: Policy,
+    /// Send `{"type":"lagged","dropped":N}` before the first message after
+    /// each gap.
+    // `ArgAction::Set`: see `on_off`.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = on_off,
+          action = clap::ArgAction::Set)]
+    gap_marker: bool,
+    /// Disconnect a client once more than N of its messages were dropped.
+    #[arg(long, value_name = "N")]
+    evict_after_dropped: Option<u64>,
+    /// Disconnect a client that took no message for T milliseconds while
+    /// messages waited.
+    #[arg(long, value_name = "T")]
+    evict_after_stall_ms: Option<u64>,
+    /// One budget in bytes for the messages buffered across all clients.
+    #[arg(long, value_name = "B")]
+    budget_bytes: Option<usize>,
+}
+
+/// The buffer configuration the flags describe.
+fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
+    let mut config = BufferConfig::new(args.capacity)
+        .with_threshold(args.threshold)
+        .with_overflow(args.policy.overflow());
+    if let Some(max_bytes) = args.max_bytes {
+        config = config.with_max_bytes(max_bytes);
+    }
+    let mut eviction = Eviction::none();
+    if let Some(n) = args.evict_after_dropped {
+        eviction = eviction.after_dropped(n);
+    }
+    if let Some(ms) = args.evict_after_stall_ms {
+        if ms == 0 {
+            return Err("--evict-after-stall-ms must be at least 1".into());
+        }
+        eviction = eviction.after_stall(Duration::from_millis(ms));
+    }
+    if args.budget_bytes == Some(0) {
+        return Err("--budget-bytes must be at least 1".into());
+    }
+    config = config.with_eviction(eviction);
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
 }
 
 /// What every client's [`BufferedSink`] is built from.
@@ -95,6 +161,8 @@ pub struct Hub {
     shutdown: watch::Receiver<bool>,
     /// Every client's task, for a clean exit.
     clients: TaskTracker,
+    /// Whether gaps are announced.
+    gap_marker: bool,
 }
 
 impl Hub {
@@ -117,7 +185,24 @@ impl Hub {
             sinks,
             shutdown,
             clients: TaskTracker::new(),
+            gap_marker: true,
         })
+    }
+
+    /// Announces no gap (`--gap-marker off`): the client only sees a jump in
+    /// `seq`.
+    pub fn without_gap_marker(mut self) -> Self {
+        self.sinks = self
+            .sinks
+            .gap_marker(no_marker as fn(Gap) -> GapAction<Message>);
+        self.gap_marker = false;
+        self
+    }
+
+    /// Puts every client under one shared memory budget.
+    pub fn memory_budget(mut self, budget: MemoryBudget) -> Self {
+        self.sinks = self.sinks.memory_budget(budget);
+        self
     }
 
     /// Every client's task.
@@ -126,8 +211,11 @@ impl Hub {
     }
 }
 
-/// `GET /ws` and `GET /health/clients`. Serve it with
-/// `into_make_service_with_connect_info::<SocketAddr>()`.
+/// `GET /ws` and `GET /health/clients`. Serve it with axum's
+/// `ConnectInfo<SocketAddr>` in every request (as
+/// `into_make_service_with_connect_info::<SocketAddr>()` or
+/// `examples/common/serve.rs` do), and with the [`Connection`] of the
+/// request's connection if the server has one.
 pub fn router(hub: Hub, registry: &ClientRegistry) -> Router {
     Router::new()
         .route("/ws", get(ws))
@@ -143,23 +231,36 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let mut config = BufferConfig::new(args.capacity).with_threshold(args.threshold);
-    if let Some(max_bytes) = args.max_bytes {
-        config = config.with_max_bytes(max_bytes);
-    }
-    let registry = ClientRegistry::new();
+    // Refuse a bad configuration now, not when the first client connects.
+    let config = match buffer_config(&args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let budget = args.budget_bytes.map(MemoryBudget::new);
+    let registry = match &budget {
+        Some(budget) => ClientRegistry::new().with_budget(budget.clone()),
+        None => ClientRegistry::new(),
+    };
     let observer: Arc<dyn BackpressureObserver> =
         Arc::new((registry.clone(), TracingObserver::new()));
     let (stop, shutdown) = watch::channel(false);
     let producer = Producer::spawn(args.rate, args.size);
-    // Refuse a bad configuration now, not when the first client connects.
-    let hub = match Hub::new(config, observer, &producer, shutdown.clone()) {
+    let mut hub = match Hub::new(config, observer, &producer, shutdown.clone()) {
         Ok(hub) => hub,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     };
+    if !args.gap_marker {
+        hub = hub.without_gap_marker();
+    }
+    if let Some(budget) = budget {
+        hub = hub.memory_budget(budget);
+    }
     let clients = hub.clients().clone();
     let app = router(hub, &registry);
 
@@ -181,26 +282,23 @@ async fn main() -> ExitCode {
         capacity = args.capacity,
         max_bytes = args.max_bytes,
         threshold = args.threshold,
-        "serving GET /ws and GET /health/clients"
+        policy = ?args.policy,
+        gap_marker = args.gap_marker,
+        "serving GET /ws and GET /health/clients over HTTP/1.1 and HTTP/2"
     );
 
     let mut stopped = shutdown;
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    // Each request carries its connection, which the client's sink closes
+    // if it evicts the client.
+    let server = serve::serve_http1_and_http2(listener, app, async move {
         let _ = stopped.wait_for(|stop| *stop).await;
-    })
-    .into_future();
+    });
     let mut server = std::pin::pin!(server);
 
     tokio::select! {
-        result = &mut server => {
-            // Only an error ends the server before a signal.
-            if let Err(e) = result {
-                eprintln!("error: server failed: {e}");
-            }
+        () = &mut server => {
+            // The server stops only after a signal.
+            eprintln!("error: server stopped unexpectedly");
             return ExitCode::FAILURE;
         }
         () = shutdown_signal() => {}
@@ -212,12 +310,10 @@ async fn main() -> ExitCode {
     // clients' tasks too.
     clients.close();
     let stopped = async {
-        let (served, ()) = tokio::join!(server, clients.wait());
-        served
+        tokio::join!(server, clients.wait());
     };
     match tokio::time::timeout(SHUTDOWN_GRACE, stopped).await {
-        Ok(Ok(())) => tracing::info!("stopped"),
-        Ok(Err(e)) => tracing::warn!("server error while stopping: {e}"),
+        Ok(()) => tracing::info!("stopped"),
         Err(_) => tracing::warn!("some clients did not close within {SHUTDOWN_GRACE:?}"),
     }
     ExitCode::SUCCESS
@@ -227,21 +323,29 @@ async fn main() -> ExitCode {
 async fn ws(
     State(hub): State<Hub>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    connection: Option<Extension<Connection>>,
     uri: Uri,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let info = ClientInfo::new(Method::GET, uri, Some(peer)).with_route("/ws");
+    let connection = connection.map(|Extension(connection)| connection);
     let clients = hub.clients.clone();
-    upgrade.on_upgrade(move |socket| clients.track_future(client(socket, info, hub)))
+    upgrade.on_upgrade(move |socket| clients.track_future(client(socket, info, connection, hub)))
 }
 
 /// One client: ticks go into its buffer, never waiting for it; the buffer's
-/// drain task writes them to the socket at the client's pace.
-async fn client(socket: WebSocket, info: ClientInfo, hub: Hub) {
+/// drain task writes them to the socket at the client's pace. Evicting the
+/// client closes `connection` (the upgraded connection), so that a client
+/// that never reads again does not keep it open.
+async fn client(socket: WebSocket, info: ClientInfo, connection: Option<Connection>, hub: Hub) {
     let (tx, mut rx) = socket.split();
     let mut ticks = hub.ticks.subscribe();
     let mut shutdown = hub.shutdown;
-    let mut sink = hub.sinks.client(info).spawn(tx);
+    let mut sinks = hub.sinks.client(info);
+    if let Some(connection) = connection {
+        sinks = sinks.connection(connection);
+    }
+    let mut sink = sinks.spawn(tx);
     enum Next {
         Send(Message),
         Left,
@@ -251,9 +355,13 @@ async fn client(socket: WebSocket, info: ClientInfo, hub: Hub) {
         let next = tokio::select! {
             tick = ticks.recv() => match tick {
                 Ok(text) => Next::Send(Message::Text(text)),
-                // Only if this task was starved of CPU for 4096 ticks: say
-                // so, as the buffer does for its own drops.
-                Err(broadcast::error::RecvError::Lagged(n)) => Next::Send(lagged_message(n)),
+                // Only if this task was starved of CPU for 4096 ticks (or
+                // waited under `--policy pause`): say so, as the buffer does
+                // for its own drops.
+                Err(broadcast::error::RecvError::Lagged(n)) if hub.gap_marker => {
+                    Next::Send(lagged_message(n))
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => Next::Stop,
             },
             incoming = rx.next() => match incoming {
@@ -293,6 +401,11 @@ async fn client(socket: WebSocket, info: ClientInfo, hub: Hub) {
 /// The gap marker: `{"type":"lagged","dropped":N}` before the next message.
 fn lagged(gap: Gap) -> GapAction<Message> {
     GapAction::Insert(lagged_message(gap.frames))
+}
+
+/// `--gap-marker off`.
+fn no_marker(_: Gap) -> GapAction<Message> {
+    GapAction::Skip
 }
 
 fn lagged_message(dropped: u64) -> Message {
@@ -361,6 +474,11 @@ async fn produce(ticks: broadcast::Sender<Utf8Bytes>, rate: u64, payload: String
     }
 }
 
+#[path = "common/flags.rs"]
+mod flags;
+use flags::{Policy, on_off};
+#[path = "common/serve.rs"]
+mod serve;
 #[path = "common/signal.rs"]
 mod signal;
 use signal::shutdown_signal;

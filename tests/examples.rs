@@ -1,0 +1,1051 @@
+//! The examples as built binaries, driven from outside as a user would: each
+//! server starts with `--addr 127.0.0.1:0`, prints its one `listening on`
+//! line, serves a real client (HTTP/1.1, HTTP/2 with prior knowledge,
+//! WebSocket, gRPC) with every documented value of every flag, and exits
+//! with status 0 on SIGTERM, ending the streams still open; a value or a
+//! combination it cannot honour makes it exit non-zero with a clear message.
+//! `demo`, `adaptive` and `loadgen` drive themselves: they run briefly and
+//! must exit with status 0.
+//!
+//! An evicted client that never reads again must lose its connection: 20
+//! such clients of `sse_server`, and of `ws_server` (a stall rule, and
+//! `--policy disconnect`), are dropped from `/health/clients` and the server
+//! closes all 20 connections (on Linux: it holds none of their sockets).
+//!
+//! The binaries are `cargo build --examples --all-features` next to this
+//! test's own (`target/<profile>/examples/`); the test runs that build once,
+//! which does nothing when `cargo test --all-features` has built them
+//! already, and rebuilds them when only this test was built
+//! (`cargo test --test examples`). Every wait is bounded, and every child is
+//! killed if the test fails. Only loopback is used.
+
+mod common;
+#[path = "../examples/grpc_server.rs"]
+#[allow(dead_code, unreachable_pub)]
+mod grpc_server;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use http::{Request, StatusCode, header};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// How long a server gets to print its `listening on` line.
+const STARTUP: Duration = Duration::from_secs(20);
+/// How long a client waits for one thing (headers, an event, a close).
+const STEP: Duration = Duration::from_secs(10);
+/// How long a server gets to exit after SIGTERM (the servers give open
+/// streams 3 s).
+const EXIT: Duration = Duration::from_secs(10);
+
+/// Waits for `f`, at most `limit`.
+async fn within<F: Future>(limit: Duration, what: &str, f: F) -> F::Output {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for {what}"))
+}
+
+// --- The binaries -------------------------------------------------------------
+
+/// The path of the built example `name`.
+fn example(name: &str) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(build_examples)
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// Builds the examples with the profile and into the target directory of
+/// this test binary (`<target>/[<triple>/]<profile>/deps/examples-<hash>`);
+/// returns `<target>/[<triple>/]<profile>/examples`.
+fn build_examples() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from <target>/<profile>/deps");
+    let examples = profile_dir.join("examples");
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev",
+        Some(other) => other,
+        None => panic!("no profile directory in {}", exe.display()),
+    };
+    let above = profile_dir.parent().expect("a target directory");
+    // `cargo test --target T` builds into <target>/<T>/<profile>.
+    let (target_dir, triple) = if above.join("CACHEDIR.TAG").exists() {
+        (above, None)
+    } else {
+        let triple = above
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned);
+        (above.parent().expect("a target directory"), triple)
+    };
+    let mut cargo = std::process::Command::new(env!("CARGO"));
+    cargo
+        .args([
+            "build",
+            "--quiet",
+            "--examples",
+            "--all-features",
+            "--profile",
+            profile,
+        ])
+        .arg("--target-dir")
+        .arg(target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(triple) = triple {
+        cargo.args(["--target", &triple]);
+    }
+    let mut child = cargo.spawn().expect("cargo runs");
+    // Read stderr as it comes: a full pipe would stall cargo.
+    let mut err = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut text);
+        text
+    });
+    // A cold build of the examples takes minutes on a small machine; this
+    // only bounds a cargo that hangs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(900);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let stderr = stderr.join().unwrap();
+            assert!(status.success(), "cargo build --examples failed:\n{stderr}");
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("cargo build --examples did not finish within 15 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    examples
+}
+
+// --- A running server ---------------------------------------------------------
+
+/// A running example; killed on drop (a failed test leaves nothing behind).
+struct Server {
+    name: String,
+    child: Child,
+    addr: SocketAddr,
+    /// The lines the server printed after `listening on`.
+    stdout: JoinHandle<Vec<String>>,
+    stderr: JoinHandle<String>,
+}
+
+/// How a server ended.
+struct Stopped {
+    status: ExitStatus,
+    stdout: Vec<String>,
+    stderr: String,
+}
+
+/// Starts `name` with `--addr 127.0.0.1:0` and `args` (separated by
+/// spaces); waits for its `listening on http://127.0.0.1:PORT` line.
+async fn start(name: &str, args: &str) -> Server {
+    let mut child = Command::new(example(name))
+        .args(["--addr", "127.0.0.1:0"])
+        .args(args.split_whitespace())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+    // Logs go to stderr: keep reading it, or a full pipe stalls the server.
+    let mut err = child.stderr.take().unwrap();
+    let stderr = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = err.read_to_string(&mut text).await;
+        text
+    });
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(STARTUP, out.next_line()).await;
+    let line = match first {
+        Ok(Ok(Some(line))) => line,
+        other => {
+            let _ = child.kill().await;
+            let stderr = stderr.await.unwrap_or_default();
+            panic!("{name} {args:?} printed no listening line ({other:?}); stderr:\n{stderr}");
+        }
+    };
+    let addr = line
+        .strip_prefix("listening on http://")
+        .and_then(|a| a.parse::<SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("{name} {args:?}: not a listening line: {line:?}"));
+    assert!(addr.ip().is_loopback() && addr.port() != 0, "{line}");
+    let stdout = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Ok(Some(line)) = out.next_line().await {
+            rest.push(line);
+        }
+        rest
+    });
+    Server {
+        name: format!("{name} {args}"),
+        child,
+        addr,
+        stdout,
+        stderr,
+    }
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.child.id().expect("the server is running")
+    }
+
+    /// Sends SIGTERM (`kill -TERM`: no libc needed).
+    async fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM {}", self.pid());
+    }
+
+    /// Waits for the server to exit after [`terminate`](Self::terminate).
+    async fn wait(mut self) -> Stopped {
+        let name = self.name.clone();
+        let status = within(EXIT, &format!("{name} to exit"), self.child.wait())
+            .await
+            .unwrap();
+        let stdout = within(STEP, "stdout", &mut self.stdout).await.unwrap();
+        let stderr = within(STEP, "stderr", &mut self.stderr).await.unwrap();
+        Stopped {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// SIGTERM, then a clean exit: status 0 and no second line on stdout.
+    async fn stop_cleanly(self) -> Stopped {
+        let name = self.name.clone();
+        self.terminate().await;
+        let stopped = self.wait().await;
+        assert!(
+            stopped.status.success(),
+            "{name}: exit {:?} after SIGTERM; stderr:\n{}",
+            stopped.status,
+            stopped.stderr
+        );
+        assert!(
+            stopped.stdout.is_empty(),
+            "{name}: exactly one line on stdout, then {:?}",
+            stopped.stdout
+        );
+        stopped
+    }
+
+    /// The server's open sockets (Linux: its `/proc/PID/fd`).
+    #[cfg(target_os = "linux")]
+    fn sockets(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().starts_with("socket:"))
+            .count()
+    }
+}
+
+/// Runs `name` with `args` that it must refuse: a non-zero exit, soon, with
+/// an error on stderr that contains `says`, and no listening line.
+async fn refused(name: &str, args: &str, says: &str) {
+    // A test of `--addr` itself gives its own.
+    let addr = if args.contains("--addr") {
+        ""
+    } else {
+        "--addr 127.0.0.1:0"
+    };
+    let child = Command::new(example(name))
+        .args(addr.split_whitespace())
+        .args(args.split_whitespace())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let what = format!("{name} {args:?} to refuse its flags");
+    let output = within(STEP, &what, child.wait_with_output()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "{name} {args:?} must exit non-zero; stdout:\n{stdout}"
+    );
+    assert!(
+        stderr.contains("error") && stderr.contains(says),
+        "{name} {args:?}: stderr should say {says:?}:\n{stderr}"
+    );
+    assert!(
+        !stdout.contains("listening on"),
+        "{name} {args:?}: {stdout}"
+    );
+}
+
+/// Runs a program that drives itself; it must exit with status 0 within
+/// `limit`. Returns its stdout.
+async fn runs_to_success(name: &str, args: &str, limit: Duration) -> String {
+    let child = Command::new(example(name))
+        .args(args.split_whitespace())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let output = within(
+        limit,
+        &format!("{name} {args:?} to finish"),
+        child.wait_with_output(),
+    )
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{name} {args:?}: exit {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+// --- Clients ------------------------------------------------------------------
+
+/// `GET path` over HTTP/1.1 on a connection of its own.
+async fn get_h1(addr: SocketAddr, path: &str) -> http::Response<Incoming> {
+    let stream = within(STEP, "a connection", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    within(STEP, "response headers", sender.send_request(req))
+        .await
+        .unwrap()
+}
+
+/// `GET path` over HTTP/2 with prior knowledge, on a connection of its own.
+async fn get_h2(addr: SocketAddr, path: &str) -> http::Response<Incoming> {
+    let stream = within(STEP, "a connection", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{addr}{path}"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    within(STEP, "response headers", sender.send_request(req))
+        .await
+        .unwrap()
+}
+
+/// `GET /health/clients`: the registry's JSON.
+async fn health(addr: SocketAddr) -> serde_json::Value {
+    let response = get_h1(addr, "/health/clients").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+    let body = within(STEP, "the health body", response.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// The paths of the clients `/health/clients` lists.
+fn listed(health: &serde_json::Value) -> Vec<String> {
+    health["clients"]
+        .as_array()
+        .expect("a clients array")
+        .iter()
+        .map(|c| c["path"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Reads a streaming body until `enough` says so, at most `limit` bytes.
+/// Returns what was read.
+async fn read_until(
+    body: &mut Incoming,
+    limit: usize,
+    mut enough: impl FnMut(&[u8]) -> bool,
+) -> Vec<u8> {
+    let mut data = Vec::new();
+    while !enough(&data) {
+        assert!(
+            data.len() < limit,
+            "read {limit} bytes without what was expected"
+        );
+        let frame = within(STEP, "the next frame", body.frame())
+            .await
+            .expect("the stream goes on")
+            .expect("a frame");
+        if let Ok(bytes) = frame.into_data() {
+            data.extend_from_slice(&bytes);
+        }
+    }
+    data
+}
+
+/// Reads a body to its end; an error (a reset stream) ends it too.
+async fn read_to_end(body: &mut Incoming) {
+    within(EXIT, "the stream to end", async {
+        while let Some(Ok(_)) = body.frame().await {}
+    })
+    .await;
+}
+
+/// One item of an SSE stream.
+#[derive(Debug, PartialEq)]
+enum Sse {
+    /// `id: N` and a `data:` of this many bytes.
+    Event(u64, usize),
+    /// `event: lagged` with `data: {"dropped":N}`.
+    Lagged(u64),
+}
+
+/// The complete SSE events in `data`.
+fn sse(data: &[u8]) -> Vec<Sse> {
+    let text = std::str::from_utf8(data).unwrap();
+    let complete = &text[..text.rfind("\n\n").map_or(0, |i| i + 2)];
+    complete
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let lines: Vec<&str> = e.lines().collect();
+            match lines.as_slice() {
+                [id, data] if id.starts_with("id: ") => Sse::Event(
+                    id["id: ".len()..].parse().expect("a numeric id"),
+                    data.strip_prefix("data: ")
+                        .or(data.strip_prefix("data:"))
+                        .expect("data")
+                        .len(),
+                ),
+                ["event: lagged", data] => {
+                    let json: serde_json::Value =
+                        serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+                    Sse::Lagged(json["dropped"].as_u64().unwrap())
+                }
+                _ => panic!("not an SSE event of the example: {e:?}"),
+            }
+        })
+        .collect()
+}
+
+/// Checks a stream of SSE items: ids strictly increase, payloads are `size`
+/// bytes, a marker counts a gap exactly. Returns the number of events.
+fn check_sse(items: &[Sse], size: usize) -> usize {
+    let (mut last, mut announced, mut events) = (None::<u64>, 0, 0);
+    for item in items {
+        match *item {
+            Sse::Lagged(n) => {
+                assert!(n > 0);
+                announced += n;
+            }
+            Sse::Event(id, len) => {
+                assert_eq!(len, size, "every data: is --size bytes");
+                if let Some(last) = last {
+                    assert!(id > last, "ids strictly increase: {items:?}");
+                    assert!(
+                        announced == 0 || announced == id - last - 1,
+                        "a marker counts its gap exactly: {items:?}"
+                    );
+                }
+                last = Some(id);
+                announced = 0;
+                events += 1;
+            }
+        }
+    }
+    events
+}
+
+/// The JSON lines of an NDJSON stream: `{"seq":N,"payload":…}` or a marker.
+fn ndjson(data: &[u8], size: usize) -> Vec<u64> {
+    let text = std::str::from_utf8(data).unwrap();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    let mut seqs = Vec::new();
+    for line in complete.lines() {
+        let json: serde_json::Value = serde_json::from_str(line).unwrap();
+        if json["type"] == "lagged" {
+            assert!(json["dropped"].as_u64().unwrap() > 0);
+            continue;
+        }
+        assert_eq!(json["payload"].as_str().unwrap().len(), size);
+        seqs.push(json["seq"].as_u64().unwrap());
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    seqs
+}
+
+/// The value of `--size` in `args` (default 256).
+fn size_in(args: &str) -> usize {
+    let args: Vec<&str> = args.split_whitespace().collect();
+    args.iter()
+        .position(|a| *a == "--size")
+        .map_or(256, |i| args[i + 1].parse().unwrap())
+}
+
+// --- sse_server ---------------------------------------------------------------
+
+/// Every documented value of every `sse_server` flag, a few per run.
+const SSE_RUNS: &[&str] = &[
+    "",
+    "--rate 5000 --size 1 --capacity 1 --threshold 1",
+    "--size 1024 --max-bytes 4096 --threshold 0.5 --gap-marker off",
+    "--gap-marker on --policy drop-oldest --rate 20",
+    "--policy drop-newest --capacity 10",
+    "--policy pause",
+    "--policy disconnect",
+    "--evict-after-dropped 0 --evict-after-stall-ms 5000",
+    "--evict-after-dropped 100000 --budget-bytes 65536",
+    "--passthrough --rate 2000 --size 16",
+];
+
+/// SSE on HTTP/1.1, NDJSON on HTTP/2, `/health/clients`; SIGTERM ends both
+/// streams and the server exits with status 0.
+async fn drive_sse_server(args: &'static str) {
+    let size = size_in(args);
+    let server = start("sse_server", args).await;
+    let addr = server.addr;
+
+    let events = get_h1(addr, "/events").await;
+    assert_eq!(events.status(), StatusCode::OK);
+    assert_eq!(events.headers()[header::CONTENT_TYPE], "text/event-stream");
+    assert!(events.headers().get(header::CONTENT_LENGTH).is_none());
+    let mut events = events.into_body();
+    let data = read_until(&mut events, 1 << 20, |d| {
+        sse(d)
+            .iter()
+            .filter(|e| matches!(e, Sse::Event(..)))
+            .count()
+            >= 3
+    })
+    .await;
+    assert!(check_sse(&sse(&data), size) >= 3);
+
+    let lines = get_h2(addr, "/stream.ndjson").await;
+    assert_eq!(lines.status(), StatusCode::OK);
+    assert_eq!(lines.version(), http::Version::HTTP_2);
+    assert_eq!(
+        lines.headers()[header::CONTENT_TYPE],
+        "application/x-ndjson"
+    );
+    let mut lines = lines.into_body();
+    let data = read_until(&mut lines, 1 << 20, |d| ndjson(d, size).len() >= 3).await;
+    assert!(ndjson(&data, size).len() >= 3);
+
+    // Both streams are open: the registry lists them (the layer's clients;
+    // there are none without it).
+    let mut paths = listed(&health(addr).await);
+    paths.sort();
+    if args.contains("--passthrough") {
+        assert_eq!(paths, Vec::<String>::new());
+    } else {
+        assert_eq!(paths, ["/events", "/stream.ndjson"], "{args:?}");
+    }
+
+    // SIGTERM ends the open streams, then the process.
+    server.terminate().await;
+    tokio::join!(read_to_end(&mut events), read_to_end(&mut lines));
+    let name = format!("sse_server {args:?}");
+    let stopped = server.wait().await;
+    assert!(
+        stopped.status.success(),
+        "{name}: {:?}\n{}",
+        stopped.status,
+        stopped.stderr
+    );
+    assert!(stopped.stdout.is_empty(), "{name}: {:?}", stopped.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_server_serves_every_documented_flag_value() {
+    futures::future::join_all(SSE_RUNS.iter().map(|args| drive_sse_server(args))).await;
+}
+
+/// A client that stalls with `--capacity 1` loses events: with
+/// `--gap-marker on` (the default) it is told, with `off` it only sees a
+/// jump in the ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_server_gap_marker_on_and_off() {
+    async fn stall_then_read(marker: &'static str) -> Vec<Sse> {
+        let args = format!("--rate 5000 --size 200 --capacity 1 --gap-marker {marker}");
+        let server = start("sse_server", &args).await;
+        let mut client = common::connect(server.addr, Some(4096)).await;
+        let response = common::get(&mut client, "/events").await;
+        let mut body = response.into_body();
+        // Stall long enough for hyper's buffer and the sockets' to fill.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let data = read_until(&mut body, 16 << 20, |d| {
+            let items = sse(d);
+            let ids: Vec<u64> = items
+                .iter()
+                .filter_map(|e| match e {
+                    Sse::Event(id, _) => Some(*id),
+                    Sse::Lagged(_) => None,
+                })
+                .collect();
+            ids.windows(2).any(|w| w[1] > w[0] + 1)
+        })
+        .await;
+        drop((body, client));
+        server.stop_cleanly().await;
+        sse(&data)
+    }
+    let (on, off) = tokio::join!(stall_then_read("on"), stall_then_read("off"));
+    check_sse(&on, 200);
+    check_sse(&off, 200);
+    assert!(on.iter().any(|e| matches!(e, Sse::Lagged(_))), "{on:?}");
+    assert!(!off.iter().any(|e| matches!(e, Sse::Lagged(_))), "{off:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_server_refuses_what_it_cannot_honour() {
+    let cases: &[(&str, &str)] = &[
+        ("--gap-marker maybe", "--gap-marker"),
+        ("--gap-marker", "--gap-marker"),
+        ("--policy nope", "--policy"),
+        ("--capacity 0", "capacity"),
+        ("--max-bytes 0", "max_bytes"),
+        ("--threshold 0", "threshold"),
+        ("--threshold 1.5", "threshold"),
+        ("--rate 0", "--rate"),
+        ("--rate 18446744073709551615", "--rate"),
+        ("--size 0", "--size"),
+        ("--size=-1", "--size"),
+        ("--evict-after-stall-ms 0", "--evict-after-stall-ms"),
+        ("--budget-bytes 0", "--budget-bytes"),
+        ("--addr 127.0.0.1:99999", "cannot listen"),
+    ];
+    futures::future::join_all(
+        cases
+            .iter()
+            .map(|(args, says)| refused("sse_server", args, says)),
+    )
+    .await;
+}
+
+/// `GET /events`, as a raw HTTP/1.1 request.
+const SSE_REQUEST: &[u8] = b"GET /events HTTP/1.1\r\nhost: localhost\r\n\r\n";
+/// `GET /ws` with a WebSocket upgrade, as a raw HTTP/1.1 request.
+const WS_REQUEST: &[u8] = b"GET /ws HTTP/1.1\r\nhost: localhost\r\nupgrade: websocket\r\n\
+connection: upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n";
+
+/// 20 clients of `example` that send `request` and never read again (after
+/// the response's status line, `status`): once they are evicted they are
+/// gone from `/health/clients`, and the server has closed all 20
+/// connections (it holds none of their sockets; each client reads the rest,
+/// then the end).
+async fn evicted_clients_lose_their_connections(
+    example: &str,
+    args: &'static str,
+    request: &[u8],
+    status: &[u8],
+) {
+    const CLIENTS: usize = 20;
+    let server = start(example, args).await;
+    let addr = server.addr;
+    #[cfg(target_os = "linux")]
+    let before = server.sockets();
+
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = within(STEP, "a connection", socket.connect(addr))
+            .await
+            .unwrap();
+        stream.write_all(request).await.unwrap();
+        // The response headers (and whatever came with them), then never
+        // another read until the end of the test.
+        let mut head = vec![0u8; 1024];
+        let n = within(STEP, "response headers", stream.read(&mut head))
+            .await
+            .unwrap();
+        assert!(
+            head[..n].starts_with(status),
+            "{:?}",
+            String::from_utf8_lossy(&head[..n])
+        );
+        clients.push(stream);
+    }
+
+    // Evicted: (Linux) the server holds none of their sockets any more...
+    #[cfg(target_os = "linux")]
+    {
+        assert!(
+            server.sockets() > before,
+            "the server holds the clients' sockets"
+        );
+        within(
+            Duration::from_secs(20),
+            "the server to close the connections",
+            async {
+                while server.sockets() > before {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        )
+        .await;
+    }
+    // ... and the registry lists none of them.
+    within(
+        Duration::from_secs(20),
+        "the registry to forget the clients",
+        async {
+            while !listed(&health(addr).await).is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
+
+    // Each client reads what the kernel still had for it, then the end of
+    // the connection (or a reset).
+    futures::future::join_all(clients.iter_mut().map(|stream| async move {
+        within(STEP, "a closed connection to end", async {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }))
+    .await;
+    server.stop_cleanly().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_server_closes_the_connections_of_evicted_clients() {
+    tokio::join!(
+        evicted_clients_lose_their_connections(
+            "sse_server",
+            "--rate 2000 --size 1024 --evict-after-stall-ms 300",
+            SSE_REQUEST,
+            b"HTTP/1.1 200 OK\r\n",
+        ),
+        evicted_clients_lose_their_connections(
+            "sse_server",
+            "--rate 2000 --size 1024 --capacity 100 --policy disconnect",
+            SSE_REQUEST,
+            b"HTTP/1.1 200 OK\r\n",
+        ),
+    );
+}
+
+// --- ws_server ----------------------------------------------------------------
+
+const WS_RUNS: &[&str] = &[
+    "",
+    "--rate 2000 --size 16 --capacity 10 --max-bytes 4096 --threshold 0.5",
+    "--size 0 --policy drop-newest --gap-marker off",
+    "--policy pause --gap-marker on --evict-after-dropped 0",
+    "--policy disconnect --evict-after-stall-ms 5000 --budget-bytes 65536",
+    "--policy drop-oldest --evict-after-dropped 100000",
+];
+
+/// A WebSocket client gets `{"seq":N,"payload":…}` messages; the registry
+/// lists it; SIGTERM closes it with "going away" and the server exits 0.
+async fn drive_ws_server(args: &'static str) {
+    let size = size_in(args);
+    let server = start("ws_server", args).await;
+    let (mut ws, response) = within(
+        STEP,
+        "the WebSocket handshake",
+        tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let mut seqs = Vec::new();
+    while seqs.len() < 3 {
+        let message = within(STEP, "a message", ws.next())
+            .await
+            .expect("open")
+            .unwrap();
+        let Message::Text(text) = message else {
+            panic!("a text message, got {message:?}");
+        };
+        let json: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+        if json["type"] == "lagged" {
+            continue;
+        }
+        assert_eq!(json["payload"].as_str().unwrap().len(), size);
+        seqs.push(json["seq"].as_u64().unwrap());
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(listed(&health(server.addr).await), ["/ws"]);
+
+    server.terminate().await;
+    // What is buffered, then a Close frame "going away".
+    let close = within(EXIT, "the Close frame", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("a Close frame, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Away));
+    let _ = ws.close(None).await;
+    let name = format!("ws_server {args:?}");
+    let stopped = server.wait().await;
+    assert!(
+        stopped.status.success(),
+        "{name}: {:?}\n{}",
+        stopped.status,
+        stopped.stderr
+    );
+    assert!(stopped.stdout.is_empty(), "{name}: {:?}", stopped.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_server_serves_every_documented_flag_value() {
+    futures::future::join_all(WS_RUNS.iter().map(|args| drive_ws_server(args))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_server_refuses_what_it_cannot_honour() {
+    let cases: &[(&str, &str)] = &[
+        ("--capacity 0", "capacity"),
+        ("--max-bytes 0", "max_bytes"),
+        ("--threshold 2", "threshold"),
+        ("--rate 0", "--rate"),
+        ("--size 2000000", "--size"),
+        ("--gap-marker maybe", "--gap-marker"),
+        ("--gap-marker", "--gap-marker"),
+        ("--policy nope", "--policy"),
+        ("--evict-after-stall-ms 0", "--evict-after-stall-ms"),
+        ("--budget-bytes 0", "--budget-bytes"),
+    ];
+    futures::future::join_all(
+        cases
+            .iter()
+            .map(|(args, says)| refused("ws_server", args, says)),
+    )
+    .await;
+}
+
+// --- grpc_server --------------------------------------------------------------
+
+const GRPC_RUNS: &[&str] = &[
+    "",
+    "--data-loss",
+    "--rate 2000 --size 16 --capacity 10 --max-bytes 4096 --threshold 0.5",
+];
+
+/// A tonic client: a call for 3 ticks gets them in order and ends `OK`; an
+/// endless call ends with `UNAVAILABLE` on SIGTERM and the server exits 0.
+async fn drive_grpc_server(args: &'static str) {
+    use grpc_server::{SUBSCRIBE_PATH, SubscribeRequest, Tick};
+    use tonic::codegen::http::uri::PathAndQuery;
+
+    let size = size_in(args);
+    let server = start("grpc_server", args).await;
+    let channel = within(
+        STEP,
+        "a gRPC connection",
+        tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let subscribe = |count: u64| {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        async move {
+            within(STEP, "the channel", grpc.ready()).await.unwrap();
+            let codec = tonic_prost::ProstCodec::<SubscribeRequest, Tick>::default();
+            let call = grpc.server_streaming(
+                tonic::Request::new(SubscribeRequest { count }),
+                PathAndQuery::from_static(SUBSCRIBE_PATH),
+                codec,
+            );
+            within(STEP, "the call's headers", call)
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+
+    let mut three = subscribe(3).await;
+    let mut seqs = Vec::new();
+    while let Some(tick) = within(STEP, "a tick", three.message()).await.unwrap() {
+        assert_eq!(tick.payload.len(), size);
+        seqs.push(tick.seq);
+    }
+    assert_eq!(seqs.len(), 3, "{seqs:?}");
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+
+    let mut endless = subscribe(0).await;
+    within(STEP, "a tick", endless.message())
+        .await
+        .unwrap()
+        .expect("a tick");
+    server.terminate().await;
+    let status = within(EXIT, "the call to end", async {
+        loop {
+            match endless.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status.code()),
+            }
+        }
+    })
+    .await;
+    assert_eq!(status, Some(tonic::Code::Unavailable), "{args:?}");
+    let name = format!("grpc_server {args:?}");
+    let stopped = server.wait().await;
+    assert!(
+        stopped.status.success(),
+        "{name}: {:?}\n{}",
+        stopped.status,
+        stopped.stderr
+    );
+    assert!(stopped.stdout.is_empty(), "{name}: {:?}", stopped.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_server_serves_every_documented_flag_value() {
+    futures::future::join_all(GRPC_RUNS.iter().map(|args| drive_grpc_server(args))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_server_refuses_what_it_cannot_honour() {
+    let cases: &[(&str, &str)] = &[
+        ("--capacity 0", "capacity"),
+        ("--max-bytes 0", "max_bytes"),
+        ("--threshold 0", "threshold"),
+        ("--rate 0", "--rate"),
+        ("--data-loss yes", "yes"),
+    ];
+    futures::future::join_all(
+        cases
+            .iter()
+            .map(|(args, says)| refused("grpc_server", args, says)),
+    )
+    .await;
+}
+
+// --- The programs that drive themselves ---------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_adaptive_and_loadgen_run_briefly_and_succeed() {
+    let limit = Duration::from_secs(30);
+    let (demo, demo_flags, adaptive, loadgen) = tokio::join!(
+        runs_to_success("demo", "--seconds 1", limit),
+        runs_to_success("demo", "--seconds 1 --rate 5000 --capacity 100", limit),
+        runs_to_success("adaptive", "--seconds 1 --rate 1000", limit),
+        runs_to_success(
+            "loadgen",
+            "--fast 1 --slow 1 --seconds 1 --warmup 0 --runs 1 --variant layer --rate 2000 --json",
+            limit,
+        ),
+    );
+    assert!(
+        demo.contains("fast") && demo_flags.contains("slow"),
+        "{demo}"
+    );
+    assert!(adaptive.contains("received"), "{adaptive}");
+    let json: serde_json::Value =
+        serde_json::from_str(loadgen.lines().last().expect("a JSON line")).unwrap();
+    let variants = json["variants"].as_array().unwrap();
+    assert_eq!(variants.len(), 1);
+    assert_eq!(variants[0]["name"], "layer");
+    for key in "fast_events_per_sec fast_p50_ms fast_p99_ms producer_events_per_sec peak_rss_bytes cpu_s_per_million slow_dropped".split(' ')
+    {
+        assert!(variants[0][key].is_number(), "{key} in {json}");
+    }
+    assert!(
+        variants[0]["fast_events_per_sec"].as_f64().unwrap() > 0.0,
+        "{json}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_adaptive_and_loadgen_refuse_bad_values() {
+    async fn refused_at_once(name: &str, args: &str, says: &str) {
+        let child = Command::new(example(name))
+            .args(args.split_whitespace())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let output = within(
+            STEP,
+            &format!("{name} {args:?} to refuse"),
+            child.wait_with_output(),
+        )
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name} {args:?}");
+        assert!(
+            stderr.contains("error") && stderr.contains(says),
+            "{name} {args:?}: {stderr}"
+        );
+    }
+    tokio::join!(
+        refused_at_once("demo", "--seconds 0", "--seconds"),
+        refused_at_once("demo", "--capacity 0", "capacity"),
+        refused_at_once("adaptive", "--seconds 0", "--seconds"),
+        refused_at_once("adaptive", "--rate 5000000000", "--rate"),
+        refused_at_once("loadgen", "--runs 0", "--runs"),
+        refused_at_once("loadgen", "--variant nope", "--variant"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_server_closes_the_connections_of_evicted_clients() {
+    tokio::join!(
+        evicted_clients_lose_their_connections(
+            "ws_server",
+            "--rate 2000 --size 1024 --evict-after-stall-ms 300",
+            WS_REQUEST,
+            b"HTTP/1.1 101 Switching Protocols\r\n",
+        ),
+        evicted_clients_lose_their_connections(
+            "ws_server",
+            "--rate 2000 --size 1024 --capacity 100 --policy disconnect",
+            WS_REQUEST,
+            b"HTTP/1.1 101 Switching Protocols\r\n",
+        ),
+    );
+}
