@@ -262,11 +262,18 @@ pub enum Overflow {
     /// Drop the incoming frame.
     DropNewest,
     /// Stop pulling from the inner body until there is room, so backpressure
-    /// reaches the producer: for producers that can wait. Nothing is dropped.
+    /// reaches the producer: for producers that can wait. Nothing is dropped
+    /// or replaced (frame classes do not apply). Under a
+    /// [`MemoryBudget`](crate::MemoryBudget) with no room left, the frame is
+    /// kept and the producer waits until its client takes one.
     Pause,
     /// End the response with an error ([`Evicted`](crate::Evicted) with
     /// [`EvictReason::Overflow`](crate::EvictReason::Overflow)), which hyper
     /// turns into a reset connection (HTTP/1) or `RST_STREAM` (HTTP/2).
+    /// Nothing is dropped: any frame that needs room (a critical one too),
+    /// or that a [`MemoryBudget`](crate::MemoryBudget) has no room for,
+    /// evicts the client; a budget that needs room cuts such a client off
+    /// instead of shedding its frames.
     Disconnect,
 }
 
@@ -369,6 +376,10 @@ impl Eviction {
     }
 
     /// Evict once more than `frames` frames were dropped within any `window`.
+    ///
+    /// Drops are counted in 64 buckets per window, so the cost per push is
+    /// constant whatever the drop rate: a drop leaves the count up to a
+    /// 64th of `window` early.
     pub fn after_dropped_within(mut self, frames: u64, window: Duration) -> Self {
         self.dropped_within = Some((frames, window));
         self
@@ -376,6 +387,8 @@ impl Eviction {
 
     /// Evict when the client has taken no frame for `timeout` while frames
     /// wait (a write deadline, like NATS's or Spring's send time limit).
+    /// Also after the inner body has ended, for as long as frames wait.
+    /// `Duration::MAX` means never.
     pub fn after_stall(mut self, timeout: Duration) -> Self {
         self.stall = Some(timeout);
         self
