@@ -196,27 +196,19 @@ impl BufferConfig {
                 self.threshold
             )));
         }
-        match self.flush {
-            Flush::Immediate => {}
-            Flush::Coalesce {
-                max_frames,
-                max_bytes,
-            }
-            | Flush::Interval {
-                max_frames,
-                max_bytes,
-                ..
-            } if max_frames == 0 || max_bytes == 0 => {
+        if let Some((max_frames, max_bytes)) = self.flush.limits() {
+            if max_frames == 0 || max_bytes == 0 {
                 return Err(ConfigError::new(format!(
                     "flush limits must be at least 1, got {max_frames} frames and {max_bytes} bytes"
                 )));
             }
-            Flush::Interval { period, .. } if period.is_zero() => {
+        }
+        if let Flush::Interval { period, .. } = self.flush {
+            if period.is_zero() {
                 return Err(ConfigError::new(
                     "flush interval must be longer than zero".into(),
                 ));
             }
-            _ => {}
         }
         let e = self.eviction;
         for (name, d) in [
@@ -312,6 +304,22 @@ pub enum Flush {
 }
 
 impl Flush {
+    /// The frames and bytes one batch may hold, unless frames go one by one.
+    pub(crate) fn limits(&self) -> Option<(usize, usize)> {
+        match *self {
+            Flush::Immediate => None,
+            Flush::Coalesce {
+                max_frames,
+                max_bytes,
+            }
+            | Flush::Interval {
+                max_frames,
+                max_bytes,
+                ..
+            } => Some((max_frames, max_bytes)),
+        }
+    }
+
     /// [`Flush::Coalesce`] with these limits.
     pub fn coalesce(max_frames: usize, max_bytes: usize) -> Self {
         Flush::Coalesce {

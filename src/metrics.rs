@@ -31,7 +31,7 @@ use crate::observer::{BackpressureEvent, BackpressureObserver, EventKind};
 /// To export to Prometheus, install a recorder such as
 /// `metrics-exporter-prometheus`'s at startup:
 ///
-/// ```ignore
+/// ```text
 /// let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
 ///     .install_recorder()
 ///     .unwrap();

@@ -14,7 +14,6 @@ use super::Core;
 use crate::BoxError;
 use crate::buffer::Weigher;
 use crate::client::{Next, Release, Timer, after, now};
-use crate::config::Flush;
 use crate::observer::{BackpressureObserver, CloseReason, EvictReason};
 use crate::policy::{Classify, GapAction, GapMarker};
 
@@ -59,18 +58,12 @@ where
     M: GapMarker<T>,
 {
     pub(super) fn new(core: Arc<Core<T, O, W, C>>, sink: S, marker: M) -> Self {
-        let limits = match core.client.config().flush() {
-            Flush::Immediate => (1, usize::MAX),
-            Flush::Coalesce {
-                max_frames,
-                max_bytes,
-            }
-            | Flush::Interval {
-                max_frames,
-                max_bytes,
-                ..
-            } => (max_frames, max_bytes),
-        };
+        let limits = core
+            .client
+            .config()
+            .flush()
+            .limits()
+            .unwrap_or((1, usize::MAX));
         Self {
             core,
             sink: Some(Box::pin(sink)),
