@@ -59,6 +59,9 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         D: 'static,
     {
         let mut st = self.lock();
+        // A window over a hub's log: what was published since, within the
+        // client's limits.
+        self.look(&mut st);
         if let Some(reason) = st.evicted.take() {
             self.refresh_done(&st);
             return Next::Evicted(reason);
@@ -107,7 +110,59 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
             return Next::Stopped;
         }
         st.register_consumer(cx);
+        if !st.storage.park(cx.waker()) {
+            // Published meanwhile: look again at once.
+            st.wake_consumer = true;
+        }
         Next::Wait(None)
+    }
+
+    /// Brings a storage that others fill up to date (see
+    /// [`Storage::refresh`]): drops as the client's limits say, applies the
+    /// rules, reports the drops, and marks the end of a limited window.
+    pub(super) fn look(&self, st: &mut State<D, S>) {
+        if st.closed {
+            return;
+        }
+        let was_empty = st.storage.is_empty();
+        let rule = match st.storage.refresh() {
+            Ok(dropped) => {
+                let rule = self.after_push(st, was_empty, dropped);
+                if dropped.frames > 0 {
+                    self.report_drops_locked(st);
+                }
+                rule
+            }
+            Err(rule) => Some(rule),
+        };
+        if let Some(rule) = rule {
+            self.evict(st, rule);
+            return;
+        }
+        if !st.end && st.storage.ended() {
+            st.end = true;
+            self.refresh_done(st);
+        }
+    }
+
+    /// The hub's sweep over a client that may not be reading: brings its
+    /// window up to date (pressure, drops, drop rules) and applies a timed
+    /// rule that is due. Returns `false` once the client has closed.
+    pub(crate) fn sweep(&self) -> bool {
+        let mut st = self.lock();
+        self.look(&mut st);
+        if st.closed {
+            return false;
+        }
+        let t = now();
+        if !st.storage.is_empty() && st.waiting_since.is_none() {
+            st.waiting_since = Some(t);
+        }
+        if let Some(rule) = self.timed_out(&st, t) {
+            self.evict(&mut st, rule);
+            return false;
+        }
+        true
     }
 
     /// Registers the consumer's waker while it waits for something else
@@ -162,8 +217,8 @@ fn coalesce<D: 'static, S: Storage<D>>(
 ) -> D {
     let fits = |storage: &S, len: usize| {
         storage
-            .peek()
-            .is_some_and(|(_, w, gap)| gap.is_empty() && len + w <= max_bytes)
+            .peek_meta()
+            .is_some_and(|(w, gap)| gap.is_empty() && len + w <= max_bytes)
     };
     let Some(head) = (&first as &dyn Any).downcast_ref::<Bytes>() else {
         return first;

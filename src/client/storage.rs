@@ -5,7 +5,10 @@
 //! shared log fits the same trait.
 
 use crate::buffer::{BufferStats, ClientBuffer, Dropped, FrameClass, Gap, Weigher};
+use std::task::Waker;
+
 use crate::config::{BufferConfig, Overflow};
+use crate::observer::EvictReason;
 
 /// The frames of one client, oldest first, with the gaps between them.
 pub(crate) trait Storage<D> {
@@ -33,8 +36,8 @@ pub(crate) trait Storage<D> {
     fn reject(&mut self, weight: usize);
     /// Takes the oldest frame and the gap before it.
     fn pop(&mut self) -> Option<(D, Gap)>;
-    /// The oldest frame, its weight and the gap before it.
-    fn peek(&self) -> Option<(&D, usize, Gap)>;
+    /// The oldest frame's weight and the gap before it.
+    fn peek_meta(&self) -> Option<(usize, Gap)>;
     /// Frames lost after the last frame that waits.
     fn trailing_gap(&self) -> Gap;
     fn take_trailing_gap(&mut self) -> Gap;
@@ -43,6 +46,84 @@ pub(crate) trait Storage<D> {
     /// Empties the storage without counting: the stream has closed.
     fn discard(&mut self);
     fn stats(&self) -> BufferStats;
+
+    /// Brings a storage that others fill (a window over a hub's log) up to
+    /// date: applies its limits to what arrived since it last looked.
+    /// Returns what that dropped, or the rule that evicts its client
+    /// instead (`Overflow::Disconnect`, a critical frame it would skip).
+    fn refresh(&mut self) -> Result<Dropped, EvictReason> {
+        Ok(Dropped::default())
+    }
+
+    /// Nothing waits: leaves `waker` with whatever fills the storage, unless
+    /// something arrived meanwhile (`false`: look again). A storage the
+    /// producer side fills has nothing to do: the producer wakes the
+    /// consumer.
+    fn park(&mut self, _waker: &Waker) -> bool {
+        true
+    }
+
+    /// The storage has delivered all it ever will (a window with a limit).
+    fn ended(&self) -> bool {
+        false
+    }
+}
+
+impl<D, S: Storage<D> + ?Sized> Storage<D> for Box<S> {
+    fn config(&self) -> &BufferConfig {
+        (**self).config()
+    }
+    fn len(&self) -> usize {
+        (**self).len()
+    }
+    fn bytes(&self) -> usize {
+        (**self).bytes()
+    }
+    fn is_full(&self) -> bool {
+        (**self).is_full()
+    }
+    fn is_healthy(&self) -> bool {
+        (**self).is_healthy()
+    }
+    fn has_room_for_class(&self, weight: usize, class: FrameClass) -> bool {
+        (**self).has_room_for_class(weight, class)
+    }
+    fn growth(&self, weight: usize, class: FrameClass) -> usize {
+        (**self).growth(weight, class)
+    }
+    fn reject(&mut self, weight: usize) {
+        (**self).reject(weight)
+    }
+    fn pop(&mut self) -> Option<(D, Gap)> {
+        (**self).pop()
+    }
+    fn peek_meta(&self) -> Option<(usize, Gap)> {
+        (**self).peek_meta()
+    }
+    fn trailing_gap(&self) -> Gap {
+        (**self).trailing_gap()
+    }
+    fn take_trailing_gap(&mut self) -> Gap {
+        (**self).take_trailing_gap()
+    }
+    fn evict_oldest(&mut self) -> Option<usize> {
+        (**self).evict_oldest()
+    }
+    fn discard(&mut self) {
+        (**self).discard()
+    }
+    fn stats(&self) -> BufferStats {
+        (**self).stats()
+    }
+    fn refresh(&mut self) -> Result<Dropped, EvictReason> {
+        (**self).refresh()
+    }
+    fn park(&mut self, waker: &Waker) -> bool {
+        (**self).park(waker)
+    }
+    fn ended(&self) -> bool {
+        (**self).ended()
+    }
 }
 
 /// A storage that frames can be pushed into (it knows their weight).
@@ -122,8 +203,8 @@ impl<D, W> Storage<D> for ClientBuffer<D, W> {
     }
 
     #[inline]
-    fn peek(&self) -> Option<(&D, usize, Gap)> {
-        ClientBuffer::peek(self)
+    fn peek_meta(&self) -> Option<(usize, Gap)> {
+        ClientBuffer::peek(self).map(|(_, weight, gap)| (weight, gap))
     }
 
     #[inline]
