@@ -1484,3 +1484,48 @@ async fn soak() {
     })
     .await;
 }
+
+/// Bug (found reading `Client::reserve` for this soak): a client at its own
+/// frame limit reserves only what a frame adds after its ring drops its
+/// oldest (`Storage::growth`, computed before the budget sheds); when the
+/// budget then sheds that same client's oldest frame to make the room, the
+/// ring is no longer full, keeps the new frame without dropping, and
+/// `settle` forces the difference past the limit.
+///
+/// Here: a budget of 500 bytes, a ring of 4 frames holding four frames of
+/// 100 bytes (400), then a frame of 300 bytes. Its growth is 200 (300 less
+/// the oldest 100); 400 + 200 is over 500, so the budget sheds 100 from the
+/// largest client, this one (300 held, 500 reserved); the ring, now 3
+/// frames, takes the new frame without dropping (600 held), and `used` and
+/// `peak` stay at 600. With frames of one size the same happens when the
+/// client's connection takes a frame between `growth` and `push` (a race:
+/// the ring is no longer full when the frame arrives); the soak keeps
+/// every `/sse` ring larger than the whole budget so that no client is ever
+/// at its own limit.
+#[tokio::test]
+#[ignore = "bug: MemoryBudget goes over its limit when it sheds the frame a full client's reservation counted on"]
+async fn budget_overshoots_when_a_full_client_sheds_its_own_frame() {
+    use tower::ServiceExt;
+
+    let budget = MemoryBudget::new(500);
+    let (producer, body) = common::channel_body(8, None);
+    let svc = tower::ServiceBuilder::new()
+        .layer(BackpressureLayer::new(BufferConfig::new(4)).memory_budget(budget.clone()))
+        .service(common::one_response(body, "text/event-stream"));
+    // Nobody reads the body: every frame stays in the ring.
+    let response = svc.oneshot(Request::new(())).await.unwrap();
+    for frame in [&[b'a'; 100][..], &[b'b'; 100], &[b'c'; 100], &[b'd'; 100], &[b'e'; 300]] {
+        producer.tx.send(Bytes::copy_from_slice(frame)).await.unwrap();
+    }
+    drop(producer.tx);
+    guard("the pump to take every frame", producer.inner_done)
+        .await
+        .unwrap();
+    let stats = budget.stats();
+    assert_eq!(stats.dropped, 1, "the budget shed the oldest frame");
+    assert!(
+        stats.used <= stats.limit && stats.peak <= stats.limit,
+        "over the budget: {stats:?}"
+    );
+    drop(response);
+}
