@@ -142,7 +142,7 @@ const TICK: Duration = Duration::from_millis(5);
 /// Bytes per SSE event.
 const EVENT: usize = 256;
 /// The budget shared by both routes.
-const BUDGET: usize = 6 << 20;
+const BUDGET: usize = 8 << 20;
 /// `/sse` ring: 4 MiB of events, more than the whole budget, so that the
 /// budget is the limit that binds and no client reaches its own.
 const SSE_CAPACITY: usize = 16 * 1024;
@@ -1019,8 +1019,8 @@ const PLAN: Plan = Plan {
     slow: [12, 8],
     stall_resume: [8, 8],
     zero_window: 16,
-    reset: [20, 20],
-    head: [25, 25],
+    reset: [25, 25],
+    head: [40, 40],
 };
 
 /// Events per fast request (0.2 s of the producer).
