@@ -2,7 +2,7 @@
 //! kind of client at once, and what a user would notice checked after every
 //! wave.
 //!
-//! About 45 s in a debug build by default (40 s of waves, then the end);
+//! About 50 s in a debug build by default (45 s of waves, then the end);
 //! `SOAK_SECS=600 cargo test --release --test soak -- --nocapture` runs it
 //! longer. With `--nocapture` every wave prints one line: connections,
 //! streams, frames sent and frames/s, drops, evictions, pressure episodes,
@@ -165,7 +165,7 @@ const WINDOW_MAX_DROPS: u64 = RATE * 10;
 /// See the module docs.
 const RSS_MARGIN: u64 = 64 << 20;
 /// Seconds of waves by default (`SOAK_SECS` overrides).
-const DEFAULT_SECS: u64 = 40;
+const DEFAULT_SECS: u64 = 45;
 /// How long a wave may take to settle before the test fails (a guard).
 const SETTLE: Duration = Duration::from_secs(30);
 
