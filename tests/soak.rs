@@ -1,0 +1,1633 @@
+//! A soak: one real server, thousands of real connections in waves, every
+//! kind of client at once, and what a user would notice checked after every
+//! wave.
+//!
+//! About 50 s in a debug build by default (45 s of waves, then the end);
+//! `SOAK_SECS=600 cargo test --release --test soak -- --nocapture` runs it
+//! longer. With `--nocapture` every wave prints one line: connections,
+//! streams, frames sent and frames/s, drops, evictions, pressure episodes,
+//! fast readers that lost frames, the budget's highest sample, RSS.
+//!
+//! # The server
+//!
+//! hyper-util's `auto::Builder` serves HTTP/1.1 and HTTP/2 (h2c) on one
+//! loopback port (`max_send_buf_size` 64 KiB, `max_concurrent_streams` 100);
+//! every accepted stream is wrapped in [`Closable`] and its `Connection` goes
+//! into the requests, so that evicting an HTTP/1 client closes its
+//! connection. An `AtomicUsize` counts the live connection tasks. Two routes
+//! share ONE [`MemoryBudget`] and ONE observer, a [`ClientRegistry`] paired
+//! with a ledger that checks each client's events:
+//!
+//! - `/sse`: drop-oldest with [`SseGapMarker`], and a drop-window rule
+//!   (`after_dropped_within`) whose threshold the producer's rate makes
+//!   unreachable;
+//! - `/pause`: `Overflow::Pause` (the handler's stream waits for its client)
+//!   and a stall rule (`after_stall`): zero-window clients are evicted and
+//!   their connections closed.
+//!
+//! Both forward one shared producer: a ticker that publishes the newest
+//! event id at [`RATE`] events/s through a `watch`. Each handler turns the
+//! ids it has not sent yet into 256-byte SSE events, from the id current when
+//! its request arrived (sent as `x-first-id`); a handler that waits never
+//! loses an id at the source, so every gap a client sees is the layer's.
+//!
+//! # The clients
+//!
+//! Each wave starts, on both routes: fast HTTP/1.1 readers (two requests per
+//! keep-alive connection); HTTP/2 connections carrying six streams each
+//! (four fast, one slow, one the client resets); slow readers;
+//! stall-then-resume readers; abrupt resets (a raw socket that reads a
+//! little, then closes with `SO_LINGER` 0); `HEAD` requests; and, on
+//! `/pause`, zero-window clients (a raw socket with a small receive buffer
+//! that sends its GET and never reads). Background streams stay open across
+//! every wave: two fast HTTP/2 streams, a slow HTTP/1 reader and two clients
+//! that never read on `/sse` (they keep the budget full of droppable frames,
+//! so every frame of every wave is admitted by shedding), and a fast HTTP/1
+//! reader on `/pause`.
+//!
+//! # What is checked
+//!
+//! - The budget: `used <= limit` at every observer event and every
+//!   millisecond in between, `peak <= limit`, `used == 0` once every client
+//!   has gone, and every frame the budget dropped is one a client's counters
+//!   and gap markers account for. No critical frames are used, and every
+//!   `/sse` ring is larger than the whole budget, so no client ever reaches
+//!   its own limit: see [`budget_overshoots_when_a_full_client_sheds_its_own_frame`]
+//!   for what happens when one does.
+//! - Who loses frames, as counters: "no client refused while droppable bytes
+//!   exist elsewhere" is checked as "the budget only takes frames from clients
+//!   that had fallen behind": every client that lost frames had crossed its
+//!   pressure threshold (64 frames waiting) before. A counting argument over
+//!   the plan (`behind_enough_to_shed`) shows the client the budget sheds
+//!   always holds more than that, whatever the timing; a refused frame (which
+//!   needs no client to be behind) would show up as a loss without
+//!   `Pressure`. `/pause` clients lose nothing at all. Whether a fast reader
+//!   loses frames depends on whether the machine lets it keep up, so it is
+//!   printed, not asserted (0 on an idle machine: a fast reader's frames wait
+//!   in hyper's and the kernel's buffers, not in its ring).
+//! - What each client saw: strictly increasing ids, every gap announced by
+//!   one marker with its exact count before the next id (or the end); a
+//!   client that read to the end got every id of its request, delivered or
+//!   announced lost, exactly as the server counted them sent and dropped;
+//!   `HEAD` gets no body; a client that leaves closes as `ClientGone`.
+//! - The server's books: for every client, `pushed == sent + dropped +
+//!   discarded` and the `Dropped` events add up to `dropped`; per client
+//!   `Opened` first, `Pressure`/`Recovered` alternating, exactly one
+//!   `Closed`, last; the drop-window rule never fires (the slow background
+//!   reader drops some 2,000 frames/s for the whole run: a window that never
+//!   expired would evict it).
+//! - The registry equals the open streams: once a wave has settled (every
+//!   zero-window client evicted and its connection task ended while the client
+//!   still had not read a byte), the registry lists exactly the background
+//!   streams, the live connection tasks are exactly the background
+//!   connections, the budget has exactly the background members, and tokio's
+//!   alive-task count is what it was before the first wave. After the
+//!   background streams end: all zero, the alive tasks back to the baseline,
+//!   and then to zero once the server stops.
+//! - Zero-window clients are closed by the server: after the wave settled,
+//!   their sockets read to EOF (or a reset) without any help.
+//! - RSS (Linux): at the end at most [`RSS_MARGIN`] over its value after the
+//!   first wave. The margin is generous on purpose: the allocator keeps
+//!   freed memory in per-thread arenas and returns it lazily, so RSS moves by
+//!   megabytes between waves without any leak. It is there for bulky leaks
+//!   (a ring, a body or a connection with its buffers per client: tens of
+//!   kilobytes times thousands of clients); a small leak of per-client state
+//!   keeps a budget member, a registry entry or a task alive, which the exact
+//!   counts above catch at the first wave.
+//!
+//! Every assertion is about counts and contents; waits are bounded guards
+//! only. Timing decides one thing besides the printed numbers: a slow or
+//! stall-then-resume `/pause` client may pause past the stall rule on a
+//! starved machine and be evicted, which is checked as such and counted
+//! ("pausing" evictions). The stall rule is 3 s; a fast reader (or the
+//! fast background reader on `/pause`) would have to go unscheduled that
+//! long to be evicted.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::routing::get;
+use bytes::{Bytes, BytesMut};
+use common::guard;
+use http::{Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tower_backpressure::conn::Closable;
+use tower_backpressure::{
+    BackpressureEvent, BackpressureLayer, BackpressureObserver, BufferConfig, BufferStats,
+    ClientId, ClientRegistry, CloseReason, EventKind, EvictReason, Eviction, MemoryBudget,
+    Overflow, PeerAddr, SseGapMarker,
+};
+
+/// Events per second from the shared producer.
+const RATE: u64 = 3_000;
+/// How often the producer publishes (a batch of `RATE × TICK` ids).
+const TICK: Duration = Duration::from_millis(5);
+/// Bytes per SSE event.
+const EVENT: usize = 256;
+/// The budget shared by both routes.
+const BUDGET: usize = 8 << 20;
+/// `/sse` ring: 4 MiB of events, more than the whole budget, so that the
+/// budget is the limit that binds and no client reaches its own.
+const SSE_CAPACITY: usize = 16 * 1024;
+/// `/sse` pressure from 64 frames (16 KiB) waiting: small enough that any
+/// client the budget sheds has crossed it (see `behind_enough_to_shed`).
+const SSE_PRESSURE: usize = 64;
+/// `/pause` ring: 8 KiB per client, so that paused clients (which the
+/// budget cannot shed) hold a small part of it.
+const PAUSE_CAPACITY: usize = 32;
+/// `/pause` evicts a client that took nothing for this long while frames
+/// wait.
+const STALL: Duration = Duration::from_secs(3);
+/// `/sse`'s drop-window rule: more than `RATE × 10 s` drops within 5 s. The
+/// producer publishes at most `RATE × 5 s` ids in 5 s (plus what a late
+/// pump catches up on), so the rule must never fire; if its window never
+/// expired, the background slow reader (which drops about 2,000 frames/s
+/// for the whole run) would be evicted after some 15 s.
+const WINDOW: Duration = Duration::from_secs(5);
+const WINDOW_MAX_DROPS: u64 = RATE * 10;
+/// See the module docs.
+const RSS_MARGIN: u64 = 64 << 20;
+/// Seconds of waves by default (`SOAK_SECS` overrides).
+const DEFAULT_SECS: u64 = 45;
+/// How long a wave may take to settle before the test fails (a guard).
+const SETTLE: Duration = Duration::from_secs(30);
+
+// ----- the producer and the server -----
+
+/// An SSE event of exactly [`EVENT`] bytes: `id: <10 digits>\ndata: x…\n\n`.
+fn event(id: u64) -> Bytes {
+    static PAD: [u8; EVENT] = [b'x'; EVENT];
+    let mut b = BytesMut::with_capacity(EVENT);
+    b.extend_from_slice(format!("id: {id:010}\ndata: ").as_bytes());
+    let pad = EVENT - b.len() - 2;
+    b.extend_from_slice(&PAD[..pad]);
+    b.extend_from_slice(b"\n\n");
+    b.freeze()
+}
+
+/// The events `first..end` (endless without `end`), each as soon as the
+/// producer has published its id.
+fn ticks(
+    latest: watch::Receiver<u64>,
+    first: u64,
+    end: Option<u64>,
+) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    futures::stream::unfold((latest, first), move |(mut rx, next)| async move {
+        if end.is_some_and(|end| next >= end) {
+            return None;
+        }
+        while *rx.borrow_and_update() < next {
+            // The producer stopped: the end of the soak.
+            rx.changed().await.ok()?;
+        }
+        Some((Ok(event(next)), (rx, next + 1)))
+    })
+}
+
+fn query(uri: &Uri, key: &str) -> Option<u64> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+/// `GET /sse` and `GET /pause`: `?n=` events (endless without), `?c=` the
+/// client's tag (read by the ledger).
+async fn events(State(latest): State<watch::Receiver<u64>>, uri: Uri) -> Response<Body> {
+    let first = *latest.borrow() + 1;
+    let end = query(&uri, "n").map(|n| first + n);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header("x-first-id", first)
+        .body(Body::from_stream(ticks(latest, first, end)))
+        .unwrap()
+}
+
+/// What one client's stream ended as, from the server's side.
+#[derive(Debug, Clone, Copy)]
+struct Closed {
+    pause: bool,
+    reason: CloseReason,
+    stats: BufferStats,
+    /// The sum of its `Dropped` events.
+    reported: u64,
+    episodes: u64,
+}
+
+struct Live {
+    tag: u64,
+    pause: bool,
+    pressure: bool,
+    reported: u64,
+    episodes: u64,
+}
+
+#[derive(Default)]
+struct Ledger {
+    open: HashMap<ClientId, Live>,
+    closed: HashMap<u64, Closed>,
+    gone: HashSet<ClientId>,
+    violations: Vec<String>,
+    violation_count: usize,
+}
+
+impl Ledger {
+    fn violation(&mut self, what: String) {
+        self.violation_count += 1;
+        if self.violations.len() < 20 {
+            self.violations.push(what);
+        }
+    }
+}
+
+/// The counting observer: checks every client's event order and the budget
+/// at every event, and keeps what each client ended as, by tag.
+#[derive(Clone)]
+struct Books {
+    ledger: Arc<Mutex<Ledger>>,
+    budget: MemoryBudget,
+}
+
+impl Books {
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap()
+    }
+}
+
+impl BackpressureObserver for Books {
+    fn on_event(&self, e: &BackpressureEvent<'_>) {
+        let used = self.budget.used();
+        let mut l = self.ledger();
+        if used > self.budget.limit() {
+            l.violation(format!("budget at {used} bytes, over its limit, at {e:?}"));
+        }
+        let id = e.client.id();
+        if l.gone.contains(&id) {
+            l.violation(format!("{:?} after Closed (client {id})", e.kind));
+            return;
+        }
+        if e.kind == EventKind::Opened {
+            let live = Live {
+                tag: query(e.client.uri(), "c").unwrap_or(0),
+                pause: e.client.path() == "/pause",
+                pressure: false,
+                reported: 0,
+                episodes: 0,
+            };
+            if l.open.insert(id, live).is_some() {
+                l.violation(format!("a second Opened (client {id})"));
+            }
+            return;
+        }
+        let Some(live) = l.open.get_mut(&id) else {
+            l.violation(format!("{:?} before Opened (client {id})", e.kind));
+            return;
+        };
+        let problem = match e.kind {
+            EventKind::Pressure if live.pressure => Some("Pressure twice"),
+            EventKind::Pressure => {
+                live.pressure = true;
+                live.episodes += 1;
+                None
+            }
+            EventKind::Recovered if !live.pressure => Some("Recovered without Pressure"),
+            EventKind::Recovered => {
+                live.pressure = false;
+                None
+            }
+            EventKind::Dropped { count: 0, .. } => Some("Dropped of 0 frames"),
+            EventKind::Dropped { count, .. } => {
+                live.reported += count;
+                None
+            }
+            EventKind::Closed { reason } => {
+                let live = l.open.remove(&id).expect("open");
+                l.gone.insert(id);
+                let closed = Closed {
+                    pause: live.pause,
+                    reason,
+                    stats: e.stats,
+                    reported: live.reported,
+                    episodes: live.episodes,
+                };
+                if l.closed.insert(live.tag, closed).is_some() {
+                    l.violation(format!("two clients tagged {}", live.tag));
+                }
+                None
+            }
+            _ => Some("an unknown event"),
+        };
+        if let Some(problem) = problem {
+            l.violation(format!("{problem} (client {id})"));
+        }
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    budget: MemoryBudget,
+    registry: ClientRegistry,
+    books: Books,
+    /// Live connection tasks.
+    connections: Arc<AtomicUsize>,
+    /// The most bytes the sampler saw in the budget since the last reset.
+    sampled_max: Arc<AtomicUsize>,
+    /// Samples over the limit.
+    sampled_over: Arc<AtomicUsize>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Decrements the live-connection count when a connection task ends.
+struct Counted(Arc<AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn server() -> Server {
+    let budget = MemoryBudget::new(BUDGET);
+    let registry = ClientRegistry::new().with_budget(budget.clone());
+    let books = Books {
+        ledger: Arc::default(),
+        budget: budget.clone(),
+    };
+    let observer = (registry.clone(), books.clone());
+    let sse = BackpressureLayer::new(
+        BufferConfig::new(SSE_CAPACITY)
+            .with_threshold(SSE_PRESSURE as f64 / SSE_CAPACITY as f64)
+            .with_eviction(Eviction::none().after_dropped_within(WINDOW_MAX_DROPS, WINDOW)),
+    )
+    .observer(observer.clone())
+    .gap_marker(SseGapMarker::new())
+    .memory_budget(budget.clone());
+    let pause = BackpressureLayer::new(
+        BufferConfig::new(PAUSE_CAPACITY)
+            .with_overflow(Overflow::Pause)
+            .with_eviction(Eviction::none().after_stall(STALL)),
+    )
+    .observer(observer)
+    .gap_marker(SseGapMarker::new())
+    .memory_budget(budget.clone());
+
+    let (stop, _) = watch::channel(false);
+    let (publish, latest) = watch::channel(0u64);
+    let app = Router::new()
+        .route("/sse", get(events).layer(sse))
+        .route("/pause", get(events).layer(pause))
+        .with_state(latest);
+
+    // The producer: the newest id, `RATE` per second since it started.
+    let mut stopped = stop.subscribe();
+    let producer = tokio::spawn(async move {
+        let start = Instant::now();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let due = (start.elapsed().as_micros() as u64) * RATE / 1_000_000;
+                    publish.send_if_modified(|id| {
+                        let newer = due > *id;
+                        *id = (*id).max(due);
+                        newer
+                    });
+                }
+                _ = stopped.changed() => return,
+            }
+        }
+    });
+
+    // Budget samples between events.
+    let sampled_max = Arc::new(AtomicUsize::new(0));
+    let sampled_over = Arc::new(AtomicUsize::new(0));
+    let mut stopped = stop.subscribe();
+    let sampler = tokio::spawn({
+        let (budget, max, over) = (budget.clone(), sampled_max.clone(), sampled_over.clone());
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let used = budget.used();
+                        max.fetch_max(used, Ordering::AcqRel);
+                        if used > budget.limit() {
+                            over.fetch_add(1, Ordering::AcqRel);
+                        }
+                    }
+                    _ = stopped.changed() => return,
+                }
+            }
+        }
+    });
+
+    // Accepted sockets inherit a small send buffer: a client that stops
+    // reading reaches the layer after ~200 KiB rather than megabytes.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(64 * 1024).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1024).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let mut stopped = stop.subscribe();
+    let accept = tokio::spawn({
+        let connections = connections.clone();
+        async move {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder.http1().max_buf_size(64 * 1024);
+            builder
+                .http2()
+                .max_send_buf_size(64 * 1024)
+                .max_concurrent_streams(100);
+            loop {
+                let (stream, peer) = tokio::select! {
+                    accepted = listener.accept() => accepted.expect("accept"),
+                    _ = stopped.changed() => return,
+                };
+                let stream = Closable::new(stream);
+                let connection = stream.connection();
+                let svc = tower::ServiceBuilder::new()
+                    .map_request(move |mut req: Request<Incoming>| {
+                        req.extensions_mut().insert(PeerAddr(peer));
+                        req.extensions_mut().insert(connection.clone());
+                        req
+                    })
+                    .service(app.clone());
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+                    .into_owned();
+                connections.fetch_add(1, Ordering::AcqRel);
+                let counted = Counted(connections.clone());
+                tokio::spawn(async move {
+                    let _counted = counted;
+                    let _ = conn.await;
+                });
+            }
+        }
+    });
+
+    Server {
+        addr,
+        budget,
+        registry,
+        books,
+        connections,
+        sampled_max,
+        sampled_over,
+        stop,
+        tasks: vec![producer, sampler, accept],
+    }
+}
+
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+/// Resident set size in bytes (Linux), from `/proc/self/status`'s `VmRSS`
+/// (in kB, whatever the page size).
+fn rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+impl Server {
+    /// Waits (bounded: a guard) until exactly `streams` buffered streams and
+    /// `connections` connection tasks are left, the budget has exactly
+    /// `streams` members, and `tasks` tokio tasks are alive.
+    async fn settle(&self, what: &str, streams: usize, connections: usize, tasks: usize) {
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let now = (
+                self.registry.len(),
+                self.connections.load(Ordering::Acquire),
+                self.budget.stats().clients,
+                alive_tasks(),
+            );
+            if now == (streams, connections, streams, tasks) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} did not settle: (registry, connection tasks, budget members, alive tasks) \
+                 = {now:?}, expected {:?}; open: {}",
+                (streams, connections, streams, tasks),
+                self.registry.snapshot().to_json(),
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+// ----- the clients -----
+
+static TAGS: AtomicU64 = AtomicU64::new(1);
+
+fn tag() -> u64 {
+    TAGS.fetch_add(1, Ordering::Relaxed)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Sse,
+    Pause,
+}
+
+impl Route {
+    fn path(self, tag: u64, n: Option<u64>) -> String {
+        let route = match self {
+            Route::Sse => "/sse",
+            Route::Pause => "/pause",
+        };
+        match n {
+            Some(n) => format!("{route}?c={tag}&n={n}"),
+            None => format!("{route}?c={tag}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Kind {
+    Fast,
+    Slow,
+    StallResume,
+    ZeroWindow,
+    Reset,
+    Head,
+    /// Open across every wave, reading as fast as it comes.
+    BackgroundFast,
+    /// Open across every wave, reading slowly.
+    BackgroundSlow,
+    /// Open across every wave, never reading: holds its share of the budget.
+    BackgroundStuck,
+}
+
+/// How a client reads its body.
+#[derive(Debug, Clone, Copy)]
+enum Pace {
+    /// As fast as it comes.
+    Fast,
+    /// `chunk` bytes, then a pause, again and again.
+    Slow { chunk: usize, pause: Duration },
+    /// `before` bytes, one stall, then as fast as it comes.
+    StallResume { before: usize, stall: Duration },
+    /// `after` bytes, then the client drops the body (an HTTP/2 reset).
+    DropAfter { after: usize },
+}
+
+/// Checks, as they arrive, the ids and gap markers of one stream whose
+/// handler sent `first..end`: ids strictly increase, and every gap is
+/// announced by exactly one marker with the exact count before the next id.
+#[derive(Debug, Default)]
+struct Check {
+    next: u64,
+    end: Option<u64>,
+    announced: Option<u64>,
+    delivered: u64,
+    lost: u64,
+    markers: u64,
+    problems: Vec<String>,
+    buf: Vec<u8>,
+}
+
+impl Check {
+    fn new(first: u64, end: Option<u64>) -> Self {
+        Self {
+            next: first,
+            end,
+            ..Self::default()
+        }
+    }
+
+    fn problem(&mut self, what: String) {
+        if self.problems.len() < 5 {
+            self.problems.push(what);
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+        let mut at = 0;
+        loop {
+            let rest = &self.buf[at..];
+            if rest.starts_with(b"id: ") {
+                if rest.len() < EVENT {
+                    break;
+                }
+                let id = std::str::from_utf8(&rest[4..14])
+                    .ok()
+                    .and_then(|s| s.parse().ok());
+                match (id, rest[EVENT - 2..EVENT] == *b"\n\n") {
+                    (Some(id), true) => self.id(id),
+                    _ => {
+                        let what = format!("not an event: {:?}", String::from_utf8_lossy(rest));
+                        self.problem(what);
+                        self.buf.clear();
+                        return;
+                    }
+                }
+                at += EVENT;
+            } else if let Some(end) = rest.windows(2).position(|w| w == b"\n\n") {
+                let text = String::from_utf8_lossy(&rest[..end]).into_owned();
+                match text
+                    .strip_prefix("event: lagged\ndata: {\"dropped\":")
+                    .and_then(|n| n.strip_suffix('}'))
+                    .and_then(|n| n.parse().ok())
+                {
+                    Some(n) => self.lagged(n),
+                    None => self.problem(format!("not an event: {text:?}")),
+                }
+                at += end + 2;
+            } else {
+                break;
+            }
+        }
+        self.buf.drain(..at);
+    }
+
+    fn id(&mut self, id: u64) {
+        if id < self.next || self.end.is_some_and(|end| id >= end) {
+            self.problem(format!(
+                "id {id} out of order (expected from {})",
+                self.next
+            ));
+            return;
+        }
+        let gap = id - self.next;
+        let announced = self.announced.take().unwrap_or(0);
+        if announced != gap {
+            self.problem(format!(
+                "{gap} frames lost before id {id}, {announced} announced"
+            ));
+        }
+        self.next = id + 1;
+        self.delivered += 1;
+    }
+
+    fn lagged(&mut self, n: u64) {
+        if self.announced.is_some() {
+            self.problem("two gap markers in a row".into());
+        }
+        if n == 0 {
+            self.problem("a gap marker of 0 frames".into());
+        }
+        self.announced = Some(n);
+        self.lost += n;
+        self.markers += 1;
+    }
+
+    /// The stream ended cleanly: a gap at its end was announced before it.
+    fn finish(&mut self) {
+        if !self.buf.is_empty() {
+            self.problem(format!(
+                "{} bytes of a partial event at the end",
+                self.buf.len()
+            ));
+        }
+        if let Some(end) = self.end {
+            let announced = self.announced.take().unwrap_or(0);
+            if announced != end - self.next {
+                self.problem(format!(
+                    "{} frames lost at the end, {announced} announced",
+                    end - self.next
+                ));
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The body ended.
+    Clean,
+    /// The body failed (the connection or stream was cut).
+    Error,
+    /// The client stopped reading and dropped it.
+    Dropped,
+}
+
+#[derive(Debug)]
+struct Outcome {
+    tag: u64,
+    kind: Kind,
+    h2: bool,
+    route: Route,
+    n: Option<u64>,
+    status: StatusCode,
+    check: Check,
+    ended: Ended,
+    bytes: usize,
+}
+
+impl Outcome {
+    fn new(tag: u64, kind: Kind, route: Route, n: Option<u64>) -> Self {
+        Self {
+            tag,
+            kind,
+            h2: false,
+            route,
+            n,
+            status: StatusCode::OK,
+            check: Check::default(),
+            ended: Ended::Clean,
+            bytes: 0,
+        }
+    }
+}
+
+/// Reads a response's body at `pace` (until `stop` changes, if given).
+async fn read(
+    response: Response<Incoming>,
+    mut out: Outcome,
+    pace: Pace,
+    mut stop: Option<watch::Receiver<bool>>,
+) -> Outcome {
+    out.status = response.status();
+    out.h2 = response.version() == http::Version::HTTP_2;
+    let first = response
+        .headers()
+        .get("x-first-id")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0);
+    out.check = Check::new(first, out.n.map(|n| first + n));
+    let mut body = response.into_body();
+    let (mut since_pause, mut stalled) = (0, false);
+    out.ended = loop {
+        let frame = match &mut stop {
+            Some(stop) => tokio::select! {
+                frame = body.frame() => frame,
+                _ = stop.changed() => break Ended::Dropped,
+            },
+            None => body.frame().await,
+        };
+        let data = match frame {
+            None => break Ended::Clean,
+            Some(Err(_)) => break Ended::Error,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+        };
+        out.check.feed(&data);
+        out.bytes += data.len();
+        match pace {
+            Pace::Fast => {}
+            Pace::Slow { chunk, pause } => {
+                since_pause += data.len();
+                if since_pause >= chunk {
+                    since_pause = 0;
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            Pace::StallResume { before, stall } => {
+                if !stalled && out.bytes >= before {
+                    stalled = true;
+                    tokio::time::sleep(stall).await;
+                }
+            }
+            Pace::DropAfter { after } => {
+                if out.bytes >= after {
+                    break Ended::Dropped;
+                }
+            }
+        }
+    };
+    if out.ended == Ended::Clean {
+        out.check.finish();
+    }
+    out
+}
+
+type H1Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn h1(addr: SocketAddr, recv_buffer: Option<u32>) -> (H1Sender, JoinHandle<()>) {
+    let socket = TcpSocket::new_v4().unwrap();
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let stream = socket.connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (sender, conn)
+}
+
+fn request(method: Method, uri: String) -> Request<Empty<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::HOST, "soak")
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// What an HTTP/1.1 client does: `requests` requests of `n` events (endless
+/// without) one after another on one keep-alive connection, each read at
+/// `pace`, from a socket with `recv_buffer` bytes of receive buffer.
+#[derive(Debug, Clone, Copy)]
+struct H1 {
+    route: Route,
+    kind: Kind,
+    n: Option<u64>,
+    pace: Pace,
+    recv_buffer: Option<u32>,
+    requests: usize,
+}
+
+impl H1 {
+    fn new(route: Route, kind: Kind, n: Option<u64>, pace: Pace) -> Self {
+        Self {
+            route,
+            kind,
+            n,
+            pace,
+            recv_buffer: None,
+            requests: 1,
+        }
+    }
+
+    fn recv_buffer(mut self, bytes: u32) -> Self {
+        self.recv_buffer = Some(bytes);
+        self
+    }
+
+    fn requests(mut self, n: usize) -> Self {
+        self.requests = n;
+        self
+    }
+}
+
+/// Runs an [`H1`] client (until `stop` changes, if given).
+async fn h1_client(
+    addr: SocketAddr,
+    client: H1,
+    stop: Option<watch::Receiver<bool>>,
+) -> Vec<Outcome> {
+    let H1 {
+        route,
+        kind,
+        n,
+        pace,
+        recv_buffer,
+        requests,
+    } = client;
+    let (mut sender, conn) = h1(addr, recv_buffer).await;
+    let mut outcomes = Vec::new();
+    for _ in 0..requests {
+        let tag = tag();
+        if sender.ready().await.is_err() {
+            break;
+        }
+        let response = sender
+            .send_request(request(Method::GET, route.path(tag, n)))
+            .await
+            .unwrap();
+        let out = read(
+            response,
+            Outcome::new(tag, kind, route, n),
+            pace,
+            stop.clone(),
+        )
+        .await;
+        let clean = out.ended == Ended::Clean;
+        outcomes.push(out);
+        if !clean {
+            break;
+        }
+    }
+    drop(sender);
+    let _ = conn.await;
+    outcomes
+}
+
+/// `HEAD` over HTTP/1.1: headers, no body.
+async fn head(addr: SocketAddr, route: Route) -> Vec<Outcome> {
+    let (mut sender, conn) = h1(addr, None).await;
+    let tag = tag();
+    let mut out = Outcome::new(tag, Kind::Head, route, None);
+    let response = sender
+        .send_request(request(Method::HEAD, route.path(tag, None)))
+        .await
+        .unwrap();
+    out.status = response.status();
+    out.bytes = response
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .len();
+    drop(sender);
+    let _ = conn.await;
+    vec![out]
+}
+
+/// One HTTP/2 connection carrying one stream per entry of `streams`, all at
+/// once.
+async fn h2_client(
+    addr: SocketAddr,
+    route: Route,
+    streams: Vec<(Kind, Option<u64>, Pace)>,
+    stop: Option<watch::Receiver<bool>>,
+) -> Vec<Outcome> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut set = JoinSet::new();
+    for (kind, n, pace) in streams {
+        let mut sender = sender.clone();
+        let stop = stop.clone();
+        set.spawn(async move {
+            let tag = tag();
+            sender.ready().await.unwrap();
+            let uri = format!("http://{addr}{}", route.path(tag, n));
+            let response = sender
+                .send_request(request(Method::GET, uri))
+                .await
+                .unwrap();
+            read(response, Outcome::new(tag, kind, route, n), pace, stop).await
+        });
+    }
+    drop(sender);
+    let outcomes = set.join_all().await;
+    let _ = conn.await;
+    outcomes
+}
+
+/// Sends a GET over a raw socket with a small receive buffer.
+async fn raw_get(addr: SocketAddr, route: Route, tag: u64) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    let req = format!(
+        "GET {} HTTP/1.1\r\nhost: soak\r\n\r\n",
+        route.path(tag, None)
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    stream
+}
+
+/// Reads `after` bytes, then resets the connection (`SO_LINGER` 0).
+async fn reset(addr: SocketAddr, route: Route, after: usize) -> Vec<Outcome> {
+    let tag = tag();
+    let mut stream = raw_get(addr, route, tag).await;
+    let mut out = Outcome::new(tag, Kind::Reset, route, None);
+    let mut buf = vec![0; 16 * 1024];
+    while out.bytes < after {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.bytes += n,
+        }
+    }
+    stream.set_zero_linger().unwrap();
+    drop(stream);
+    out.ended = Ended::Dropped;
+    vec![out]
+}
+
+/// Reads what the server left, then expects the end of the connection (EOF
+/// or a reset).
+async fn read_to_end(mut stream: TcpStream) -> Vec<u8> {
+    let mut head = Vec::new();
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return head,
+            Ok(n) if head.len() < 64 => head.extend_from_slice(&buf[..n.min(64)]),
+            Ok(_) => {}
+        }
+    }
+}
+
+// ----- a wave -----
+
+/// How many clients of each kind a wave starts, all at once.
+struct Plan {
+    /// HTTP/1.1 connections of two fast requests each, per route.
+    fast_h1: [usize; 2],
+    /// HTTP/2 connections per route; each carries the streams below.
+    h2: [usize; 2],
+    slow: [usize; 2],
+    stall_resume: [usize; 2],
+    zero_window: usize,
+    reset: [usize; 2],
+    head: [usize; 2],
+}
+
+const PLAN: Plan = Plan {
+    fast_h1: [40, 16],
+    h2: [6, 3],
+    slow: [12, 8],
+    stall_resume: [8, 8],
+    zero_window: 16,
+    reset: [25, 25],
+    head: [40, 40],
+};
+
+/// Events per fast request (0.2 s of the producer).
+const FAST_N: u64 = RATE / 5;
+/// Events per slow or stall-then-resume request.
+const SLOW_N: u64 = RATE / 2;
+/// About half the producer's rate.
+const SLOW: Pace = Pace::Slow {
+    chunk: 8192,
+    pause: Duration::from_millis(20),
+};
+/// On `/sse`: a stall long enough for the client's backlog to outgrow the
+/// background clients' shares of the budget (so that it loses frames, each
+/// gap announced), for a request three times as long as a slow one's.
+const STALL_RESUME_SSE: (Pace, u64) = (
+    Pace::StallResume {
+        before: 8192,
+        stall: Duration::from_millis(1500),
+    },
+    RATE * 3 / 2,
+);
+/// On `/pause`: a stall well within the stall rule's [`STALL`].
+const STALL_RESUME_PAUSE: (Pace, u64) = (
+    Pace::StallResume {
+        before: 8192,
+        stall: Duration::from_millis(400),
+    },
+    SLOW_N,
+);
+
+/// Streams per HTTP/2 connection of a wave: four fast, a slow one, and one
+/// the client resets.
+const H2_STREAMS: usize = 6;
+
+fn h2_streams() -> Vec<(Kind, Option<u64>, Pace)> {
+    let mut streams = vec![(Kind::Fast, Some(FAST_N), Pace::Fast); 4];
+    streams.push((Kind::Slow, Some(SLOW_N), SLOW));
+    streams.push((Kind::Reset, None, Pace::DropAfter { after: 8192 }));
+    assert_eq!(streams.len(), H2_STREAMS);
+    streams
+}
+
+/// What a wave did, for its summary line.
+#[derive(Debug, Default)]
+struct Totals {
+    connections: usize,
+    streams: usize,
+    pushed: u64,
+    sent: u64,
+    dropped: u64,
+    evicted: usize,
+    evicted_slow: usize,
+    pressure: u64,
+    /// Fast readers that read to the end, and of them those that lost
+    /// frames (printed, not asserted: see the module docs).
+    fast: usize,
+    fast_lost: usize,
+}
+
+impl Totals {
+    fn add(&mut self, t: &Totals) {
+        self.connections += t.connections;
+        self.streams += t.streams;
+        self.pushed += t.pushed;
+        self.sent += t.sent;
+        self.dropped += t.dropped;
+        self.evicted += t.evicted;
+        self.evicted_slow += t.evicted_slow;
+        self.pressure += t.pressure;
+        self.fast += t.fast;
+        self.fast_lost += t.fast_lost;
+    }
+}
+
+/// The counting argument behind "the budget only takes frames from clients
+/// that had fallen behind", checked against the plan; returns the least
+/// number of bytes the client the budget sheds can hold.
+///
+/// The budget sheds from the client holding the most droppable bytes. When
+/// it sheds, the bytes held add up to about the budget (less a frame in
+/// flight per worker thread); of them, `/pause` clients hold at most their
+/// rings (their frames are never dropped), and the rest is spread over at
+/// most every `/sse` stream open at once, so the largest holds at least
+/// their average. If that is over the pressure threshold (with room for the
+/// budget's lock-free view of each client being a frame behind), every
+/// client the budget sheds is over its threshold at that moment, so it has
+/// had a `Pressure` event: a client that never fell that far behind never
+/// loses a frame, and a refusal of a frame (which needs no client to be
+/// behind) shows up as a drop without one.
+fn behind_enough_to_shed() -> usize {
+    const WORKERS: usize = 2;
+    let sse_streams = 5 // background: two fast, one slow, two stuck
+        + PLAN.fast_h1[0]
+        + PLAN.h2[0] * H2_STREAMS
+        + PLAN.slow[0]
+        + PLAN.stall_resume[0]
+        + PLAN.reset[0]
+        + PLAN.head[0];
+    let pause_streams = 1 // background: one fast
+        + PLAN.fast_h1[1]
+        + PLAN.h2[1] * H2_STREAMS
+        + PLAN.slow[1]
+        + PLAN.stall_resume[1]
+        + PLAN.zero_window
+        + PLAN.reset[1]
+        + PLAN.head[1];
+    let pause_bytes = pause_streams * (PAUSE_CAPACITY + 1) * EVENT;
+    let least = (BUDGET - pause_bytes - WORKERS * EVENT) / sse_streams;
+    assert!(
+        least >= 2 * SSE_PRESSURE * EVENT,
+        "the plan breaks the counting argument: the client the budget sheds may hold only \
+         {least} bytes, less than twice the pressure threshold"
+    );
+    least
+}
+
+/// Checks each outcome against what the server's ledger says of it.
+fn verify(server: &Server, outcomes: &[Outcome], totals: &mut Totals) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut ledger = server.books.ledger();
+    for out in outcomes {
+        let mut fail = |what: String| {
+            if failures.len() < 20 {
+                let version = if out.h2 { "HTTP/2" } else { "HTTP/1.1" };
+                failures.push(format!(
+                    "client {} ({:?} on {:?} over {version}): {what}",
+                    out.tag, out.kind, out.route
+                ));
+            }
+        };
+        let Some(closed) = ledger.closed.remove(&out.tag) else {
+            fail("no Closed event".into());
+            continue;
+        };
+        let (s, c) = (closed.stats, &out.check);
+        totals.streams += 1;
+        totals.pushed += s.pushed;
+        totals.sent += s.sent;
+        totals.dropped += s.dropped;
+        totals.pressure += closed.episodes;
+
+        // The server's books, whatever the client did.
+        if closed.pause != (out.route == Route::Pause) {
+            fail("the ledger has it on the other route".into());
+        }
+        if s.pushed != s.sent + s.dropped + s.buffered as u64 {
+            fail(format!("pushed != sent + dropped + discarded: {s:?}"));
+        }
+        if closed.reported != s.dropped {
+            fail(format!(
+                "Dropped events add up to {}, stats say {}",
+                closed.reported, s.dropped
+            ));
+        }
+        match out.route {
+            Route::Pause if s.dropped > 0 => {
+                fail(format!("a Pause client lost {} frames", s.dropped));
+            }
+            // The `/sse` ring is larger than the budget: only the budget
+            // drops, and only from a client that had fallen behind (see
+            // `behind_enough_to_shed`).
+            Route::Sse if s.dropped > 0 && closed.episodes == 0 => fail(format!(
+                "lost {} frames without ever crossing its pressure threshold",
+                s.dropped
+            )),
+            _ => {}
+        }
+        match closed.reason {
+            CloseReason::Evicted(EvictReason::DroppedWindow) => {
+                fail("evicted by the drop-window rule, which cannot be exceeded".into());
+            }
+            CloseReason::Evicted(_) => totals.evicted += 1,
+            _ => {}
+        }
+        if out.status != StatusCode::OK {
+            fail(format!("status {}", out.status));
+        }
+        for problem in &c.problems {
+            fail(problem.clone());
+        }
+
+        // What the client saw.
+        let completed = out.ended == Ended::Clean && closed.reason == CloseReason::Completed;
+        match out.kind {
+            Kind::Fast | Kind::Slow | Kind::StallResume if completed => {
+                // Read to the end: every id of the request, delivered or
+                // announced lost, exactly as the server sent and dropped.
+                let n = out.n.expect("a request of n events");
+                if c.delivered + c.lost != n || c.delivered != s.sent || c.lost != s.dropped {
+                    fail(format!(
+                        "read {} ids and {} announced lost of {n}; the server sent {} and dropped {}",
+                        c.delivered, c.lost, s.sent, s.dropped
+                    ));
+                }
+                if out.kind == Kind::Fast {
+                    totals.fast += 1;
+                    totals.fast_lost += usize::from(c.lost > 0);
+                }
+            }
+            // A client that pauses on `/pause` may pause past the stall
+            // rule on a starved machine: cut after what it had read.
+            Kind::Slow | Kind::StallResume
+                if out.route == Route::Pause
+                    && out.ended == Ended::Error
+                    && closed.reason == CloseReason::Evicted(EvictReason::Stalled) =>
+            {
+                totals.evicted_slow += 1;
+                if c.delivered > s.sent {
+                    fail(format!("read {} ids of the {} sent", c.delivered, s.sent));
+                }
+            }
+            Kind::Fast | Kind::Slow | Kind::StallResume => {
+                fail(format!("ended {:?}, closed {}", out.ended, closed.reason));
+            }
+            Kind::ZeroWindow => {
+                if closed.reason != CloseReason::Evicted(EvictReason::Stalled) {
+                    fail(format!("a zero-window client closed {}", closed.reason));
+                }
+            }
+            Kind::Reset | Kind::BackgroundFast | Kind::BackgroundSlow | Kind::BackgroundStuck => {
+                if closed.reason != CloseReason::ClientGone {
+                    fail(format!("closed {} after the client left", closed.reason));
+                }
+                if out.kind == Kind::BackgroundFast {
+                    totals.fast += 1;
+                    totals.fast_lost += usize::from(c.lost > 0);
+                    if c.delivered == 0 {
+                        fail("a background reader read nothing".into());
+                    }
+                }
+            }
+            Kind::Head => {
+                if out.bytes != 0 {
+                    fail(format!("HEAD got {} body bytes", out.bytes));
+                }
+                if closed.reason != CloseReason::ClientGone || s.sent != 0 {
+                    fail(format!(
+                        "HEAD closed {} after {} frames",
+                        closed.reason, s.sent
+                    ));
+                }
+            }
+        }
+    }
+    failures
+}
+
+/// Runs one wave, settles, checks it; returns its totals.
+async fn wave(server: &Server, background: (usize, usize, usize)) -> Totals {
+    let addr = server.addr;
+    let mut set: JoinSet<Vec<Outcome>> = JoinSet::new();
+    let mut totals = Totals::default();
+    for (i, route) in [Route::Sse, Route::Pause].into_iter().enumerate() {
+        for _ in 0..PLAN.fast_h1[i] {
+            let client = H1::new(route, Kind::Fast, Some(FAST_N), Pace::Fast).requests(2);
+            set.spawn(h1_client(addr, client, None));
+        }
+        for _ in 0..PLAN.h2[i] {
+            set.spawn(h2_client(addr, route, h2_streams(), None));
+        }
+        for _ in 0..PLAN.slow[i] {
+            let client = H1::new(route, Kind::Slow, Some(SLOW_N), SLOW).recv_buffer(16 * 1024);
+            set.spawn(h1_client(addr, client, None));
+        }
+        for _ in 0..PLAN.stall_resume[i] {
+            let (pace, n) = match route {
+                Route::Sse => STALL_RESUME_SSE,
+                Route::Pause => STALL_RESUME_PAUSE,
+            };
+            let client = H1::new(route, Kind::StallResume, Some(n), pace).recv_buffer(16 * 1024);
+            set.spawn(h1_client(addr, client, None));
+        }
+        for _ in 0..PLAN.reset[i] {
+            set.spawn(reset(addr, route, 8192));
+        }
+        for _ in 0..PLAN.head[i] {
+            set.spawn(head(addr, route));
+        }
+        totals.connections += PLAN.fast_h1[i]
+            + PLAN.h2[i]
+            + PLAN.slow[i]
+            + PLAN.stall_resume[i]
+            + PLAN.reset[i]
+            + PLAN.head[i];
+    }
+    // Zero-window clients on `/pause`: sockets held, never read until the
+    // wave has settled.
+    let mut zero_window = Vec::new();
+    for _ in 0..PLAN.zero_window {
+        let tag = tag();
+        zero_window.push((tag, raw_get(addr, Route::Pause, tag).await));
+    }
+    totals.connections += PLAN.zero_window;
+
+    let mut outcomes = Vec::new();
+    while let Some(done) = guard("the wave's clients", set.join_next()).await {
+        outcomes.extend(done.expect("a client task panicked"));
+    }
+    // Settled: the zero-window clients were evicted and their connections
+    // ended on the server, though they never read.
+    let (streams, connections, tasks) = background;
+    server.settle("the wave", streams, connections, tasks).await;
+    for (tag, stream) in zero_window {
+        let head = guard("a zero-window connection to end", read_to_end(stream)).await;
+        let mut out = Outcome::new(tag, Kind::ZeroWindow, Route::Pause, None);
+        out.status = head
+            .strip_prefix(b"HTTP/1.1 ")
+            .and_then(|rest| StatusCode::from_bytes(rest.get(..3)?).ok())
+            .unwrap_or(StatusCode::BAD_GATEWAY);
+        outcomes.push(out);
+    }
+    let failures = verify(server, &outcomes, &mut totals);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    totals
+}
+
+// ----- the soak -----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak() {
+    let secs = std::env::var("SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_SECS);
+    let least = behind_enough_to_shed();
+    let start = Instant::now();
+    let server = server().await;
+    let addr = server.addr;
+    let baseline = alive_tasks();
+
+    // Background streams, open across every wave.
+    let (stop_background, stop) = watch::channel(false);
+    let mut background: JoinSet<Vec<Outcome>> = JoinSet::new();
+    let fast = Kind::BackgroundFast;
+    background.spawn(h2_client(
+        addr,
+        Route::Sse,
+        vec![(fast, None, Pace::Fast); 2],
+        Some(stop.clone()),
+    ));
+    let client = H1::new(Route::Pause, fast, None, Pace::Fast);
+    background.spawn(h1_client(addr, client, Some(stop.clone())));
+    let slow = Pace::Slow {
+        chunk: 4096,
+        pause: Duration::from_millis(50),
+    };
+    let client = H1::new(Route::Sse, Kind::BackgroundSlow, None, slow).recv_buffer(16 * 1024);
+    background.spawn(h1_client(addr, client, Some(stop)));
+    // Two clients that never read, on `/sse` (which has no timed rule): they
+    // keep the budget full of droppable frames from before the first wave to
+    // the end, so every frame of every wave is admitted by shedding theirs.
+    let mut stuck = Vec::new();
+    for _ in 0..2 {
+        let tag = tag();
+        stuck.push((tag, raw_get(addr, Route::Sse, tag).await));
+    }
+    const STREAMS: usize = 6;
+    const CONNECTIONS: usize = 5;
+    guard(
+        "the background streams to open and fill the budget",
+        async {
+            loop {
+                let snapshot = server.registry.snapshot();
+                if snapshot.clients.len() == STREAMS
+                    && snapshot.clients.iter().all(|c| c.sent > 0)
+                    && server.budget.used() + EVENT > BUDGET
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        },
+    )
+    .await;
+    // Every background stream has delivered: its tasks (hyper's HTTP/2
+    // stream tasks among them) run. This is the count every wave must come
+    // back to.
+    let with_background = alive_tasks();
+
+    println!(
+        "soak: {secs} s of waves on {addr}, {RATE} events/s of {EVENT} B, budget {} KiB; \
+         a client the budget sheds holds at least {least} B",
+        BUDGET / 1024
+    );
+    let mut first_rss = None;
+    let mut waves = 0;
+    let mut all = Totals::default();
+    while waves == 0 || start.elapsed() < Duration::from_secs(secs) {
+        waves += 1;
+        server.sampled_max.store(0, Ordering::Release);
+        let budget_dropped = server.budget.stats().dropped;
+        let began = Instant::now();
+        let t = wave(&server, (STREAMS, CONNECTIONS, with_background)).await;
+        let took = began.elapsed().as_secs_f64();
+        let rss_now = rss();
+        if waves == 1 {
+            first_rss = rss_now;
+        }
+        println!(
+            "wave {waves:>3}: {:>3} connections, {:>3} streams, {:>6} frames sent ({:>5.0}/s), \
+             {:>5} dropped (the budget shed {:>5} in all), {:>2} evicted ({} pausing), \
+             {:>4} pressure episodes, {}/{} fast readers lost frames, \
+             budget max {} KiB, RSS {:.1} MiB, {took:.1} s",
+            t.connections,
+            t.streams,
+            t.sent,
+            t.sent as f64 / took,
+            t.dropped,
+            server.budget.stats().dropped - budget_dropped,
+            t.evicted,
+            t.evicted_slow,
+            t.pressure,
+            t.fast_lost,
+            t.fast,
+            server.sampled_max.load(Ordering::Acquire) / 1024,
+            mib(rss_now.unwrap_or(0)),
+        );
+        all.add(&t);
+        assert!(waves < 10_000, "bounded");
+    }
+
+    // The background streams end; everything goes back to the baseline.
+    stop_background.send(true).unwrap();
+    let mut outcomes = Vec::new();
+    while let Some(done) = guard("the background streams", background.join_next()).await {
+        outcomes.extend(done.expect("a background task panicked"));
+    }
+    for (tag, stream) in stuck {
+        drop(stream);
+        outcomes.push(Outcome::new(tag, Kind::BackgroundStuck, Route::Sse, None));
+    }
+    server.settle("the end", 0, 0, baseline).await;
+    let mut t = Totals::default();
+    let failures = verify(&server, &outcomes, &mut t);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    all.add(&t);
+    for out in &outcomes {
+        let c = &out.check;
+        println!(
+            "background {:?} {:?}: {} ids, {} lost in {} gaps",
+            out.route, out.kind, c.delivered, c.lost, c.markers
+        );
+    }
+    assert_eq!(outcomes.len(), STREAMS);
+
+    // Quiet: nothing held, nothing left.
+    let stats = server.budget.stats();
+    let rss_end = rss();
+    println!(
+        "soak: {waves} waves, {} connections, {} streams, {} frames sent, {} dropped, \
+         {} evicted ({} pausing), {}/{} fast readers lost frames, budget peak {} of {} KiB, \
+         RSS {:.1} MiB after wave 1, {:.1} MiB at the end, {:.0} s",
+        all.connections,
+        all.streams,
+        all.sent,
+        all.dropped,
+        all.evicted,
+        all.evicted_slow,
+        all.fast_lost,
+        all.fast,
+        stats.peak / 1024,
+        stats.limit / 1024,
+        mib(first_rss.unwrap_or(0)),
+        mib(rss_end.unwrap_or(0)),
+        start.elapsed().as_secs_f64(),
+    );
+    assert_eq!(
+        stats.used, 0,
+        "every byte is returned once the clients are gone"
+    );
+    assert!(stats.peak <= stats.limit, "peak {stats:?}");
+    assert!(stats.dropped > 0, "the budget had to shed");
+    assert_eq!(
+        stats.dropped, all.dropped,
+        "every frame dropped was dropped by the budget, from a client that saw the gap"
+    );
+    assert_eq!(
+        server.sampled_over.load(Ordering::Acquire),
+        0,
+        "samples over the budget"
+    );
+    assert!(server.registry.is_empty());
+    {
+        let ledger = server.books.ledger();
+        assert!(
+            ledger.violation_count == 0,
+            "{} violations: {:#?}",
+            ledger.violation_count,
+            ledger.violations
+        );
+        assert!(ledger.open.is_empty(), "clients never closed");
+        assert!(
+            ledger.closed.is_empty(),
+            "closed clients no client saw: {:?}",
+            ledger.closed.keys()
+        );
+    }
+    if let (Some(first), Some(end)) = (first_rss, rss_end) {
+        assert!(
+            end <= first + RSS_MARGIN,
+            "RSS grew from {:.1} MiB after the first wave to {:.1} MiB",
+            mib(first),
+            mib(end)
+        );
+    }
+
+    // The server stops: the runtime is empty.
+    server.stop.send(true).unwrap();
+    for task in server.tasks {
+        guard("a server task to stop", task).await.unwrap();
+    }
+    guard("every task to end", async {
+        while alive_tasks() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// Bug (found reading `Client::reserve` for this soak): a client at its own
+/// frame limit reserves only what a frame adds after its ring drops its
+/// oldest (`Storage::growth`, computed before the budget sheds); when the
+/// budget then sheds that same client's oldest frame to make the room, the
+/// ring is no longer full, keeps the new frame without dropping, and
+/// `settle` forces the difference past the limit.
+///
+/// Here: a budget of 500 bytes, a ring of 4 frames holding four frames of
+/// 100 bytes (400), then a frame of 300 bytes. Its growth is 200 (300 less
+/// the oldest 100); 400 + 200 is over 500, so the budget sheds 100 from the
+/// largest client, this one (300 held, 500 reserved); the ring, now 3
+/// frames, takes the new frame without dropping (600 held), and `used` and
+/// `peak` stay at 600. With frames of one size the same happens when the
+/// client's connection takes a frame between `growth` and `push` (a race:
+/// the ring is no longer full when the frame arrives); the soak keeps
+/// every `/sse` ring larger than the whole budget so that no client is ever
+/// at its own limit.
+#[tokio::test]
+#[ignore = "bug: MemoryBudget goes over its limit when it sheds the frame a full client's reservation counted on"]
+async fn budget_overshoots_when_a_full_client_sheds_its_own_frame() {
+    use tower::ServiceExt;
+
+    let budget = MemoryBudget::new(500);
+    let (producer, body) = common::channel_body(8, None);
+    let svc = tower::ServiceBuilder::new()
+        .layer(BackpressureLayer::new(BufferConfig::new(4)).memory_budget(budget.clone()))
+        .service(common::one_response(body, "text/event-stream"));
+    // Nobody reads the body: every frame stays in the ring.
+    let response = svc.oneshot(Request::new(())).await.unwrap();
+    for frame in [
+        &[b'a'; 100][..],
+        &[b'b'; 100],
+        &[b'c'; 100],
+        &[b'd'; 100],
+        &[b'e'; 300],
+    ] {
+        producer
+            .tx
+            .send(Bytes::copy_from_slice(frame))
+            .await
+            .unwrap();
+    }
+    drop(producer.tx);
+    guard("the pump to take every frame", producer.inner_done)
+        .await
+        .unwrap();
+    let stats = budget.stats();
+    assert_eq!(stats.dropped, 1, "the budget shed the oldest frame");
+    assert!(
+        stats.used <= stats.limit && stats.peak <= stats.limit,
+        "over the budget: {stats:?}"
+    );
+    drop(response);
+}
