@@ -35,8 +35,9 @@ struct Inner {
 /// it. Only when no client has a droppable frame left is the incoming frame
 /// refused, as its client's policy says: dropped (`DropOldest`,
 /// `DropNewest`), kept while the producer waits for its client
-/// (`Pause`), or the client evicted (`Disconnect`). Critical frames are
-/// always kept: they are the only way past the limit.
+/// (`Pause`), or the client evicted (`Disconnect`). The total goes past the
+/// limit only by frames that are never dropped: critical frames, and the
+/// one frame a `Pause` client keeps before its producer waits.
 ///
 /// ```
 /// use tower_backpressure::{BackpressureLayer, BufferConfig, MemoryBudget};
