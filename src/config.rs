@@ -414,21 +414,35 @@ impl Eviction {
     }
 }
 
-/// A [`BufferConfig`] value that cannot work, refused at construction.
+/// A [`BufferConfig`] (or [`HubConfig`](crate::hub::HubConfig)) value that
+/// cannot work, refused at construction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    /// What was configured: `buffer` or `hub`.
+    subject: &'static str,
     message: String,
 }
 
 impl ConfigError {
     fn new(message: String) -> Self {
-        Self { message }
+        Self {
+            subject: "buffer",
+            message,
+        }
+    }
+
+    /// An error in a [`HubConfig`](crate::hub::HubConfig).
+    pub(crate) fn hub(message: String) -> Self {
+        Self {
+            subject: "hub",
+            message,
+        }
     }
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid buffer config: {}", self.message)
+        write!(f, "invalid {} config: {}", self.subject, self.message)
     }
 }
 

@@ -75,6 +75,7 @@ mod config;
 pub mod conn;
 mod error;
 mod handle;
+pub mod hub;
 #[cfg(feature = "metrics")]
 mod metrics;
 pub mod middleware;
@@ -91,6 +92,7 @@ pub use crate::client::{ClientId, ClientInfo, PeerAddr};
 pub use crate::config::{BufferConfig, ConfigError, Eviction, Flush, Overflow};
 pub use crate::error::{Evicted, PumpStopped};
 pub use crate::handle::{ClientHandle, Health};
+pub use crate::hub::{Hub, HubConfig};
 #[cfg(feature = "metrics")]
 pub use crate::metrics::MetricsObserver;
 pub use crate::middleware::{Backpressure, BackpressureBody, BackpressureLayer, ResponseFuture};
