@@ -212,6 +212,10 @@ impl<T, W> Hub<T, W> {
     ///   before the first frame) is taken for one from the future, e.g. from
     ///   another server ahead of this one: the subscription starts after the
     ///   newest frame, as [`subscribe`](Self::subscribe) does.
+    ///
+    /// Ids keep their meaning across servers and restarts only if the
+    /// producer assigns them ([`publish_with_id`](Self::publish_with_id)):
+    /// the hub's own numbering starts at 0 in every process.
     pub fn subscribe_after(&self, id: u64) -> Subscription<T, W> {
         let cursor = self.shared.lock().after(id);
         Subscription::new(self.shared.clone(), cursor)
