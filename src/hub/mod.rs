@@ -5,8 +5,8 @@
 //! [`Subscription`] is only a cursor into it (the id of the next frame it
 //! wants). Publishing appends to the log and never waits: it does no work
 //! for a subscriber that is not waiting (a stalled client is never woken,
-//! locked or copied to, and holds no frames of its own), and wakes each
-//! subscriber that is waiting once. The log retains the newest frames within
+//! locked or copied to, and holds no more than the few frames it took at its
+//! last poll), and wakes each subscriber that is waiting once. The log retains the newest frames within
 //! [`HubConfig`]'s limits (frames and bytes); a subscriber that falls behind
 //! the retention, or crosses ids that never reached the hub, is told how
 //! many ids it skipped with a [`HubEvent::Gap`].
@@ -53,13 +53,13 @@
 //! ```
 //! use std::convert::Infallible;
 //!
-//! use tower_backpressure::{Hub, SseGapMarker};
+//! use bytes::Bytes;
 //! use tower_backpressure::hub::{Subscription, sse};
+//! use tower_backpressure::{ByWeigh, Hub, SseGapMarker};
 //!
-//! async fn events(
-//!     hub: Hub,
-//!     req: http::Request<()>,
-//! ) -> Result<http::Response<Subscription<bytes::Bytes, tower_backpressure::ByWeigh, SseGapMarker>>, Infallible> {
+//! type Events = Subscription<Bytes, ByWeigh, SseGapMarker>;
+//!
+//! async fn events(hub: Hub, req: http::Request<()>) -> Result<http::Response<Events>, Infallible> {
 //!     let subscription = match sse::last_event_id(&req) {
 //!         Some(id) => hub.subscribe_after(id),
 //!         None => hub.subscribe(),
@@ -212,6 +212,10 @@ impl<T, W> Hub<T, W> {
     ///   before the first frame) is taken for one from the future, e.g. from
     ///   another server ahead of this one: the subscription starts after the
     ///   newest frame, as [`subscribe`](Self::subscribe) does.
+    ///
+    /// Ids keep their meaning across servers and restarts only if the
+    /// producer assigns them ([`publish_with_id`](Self::publish_with_id)):
+    /// the hub's own numbering starts at 0 in every process.
     pub fn subscribe_after(&self, id: u64) -> Subscription<T, W> {
         let cursor = self.shared.lock().after(id);
         Subscription::new(self.shared.clone(), cursor)

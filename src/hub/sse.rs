@@ -91,7 +91,7 @@ fn fields(event: Option<&str>, data: &str) -> BytesMut {
 /// `id: <id>\n` followed by `fields`.
 fn with_id(id: u64, fields: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(fields.len() + 25);
-    write!(out, "id: {id}\n").expect("BytesMut grows");
+    writeln!(out, "id: {id}").expect("BytesMut grows");
     out.put_slice(fields);
     out.freeze()
 }

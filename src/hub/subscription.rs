@@ -251,6 +251,8 @@ mod tests {
     use crate::SseGapMarker;
     use crate::hub::{Hub, HubConfig};
 
+    type Polled = Poll<Option<Result<Frame<Bytes>, Infallible>>>;
+
     struct Count(AtomicUsize);
 
     impl Wake for Count {
@@ -281,10 +283,10 @@ mod tests {
             Pin::new(s).poll_next(&mut Context::from_waker(&self.waker))
         }
 
-        fn poll_body<B: Body + Unpin>(
-            &self,
-            b: &mut B,
-        ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        fn poll_body<B>(&self, b: &mut B) -> Polled
+        where
+            B: Body<Data = Bytes, Error = Infallible> + Unpin,
+        {
             Pin::new(b).poll_frame(&mut Context::from_waker(&self.waker))
         }
     }

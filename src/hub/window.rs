@@ -1,0 +1,599 @@
+//! A client's window over a hub's log: the storage of a hub subscription
+//! whose response goes through [`BackpressureLayer`](crate::BackpressureLayer)
+//! (or whose messages go through a [`BufferedSink`](crate::BufferedSink)).
+//!
+//! The client's [`BufferConfig`] bounds its backlog in the shared log: what
+//! is published after its cursor, up to `capacity` frames and `max_bytes`
+//! bytes. Beyond that the cursor skips the oldest frames, counted exactly as
+//! a [`ClientBuffer`](crate::ClientBuffer) of the same config would drop
+//! them. Nothing is copied per client: a frame is cloned (a reference count
+//! for `Bytes`) only when the client takes it.
+//!
+//! The window is brought up to date when its client reads, and by the hub's
+//! sweep for clients that do not: a stalled client costs nothing per
+//! publish, and one step per sweep (a binary search, not a step per frame
+//! published, unless a [`Classify`] hook must see the frames it skips).
+
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::task::Waker;
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes};
+use http::{HeaderValue, Response};
+use http_body::{Body, Frame};
+
+use super::log::{Cursor, Parked};
+use super::{Hub, Shared, Subscription};
+use crate::buffer::ByWeigh;
+use crate::buffer::{BufferStats, Dropped, FrameClass, Gap};
+use crate::client::Storage;
+use crate::config::{BufferConfig, Overflow};
+use crate::observer::EvictReason;
+
+/// A frame's class, as the layer's [`Classify`](crate::Classify) hook says.
+pub(crate) type ClassifyFn<T> = Box<dyn Fn(&T) -> FrameClass + Send + Sync>;
+
+/// One client's window over a hub's log.
+pub(crate) struct Window<T, W> {
+    shared: Arc<Shared<T, W>>,
+    cursor: Cursor,
+    parked: Parked,
+    config: BufferConfig,
+    /// `None`: every frame is droppable (the default hook).
+    classify: Option<ClassifyFn<T>>,
+    /// Frames kept from a skip (the newest of each replace key), oldest
+    /// first: delivered before the frame at the cursor.
+    kept: VecDeque<(T, usize)>,
+    /// Lost since the last frame taken: the gap before the next one.
+    gap: Gap,
+    /// The backlog at the last look, less what was taken since.
+    frames: usize,
+    bytes: usize,
+    /// Frames still to deliver before the stream ends, if limited.
+    left: Option<u64>,
+    closed: bool,
+    sent: u64,
+    dropped: u64,
+    dropped_bytes: u64,
+    replaced: u64,
+    high_water: usize,
+    high_water_bytes: usize,
+}
+
+impl<T, W> Window<T, W> {
+    pub(crate) fn new(
+        shared: Arc<Shared<T, W>>,
+        cursor: Cursor,
+        config: BufferConfig,
+        classify: Option<ClassifyFn<T>>,
+        limit: Option<u64>,
+    ) -> Self {
+        Self {
+            shared,
+            cursor,
+            parked: Parked::default(),
+            config,
+            classify,
+            kept: VecDeque::new(),
+            gap: Gap::default(),
+            frames: 0,
+            bytes: 0,
+            left: limit,
+            closed: false,
+            sent: 0,
+            dropped: 0,
+            dropped_bytes: 0,
+            replaced: 0,
+            high_water: 0,
+            high_water_bytes: 0,
+        }
+    }
+
+    fn max_bytes(&self) -> usize {
+        self.config.max_bytes().unwrap_or(usize::MAX)
+    }
+
+    fn waiting(&self) -> usize {
+        self.frames + self.kept.len()
+    }
+}
+
+impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
+    fn config(&self) -> &BufferConfig {
+        &self.config
+    }
+
+    fn len(&self) -> usize {
+        self.waiting()
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn is_full(&self) -> bool {
+        self.waiting() >= self.config.capacity() || self.bytes >= self.max_bytes()
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.waiting() < self.config.pressure_frames()
+            && self.bytes < self.config.pressure_bytes().unwrap_or(usize::MAX)
+    }
+
+    fn has_room_for_class(&self, _: usize, _: FrameClass) -> bool {
+        // Nothing is pushed into a window: the hub publishes.
+        true
+    }
+
+    fn growth(&self, _: usize, _: FrameClass) -> usize {
+        0
+    }
+
+    fn reject(&mut self, _: usize) {}
+
+    fn refresh(&mut self) -> Result<Dropped, EvictReason> {
+        if self.closed {
+            return Ok(Dropped::default());
+        }
+        let log = self.shared.lock();
+        let (frames, bytes) = log.backlog(self.cursor.next);
+        let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+        let capacity = self.config.capacity();
+        let max_bytes = self.max_bytes();
+        let over = |frames: usize, bytes: usize| {
+            frames > capacity || (frames > 1 && bytes > max_bytes)
+        };
+        let mut skipped = Dropped::default();
+        if over(frames, bytes) {
+            if self.config.overflow() == Overflow::Disconnect {
+                return Err(EvictReason::Overflow);
+            }
+            // The fewest frames to skip: the newest that fit stay, as a
+            // ring that drops its oldest would keep them.
+            let first = log.iter_from(self.cursor.next).next().map(|e| e.bytes_before);
+            let first = first.unwrap_or_default();
+            let end = first + bytes as u64;
+            let fits = |k: usize| {
+                let e = log.iter_from(self.cursor.next).nth(k).expect("in the backlog");
+                let rest = usize::try_from(end - e.bytes_before).unwrap_or(usize::MAX);
+                !over(frames - k, rest)
+            };
+            let (mut lo, mut hi) = (frames.saturating_sub(capacity), frames - 1);
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                if fits(mid) {
+                    hi = mid;
+                } else {
+                    lo = mid + 1;
+                }
+            }
+            let k = lo;
+            let keep = log.iter_from(self.cursor.next).nth(k).expect("in the backlog");
+            let (keep_id, keep_before) = (keep.id, keep.bytes_before);
+            let mut kept_now: (usize, u64) = (0, 0);
+            if let Some(classify) = &self.classify {
+                // The frames skipped, one by one: a critical one cannot be
+                // skipped, a replace-class one leaves its key's newest.
+                let mut keys: HashMap<u64, usize> = HashMap::new();
+                let mut kept: Vec<(T, usize)> = Vec::new();
+                for e in log.iter_from(self.cursor.next).take(k) {
+                    match classify(&e.item) {
+                        FrameClass::Critical => return Err(EvictReason::Overflow),
+                        FrameClass::Replace(key) => {
+                            if let Some(&i) = keys.get(&key) {
+                                self.replaced += 1;
+                                kept[i] = (e.item.clone(), e.weight);
+                            } else {
+                                keys.insert(key, kept.len());
+                                kept.push((e.item.clone(), e.weight));
+                            }
+                        }
+                        _ => {
+                            skipped.frames += 1;
+                            skipped.bytes += e.weight;
+                        }
+                    }
+                }
+                kept_now = (kept.len(), kept.iter().map(|(_, w)| *w as u64).sum());
+                self.kept.extend(kept);
+            } else {
+                skipped.frames = k;
+                skipped.bytes = usize::try_from(keep_before - first).unwrap_or(usize::MAX);
+            }
+            // The gap the marker announces counts ids: frames skipped here,
+            // and any the log had let go of or never had.
+            let from = log.effective(self.cursor.next);
+            self.gap.add(Gap {
+                frames: keep_id - from - kept_now.0 as u64,
+                bytes: self
+                    .cursor
+                    .pos
+                    .map_or(0, |p| keep_before.saturating_sub(p))
+                    .saturating_sub(kept_now.1),
+            });
+            self.cursor = Cursor {
+                next: keep_id,
+                pos: Some(keep_before),
+            };
+            self.frames = frames - k;
+            self.bytes = usize::try_from(end - keep_before).unwrap_or(usize::MAX);
+        } else {
+            self.frames = frames;
+            self.bytes = bytes;
+        }
+        drop(log);
+        self.dropped += skipped.frames as u64;
+        self.dropped_bytes += skipped.bytes as u64;
+        self.high_water = self.high_water.max(self.waiting());
+        self.high_water_bytes = self.high_water_bytes.max(self.bytes);
+        Ok(skipped)
+    }
+
+    fn park(&mut self, waker: &Waker) -> bool {
+        if self.closed || !self.kept.is_empty() {
+            return false;
+        }
+        self.shared
+            .lock()
+            .park(self.cursor.next, waker, &mut self.parked)
+    }
+
+    fn ended(&self) -> bool {
+        self.left == Some(0)
+    }
+
+    fn pop(&mut self) -> Option<(T, Gap)> {
+        if self.closed || self.left == Some(0) {
+            return None;
+        }
+        let (item, weight, gap) = if let Some((item, weight)) = self.kept.pop_front() {
+            (item, weight, std::mem::take(&mut self.gap))
+        } else {
+            let log = self.shared.lock();
+            let mut out = None;
+            log.read(&mut self.cursor, 1, |gap, e| {
+                out = Some((e.item.clone(), e.weight, gap));
+            });
+            drop(log);
+            let (item, weight, mut gap) = out?;
+            gap.add(std::mem::take(&mut self.gap));
+            self.frames = self.frames.saturating_sub(1);
+            (item, weight, gap)
+        };
+        self.bytes = self.bytes.saturating_sub(weight);
+        self.sent += 1;
+        if let Some(left) = &mut self.left {
+            *left -= 1;
+        }
+        Some((item, gap))
+    }
+
+    fn peek_meta(&self) -> Option<(usize, Gap)> {
+        if self.closed || self.left == Some(0) {
+            return None;
+        }
+        if let Some((_, weight)) = self.kept.front() {
+            return Some((*weight, self.gap));
+        }
+        let log = self.shared.lock();
+        let e = log.iter_from(self.cursor.next).next()?;
+        let mut gap = self.gap;
+        gap.frames += log.gap_before(self.cursor.next);
+        Some((e.weight, gap))
+    }
+
+    fn trailing_gap(&self) -> Gap {
+        Gap::default()
+    }
+
+    fn take_trailing_gap(&mut self) -> Gap {
+        Gap::default()
+    }
+
+    fn evict_oldest(&mut self) -> Option<usize> {
+        // Not under a memory budget: the log is the shared memory.
+        None
+    }
+
+    fn discard(&mut self) {
+        self.closed = true;
+        self.kept.clear();
+        self.frames = 0;
+        self.bytes = 0;
+        self.shared.lock().unpark(&mut self.parked);
+    }
+
+    fn stats(&self) -> BufferStats {
+        let buffered = self.waiting();
+        BufferStats {
+            buffered,
+            buffered_bytes: self.bytes,
+            capacity: self.config.capacity(),
+            max_bytes: self.config.max_bytes(),
+            pushed: self.sent + self.dropped + self.replaced + buffered as u64,
+            sent: self.sent,
+            dropped: self.dropped,
+            dropped_bytes: self.dropped_bytes,
+            replaced: self.replaced,
+            high_water: self.high_water,
+            high_water_bytes: self.high_water_bytes,
+            healthy: self.is_healthy(),
+        }
+    }
+}
+
+impl<T, W> Drop for Window<T, W> {
+    fn drop(&mut self) {
+        if self.parked.may_be_parked() {
+            self.shared.lock().unpark(&mut self.parked);
+        }
+    }
+}
+
+
+/// What a subscription leaves in its response's extensions for the layer
+/// (see [`Subscription::into_response`](super::Subscription::into_response)):
+/// how to make the client's window, type-erased over the hub's weigher.
+pub(crate) trait MakeWindow<T>: Send + Sync {
+    /// The window of a client with `config`, and the hub's sweep to join.
+    fn window(
+        &self,
+        config: BufferConfig,
+        classify: Option<ClassifyFn<T>>,
+    ) -> (Box<dyn Storage<T> + Send>, Arc<Sweeper>);
+}
+
+/// The response extension: an `Arc<dyn MakeWindow<T>>` for the body's data
+/// type `T`, behind `Any`.
+#[derive(Clone)]
+pub(crate) struct Tap(pub(crate) Arc<dyn Any + Send + Sync>);
+
+impl Tap {
+    pub(crate) fn new<T: 'static>(make: Arc<dyn MakeWindow<T>>) -> Self {
+        Self(Arc::new(make))
+    }
+
+    /// The maker, if the body's data type is the hub's item type.
+    pub(crate) fn get<T: 'static>(&self) -> Option<&Arc<dyn MakeWindow<T>>> {
+        self.0.downcast_ref()
+    }
+}
+
+/// The window maker of one subscription.
+pub(crate) struct Source<T, W> {
+    pub(crate) shared: Arc<Shared<T, W>>,
+    pub(crate) cursor: Cursor,
+    pub(crate) limit: Option<u64>,
+}
+
+impl<T, W> MakeWindow<T> for Source<T, W>
+where
+    T: Clone + Send + Sync + 'static,
+    W: Send + Sync + 'static,
+{
+    fn window(
+        &self,
+        config: BufferConfig,
+        classify: Option<ClassifyFn<T>>,
+    ) -> (Box<dyn Storage<T> + Send>, Arc<Sweeper>) {
+        let window = Window::new(self.shared.clone(), self.cursor, config, classify, self.limit);
+        (Box::new(window), self.shared.sweeper.clone())
+    }
+}
+
+/// How often the hub's sweep looks at the clients it serves through the
+/// layer: the latency of their events (pressure, drops, evictions) while
+/// they do not read.
+pub(crate) const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A client the sweep looks at: see `Client::sweep`.
+pub(crate) trait Sweep: Send + Sync {
+    /// `false` once the client has closed.
+    fn sweep(&self) -> bool;
+}
+
+/// The clients of one hub served through the layer, and whether the task
+/// that sweeps them runs.
+#[derive(Default)]
+pub(crate) struct Sweeper {
+    clients: std::sync::Mutex<Vec<std::sync::Weak<dyn Sweep>>>,
+    running: std::sync::atomic::AtomicBool,
+}
+
+impl Sweeper {
+    /// Adds a client; starts the sweep task if it is not running (only on
+    /// a tokio runtime; without one, clients are brought up to date when
+    /// they read).
+    pub(crate) fn attach(self: &Arc<Self>, client: std::sync::Weak<dyn Sweep>) {
+        self.lock().push(client);
+        if self.running.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.running.store(false, std::sync::atomic::Ordering::Release);
+            return;
+        };
+        let sweeper = self.clone();
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_PERIOD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !sweeper.sweep() {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<std::sync::Weak<dyn Sweep>>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One sweep; `false` (and the task stops) once no client is left.
+    fn sweep(&self) -> bool {
+        let clients: Vec<_> = self.lock().iter().filter_map(std::sync::Weak::upgrade).collect();
+        let mut open = Vec::with_capacity(clients.len());
+        for client in clients {
+            if client.sweep() {
+                open.push(Arc::downgrade(&client));
+            }
+        }
+        let mut list = self.lock();
+        // Keep the clients attached during the sweep, and the open ones.
+        list.retain(|c| c.strong_count() > 0);
+        let alive = !list.is_empty();
+        if !alive {
+            self.running.store(false, std::sync::atomic::Ordering::Release);
+        }
+        drop(open);
+        alive
+    }
+}
+
+/// Builds the streaming response of one client of a hub; from
+/// [`Hub::response`].
+///
+/// The response's body reads the hub from the client's cursor. Through
+/// [`BackpressureLayer`](crate::BackpressureLayer), the layer finds the
+/// subscription in the response's extensions and serves the client from a
+/// window over the hub's log instead: the layer's config bounds the client's
+/// backlog there, and the client gets every event, gap marker, rule and
+/// handle of the layer, with no pump task and no copy of its own.
+#[derive(Debug)]
+pub struct HubResponse<'a, T, W> {
+    hub: &'a Hub<T, W>,
+    after: Option<u64>,
+    limit: Option<u64>,
+    content_type: HeaderValue,
+}
+
+impl<T, W> Hub<T, W>
+where
+    T: Clone + Send + Sync + 'static,
+    W: Send + Sync + 'static,
+{
+    /// The response of one client: SSE (`text/event-stream`) unless
+    /// [`content_type`](HubResponse::content_type) says otherwise, starting
+    /// after the newest frame unless [resumed](HubResponse::resume_after).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tower_backpressure::hub::{Hub, HubConfig, sse::last_event_id};
+    ///
+    /// let hub: Hub = Hub::new(HubConfig::default());
+    /// # let request = http::Request::new(());
+    /// // In a handler: resume where the client's last connection left off.
+    /// let response = hub.response().resume_after(last_event_id(&request)).build();
+    /// assert_eq!(response.headers()["content-type"], "text/event-stream");
+    /// ```
+    pub fn response(&self) -> HubResponse<'_, T, W> {
+        HubResponse {
+            hub: self,
+            after: None,
+            limit: None,
+            content_type: HeaderValue::from_static("text/event-stream"),
+        }
+    }
+}
+
+impl<T, W> HubResponse<'_, T, W>
+where
+    T: Clone + Send + Sync + 'static,
+    W: Send + Sync + 'static,
+{
+    /// Resumes right after frame `id` (the SSE `Last-Event-ID`), as
+    /// [`Hub::subscribe_after`] does; `None` starts after the newest frame.
+    pub fn resume_after(mut self, id: Option<u64>) -> Self {
+        self.after = id;
+        self
+    }
+
+    /// Ends the response after `frames` frames (`None`: never), so that the
+    /// client reconnects (an `EventSource` does, with `Last-Event-ID`).
+    pub fn limit(mut self, frames: Option<u64>) -> Self {
+        self.limit = frames;
+        self
+    }
+
+    /// The `Content-Type` (e.g. `application/x-ndjson`).
+    pub fn content_type(mut self, content_type: HeaderValue) -> Self {
+        self.content_type = content_type;
+        self
+    }
+
+    /// The response.
+    pub fn build(self) -> Response<HubBody<T, W>> {
+        let subscription = match self.after {
+            Some(id) => self.hub.subscribe_after(id),
+            None => self.hub.subscribe(),
+        };
+        let source: Arc<dyn MakeWindow<T>> = Arc::new(Source {
+            shared: self.hub.shared().clone(),
+            cursor: subscription.cursor(),
+            limit: self.limit,
+        });
+        let mut response = Response::new(HubBody {
+            subscription,
+            left: self.limit,
+        });
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, self.content_type);
+        response.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache"),
+        );
+        response.extensions_mut().insert(Tap::new(source));
+        response
+    }
+}
+
+/// The body of a [`Hub::response`]: the client's subscription, up to its
+/// limit. Gaps are silent here (a gap marker is the layer's).
+#[derive(Debug)]
+pub struct HubBody<T = Bytes, W = ByWeigh> {
+    subscription: Subscription<T, W>,
+    left: Option<u64>,
+}
+
+impl<T: Buf + Clone, W> Body for HubBody<T, W> {
+    type Data = T;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<T>, Infallible>>> {
+        if self.left == Some(0) {
+            return Poll::Ready(None);
+        }
+        let frame = ready!(Pin::new(&mut self.subscription).poll_frame(cx));
+        if let (Some(Ok(f)), Some(left)) = (&frame, &mut self.left) {
+            if f.is_data() {
+                *left -= 1;
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == Some(0) || self.subscription.is_end_stream()
+    }
+}
+
+impl<D, O, S> Sweep for crate::client::Client<D, O, S>
+where
+    D: Send + 'static,
+    O: crate::observer::BackpressureObserver,
+    S: Storage<D> + Send + 'static,
+{
+    fn sweep(&self) -> bool {
+        crate::client::Client::sweep(self)
+    }
+}

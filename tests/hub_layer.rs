@@ -1,0 +1,248 @@
+//! A hub subscription through `BackpressureLayer`: the client's window over
+//! the shared log behaves as a `ClientBuffer` of the same config would, its
+//! events come from the hub's sweep while it does not read, and it costs
+//! nothing per publish.
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use futures::FutureExt;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use tower::{ServiceBuilder, ServiceExt, service_fn};
+use tower_backpressure::hub::{Hub, HubBody, HubConfig};
+use tower_backpressure::{
+    BackpressureBody, BackpressureLayer, BackpressureObserver, BufferConfig, ClientBuffer, ClientRegistry, CloseReason,
+    EventKind, Gap, GapAction, Overflow,
+};
+
+type Body = BackpressureBody<HubBody, Arc<dyn BackpressureObserver>, Marker>;
+
+/// A gap marker whose frame says how many frames the gap holds.
+#[derive(Clone, Copy)]
+struct Marker;
+
+impl tower_backpressure::GapMarker<Bytes> for Marker {
+    fn on_gap(&self, gap: Gap) -> GapAction<Bytes> {
+        GapAction::Insert(Bytes::from(format!("gap:{}", gap.frames)))
+    }
+}
+
+/// One client's response from `hub`, through the layer with `config`.
+async fn client(
+    hub: &Hub,
+    config: BufferConfig,
+    after: Option<u64>,
+) -> (Body, tokio::sync::mpsc::UnboundedReceiver<Seen>, ClientRegistry) {
+    let (observer, events) = recorder();
+    let registry = ClientRegistry::new();
+    let hub = hub.clone();
+    let svc = ServiceBuilder::new()
+        .layer(
+            BackpressureLayer::new(config)
+                .observer(Arc::new((observer, registry.clone())) as Arc<dyn BackpressureObserver>)
+                .gap_marker(Marker),
+        )
+        .service(service_fn(move |_req: Request<()>| {
+            let response: Response<HubBody> = hub.response().resume_after(after).build();
+            async move { Ok::<_, Infallible>(response) }
+        }));
+    let response = svc.oneshot(Request::new(())).await.unwrap();
+    (response.into_body(), events, registry)
+}
+
+/// Takes what the body has now, up to `n` frames, as text.
+fn take(body: &mut Body, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match body.frame().now_or_never() {
+            Some(Some(Ok(frame))) => {
+                let data = frame.into_data().expect("data");
+                out.push(String::from_utf8(data.to_vec()).unwrap());
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// The same, from a `ClientBuffer`: gaps as the marker renders them.
+fn take_ring(ring: &mut ClientBuffer<Bytes>, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let Some((data, gap)) = ring.pop_with_gap() else {
+            break;
+        };
+        if !gap.is_empty() {
+            out.push(format!("gap:{}", gap.frames));
+            if out.len() == n {
+                // The marker went out; the frame waits (as the body holds it).
+                out.push(String::from_utf8(data.to_vec()).unwrap());
+                break;
+            }
+        }
+        out.push(String::from_utf8(data.to_vec()).unwrap());
+    }
+    out
+}
+
+/// A small deterministic generator for the operation sequences.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+#[tokio::test]
+async fn a_window_delivers_what_a_client_buffer_of_the_same_config_would() {
+    for (seed, config) in [
+        (1, BufferConfig::new(4)),
+        (2, BufferConfig::new(16)),
+        (3, BufferConfig::new(1000).with_max_bytes(64)),
+        (4, BufferConfig::new(8).with_max_bytes(100)),
+        (5, BufferConfig::new(1)),
+    ] {
+        let hub: Hub = Hub::new(HubConfig::default().with_retain_frames(100_000));
+        let (mut body, _events, _registry) = client(&hub, config, None).await;
+        let mut ring = ClientBuffer::new(config);
+        let mut rng = Rng(seed * 7919);
+        let mut seq = 0u64;
+        let (mut got, mut want) = (Vec::new(), Vec::new());
+        for _ in 0..300 {
+            // Publish a burst, then read some: the same on both sides.
+            for _ in 0..rng.next(12) {
+                let len = 1 + rng.next(30) as usize;
+                let frame = Bytes::from(format!("{seq:0len$}"));
+                hub.publish(frame.clone());
+                ring.push(frame);
+                seq += 1;
+            }
+            let n = rng.next(10) as usize;
+            let ring_len = ring.len();
+            let mine = take(&mut body, n);
+            if mine.len() < n && ring_len > mine.len() {
+                eprintln!("short read: wanted {n}, got {:?}, ring had {ring_len}, seq {seq}", mine);
+            }
+            let theirs = take_ring(&mut ring, mine.len());
+            got.extend(mine);
+            want.extend(theirs);
+        }
+        got.extend(take(&mut body, usize::MAX));
+        want.extend(take_ring(&mut ring, usize::MAX));
+        if let Some(i) = (0..got.len().min(want.len())).find(|&i| got[i] != want[i]) {
+            panic!(
+                "config {config:?}: first difference at {i}: window {:?}, ring {:?}",
+                &got[i.saturating_sub(4)..(i + 4).min(got.len())],
+                &want[i.saturating_sub(4)..(i + 4).min(want.len())]
+            );
+        }
+        assert_eq!(got, want, "config {config:?}");
+        assert!(!got.is_empty());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_window_hears_of_pressure_and_drops_from_the_sweep() {
+    let hub: Hub = Hub::default();
+    let (mut body, mut events, registry) = client(&hub, BufferConfig::new(10), None).await;
+    let mut seen = Vec::new();
+    wait_for(&mut events, &mut seen, |s| s.kind == EventKind::Opened).await;
+    // The client reads nothing; 100 events are published.
+    for i in 0..100u64 {
+        hub.publish(Bytes::from(i.to_string()));
+    }
+    // Nothing happens per publish; the sweep looks within its period.
+    tokio::time::advance(Duration::from_millis(150)).await;
+    let dropped = wait_for(&mut events, &mut seen, |s| {
+        matches!(s.kind, EventKind::Dropped { .. })
+    })
+    .await;
+    assert_eq!(dropped.kind, EventKind::Dropped { count: 90, bytes: 170 });
+    assert!(seen.iter().any(|s| s.kind == EventKind::Pressure));
+    assert_eq!(registry.len(), 1);
+    // Read again: one exact gap, then the newest ten.
+    let read = take(&mut body, 11);
+    let want: Vec<String> = std::iter::once("gap:90".to_owned())
+        .chain((90..100).map(|i: u64| i.to_string()))
+        .collect();
+    assert_eq!(read, want);
+    drop(body);
+    let closed = wait_for(&mut events, &mut seen, |s| {
+        matches!(s.kind, EventKind::Closed { .. })
+    })
+    .await;
+    assert_eq!(
+        closed.kind,
+        EventKind::Closed {
+            reason: CloseReason::ClientGone
+        }
+    );
+    assert!(registry.is_empty());
+    // Closed once.
+    assert!(events.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn a_resume_replays_what_the_hub_retains_after_the_last_event_id() {
+    let hub: Hub = Hub::new(HubConfig::default().with_retain_frames(50));
+    for i in 0..100u64 {
+        hub.publish(Bytes::from(i.to_string()));
+    }
+    // Within the retention: everything after 79, even beyond the client's
+    // window of 10 (a client that reconnects is not slow).
+    let (mut body, _e, _r) = client(&hub, BufferConfig::new(10), Some(79)).await;
+    let read = take(&mut body, 100);
+    assert_eq!(read, (80..100).map(|i: u64| i.to_string()).collect::<Vec<_>>());
+    // Beyond it: the gap of exactly the ids that are gone, then the rest.
+    let (mut body, _e, _r) = client(&hub, BufferConfig::new(100), Some(9)).await;
+    let read = take(&mut body, 100);
+    assert_eq!(read[0], "gap:40");
+    assert_eq!(read[1..], (50..100).map(|i: u64| i.to_string()).collect::<Vec<_>>()[..]);
+}
+
+#[tokio::test]
+async fn pause_is_refused_with_a_clear_error() {
+    let hub: Hub = Hub::default();
+    let config = BufferConfig::new(10).with_overflow(Overflow::Pause);
+    let (mut body, _e, _r) = client(&hub, config, None).await;
+    let err = body.frame().await.expect("an error").unwrap_err();
+    assert!(err.to_string().contains("Overflow::Pause cannot bound a hub subscription"), "{err}");
+}
+
+#[tokio::test]
+async fn a_fast_client_gets_every_event_while_a_thousand_windows_stall() {
+    let hub: Hub = Hub::new(HubConfig::default().with_retain_frames(1000));
+    let mut stalled = Vec::new();
+    for _ in 0..1000 {
+        stalled.push(client(&hub, BufferConfig::new(16), None).await);
+    }
+    let (mut fast, mut events, _registry) = client(&hub, BufferConfig::new(16), None).await;
+    let mut got = Vec::new();
+    for i in 0..5000u64 {
+        hub.publish(Bytes::from(i.to_string()));
+        // The fast client keeps up: it reads after every publish.
+        got.extend(take(&mut fast, usize::MAX));
+    }
+    assert_eq!(got, (0..5000).map(|i: u64| i.to_string()).collect::<Vec<_>>());
+    // One copy of each retained frame, in the hub.
+    assert_eq!(hub.retained(), 1000);
+    let mut seen = Vec::new();
+    while let Ok(s) = events.try_recv() {
+        seen.push(s);
+    }
+    assert!(
+        seen.iter().all(|s| !matches!(s.kind, EventKind::Dropped { .. })),
+        "the fast client lost nothing"
+    );
+    drop(stalled);
+}
