@@ -131,7 +131,7 @@ pub struct Gap {
 }
 
 impl Gap {
-    fn add(&mut self, other: Gap) {
+    pub(crate) fn add(&mut self, other: Gap) {
         self.frames += other.frames;
         self.bytes += other.bytes;
     }

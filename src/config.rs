@@ -225,6 +225,36 @@ impl BufferConfig {
         Ok(())
     }
 
+    /// Checks that the config can bound a client's window over a
+    /// [`Hub`](crate::hub::Hub)'s log, as well as [`validate`](Self::validate):
+    /// [`Overflow::Pause`] cannot (one log cannot wait for one client), nor
+    /// [`Overflow::DropNewest`] (the log keeps the newest frames: a client
+    /// that falls behind skips the oldest).
+    ///
+    /// ```
+    /// use tower_backpressure::{BufferConfig, Overflow};
+    ///
+    /// let err = BufferConfig::new(100).with_overflow(Overflow::Pause).validate_for_hub().unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "invalid buffer config: Overflow::Pause cannot bound a hub subscription (one log cannot wait for one client)"
+    /// );
+    /// ```
+    pub fn validate_for_hub(&self) -> Result<(), ConfigError> {
+        self.validate()?;
+        match self.overflow {
+            Overflow::Pause => Err(ConfigError::new(
+                "Overflow::Pause cannot bound a hub subscription (one log cannot wait for one client)"
+                    .into(),
+            )),
+            Overflow::DropNewest => Err(ConfigError::new(
+                "Overflow::DropNewest cannot bound a hub subscription (the log keeps the newest frames)"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Frames at or above which the buffer is under pressure (at least 1).
     pub(crate) fn pressure_frames(&self) -> usize {
         ((self.capacity as f64 * self.threshold).ceil() as usize).clamp(1, self.capacity)

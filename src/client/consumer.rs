@@ -148,7 +148,6 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
     /// The hub's sweep over a client that may not be reading: brings its
     /// window up to date (pressure, drops, drop rules) and applies a timed
     /// rule that is due. Returns `false` once the client has closed.
-    #[allow(dead_code)] // For the hub's sweep (next).
     pub(crate) fn sweep(&self) -> bool {
         let mut st = self.lock();
         self.look(&mut st);

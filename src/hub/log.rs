@@ -224,7 +224,7 @@ impl<T> Log<T> {
     }
 
     /// The id a read from `next` counts from (see [`Cursor::START`]).
-    fn effective(&self, next: u64) -> u64 {
+    pub(crate) fn effective(&self, next: u64) -> u64 {
         if next == Cursor::START.next {
             self.first_id.unwrap_or(next)
         } else {

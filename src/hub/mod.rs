@@ -88,6 +88,7 @@ mod error;
 pub(crate) mod log;
 pub mod sse;
 mod subscription;
+mod window;
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -98,6 +99,8 @@ pub use self::config::HubConfig;
 pub use self::error::PublishError;
 use self::log::{Log, MAX_ID};
 pub use self::subscription::{HubEvent, Subscription};
+pub(crate) use self::window::{ClassifyFn, MakeWindow, Sweep, Tap};
+pub use self::window::{HubBody, HubResponse};
 use crate::buffer::{ByWeigh, Weigh, Weigher};
 use crate::config::ConfigError;
 
@@ -117,6 +120,8 @@ pub struct Hub<T = Bytes, W = ByWeigh> {
 /// What a hub's handles and subscriptions share.
 pub(crate) struct Shared<T, W> {
     log: Mutex<Log<T>>,
+    /// The layer's clients served from this log, swept for events.
+    pub(crate) sweeper: Arc<window::Sweeper>,
     weigher: W,
     config: HubConfig,
 }
@@ -188,6 +193,7 @@ impl<T, W> Hub<T, W> {
         Ok(Self {
             shared: Arc::new(Shared {
                 log: Mutex::new(Log::new(config)),
+                sweeper: Arc::default(),
                 weigher,
                 config,
             }),

@@ -56,6 +56,9 @@ pub(crate) struct Window<T, W> {
     bytes: usize,
     /// Frames still to deliver before the stream ends, if limited.
     left: Option<u64>,
+    /// A resumed client replays what it missed, whatever its limits: it is
+    /// not slow. Its window bounds it once it has caught up to within it.
+    catching_up: bool,
     closed: bool,
     sent: u64,
     dropped: u64,
@@ -72,8 +75,10 @@ impl<T, W> Window<T, W> {
         config: BufferConfig,
         classify: Option<ClassifyFn<T>>,
         limit: Option<u64>,
+        resumed: bool,
     ) -> Self {
         Self {
+            catching_up: resumed,
             shared,
             cursor,
             parked: Parked::default(),
@@ -145,21 +150,29 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
         let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
         let capacity = self.config.capacity();
         let max_bytes = self.max_bytes();
-        let over = |frames: usize, bytes: usize| {
-            frames > capacity || (frames > 1 && bytes > max_bytes)
-        };
+        let over =
+            |frames: usize, bytes: usize| frames > capacity || (frames > 1 && bytes > max_bytes);
         let mut skipped = Dropped::default();
-        if over(frames, bytes) {
+        if self.catching_up && !over(frames, bytes) {
+            self.catching_up = false;
+        }
+        if !self.catching_up && over(frames, bytes) {
             if self.config.overflow() == Overflow::Disconnect {
                 return Err(EvictReason::Overflow);
             }
             // The fewest frames to skip: the newest that fit stay, as a
             // ring that drops its oldest would keep them.
-            let first = log.iter_from(self.cursor.next).next().map(|e| e.bytes_before);
+            let first = log
+                .iter_from(self.cursor.next)
+                .next()
+                .map(|e| e.bytes_before);
             let first = first.unwrap_or_default();
             let end = first + bytes as u64;
             let fits = |k: usize| {
-                let e = log.iter_from(self.cursor.next).nth(k).expect("in the backlog");
+                let e = log
+                    .iter_from(self.cursor.next)
+                    .nth(k)
+                    .expect("in the backlog");
                 let rest = usize::try_from(end - e.bytes_before).unwrap_or(usize::MAX);
                 !over(frames - k, rest)
             };
@@ -173,7 +186,10 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
                 }
             }
             let k = lo;
-            let keep = log.iter_from(self.cursor.next).nth(k).expect("in the backlog");
+            let keep = log
+                .iter_from(self.cursor.next)
+                .nth(k)
+                .expect("in the backlog");
             let (keep_id, keep_before) = (keep.id, keep.bytes_before);
             let mut kept_now: (usize, u64) = (0, 0);
             if let Some(classify) = &self.classify {
@@ -335,7 +351,6 @@ impl<T, W> Drop for Window<T, W> {
     }
 }
 
-
 /// What a subscription leaves in its response's extensions for the layer
 /// (see [`Subscription::into_response`](super::Subscription::into_response)):
 /// how to make the client's window, type-erased over the hub's weigher.
@@ -369,6 +384,7 @@ pub(crate) struct Source<T, W> {
     pub(crate) shared: Arc<Shared<T, W>>,
     pub(crate) cursor: Cursor,
     pub(crate) limit: Option<u64>,
+    pub(crate) resumed: bool,
 }
 
 impl<T, W> MakeWindow<T> for Source<T, W>
@@ -381,7 +397,14 @@ where
         config: BufferConfig,
         classify: Option<ClassifyFn<T>>,
     ) -> (Box<dyn Storage<T> + Send>, Arc<Sweeper>) {
-        let window = Window::new(self.shared.clone(), self.cursor, config, classify, self.limit);
+        let window = Window::new(
+            self.shared.clone(),
+            self.cursor,
+            config,
+            classify,
+            self.limit,
+            self.resumed,
+        );
         (Box::new(window), self.shared.sweeper.clone())
     }
 }
@@ -415,7 +438,8 @@ impl Sweeper {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.running.store(false, std::sync::atomic::Ordering::Release);
+            self.running
+                .store(false, std::sync::atomic::Ordering::Release);
             return;
         };
         let sweeper = self.clone();
@@ -437,7 +461,11 @@ impl Sweeper {
 
     /// One sweep; `false` (and the task stops) once no client is left.
     fn sweep(&self) -> bool {
-        let clients: Vec<_> = self.lock().iter().filter_map(std::sync::Weak::upgrade).collect();
+        let clients: Vec<_> = self
+            .lock()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
         let mut open = Vec::with_capacity(clients.len());
         for client in clients {
             if client.sweep() {
@@ -449,7 +477,8 @@ impl Sweeper {
         list.retain(|c| c.strong_count() > 0);
         let alive = !list.is_empty();
         if !alive {
-            self.running.store(false, std::sync::atomic::Ordering::Release);
+            self.running
+                .store(false, std::sync::atomic::Ordering::Release);
         }
         drop(open);
         alive
@@ -537,6 +566,7 @@ where
             shared: self.hub.shared().clone(),
             cursor: subscription.cursor(),
             limit: self.limit,
+            resumed: self.after.is_some(),
         });
         let mut response = Response::new(HubBody {
             subscription,

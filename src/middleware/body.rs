@@ -8,13 +8,17 @@ use pin_project::pin_project;
 
 use crate::BoxError;
 use crate::buffer::{ClientBuffer, Remaining};
-use crate::client::{Client, Next, Release, Timer};
+use crate::client::{Client, Next, Release, Storage, Timer};
 use crate::error::{Evicted, PumpStopped};
 use crate::observer::BackpressureObserver;
 use crate::policy::{GapAction, GapMarker};
 
 /// The client state of a buffered response: frames wait in a private ring.
 pub(crate) type Shared<D, O> = Client<D, O, ClientBuffer<D, Remaining>>;
+
+/// The client state of a hub subscription: frames wait in the hub's log,
+/// behind the client's window.
+pub(crate) type Windowed<D, O> = Client<D, O, Box<dyn Storage<D> + Send>>;
 
 /// The response body of [`Backpressure`](crate::Backpressure).
 ///
@@ -44,6 +48,13 @@ enum Kind<B: Body, O: BackpressureObserver, M> {
     Buffered {
         consumer: Consumer<B::Data, O, M>,
     },
+    Windowed {
+        consumer: Consumer<B::Data, O, M, Box<dyn Storage<B::Data> + Send>>,
+    },
+    /// The layer cannot serve this response as asked: the error, once.
+    Refused {
+        error: Option<BoxError>,
+    },
 }
 
 impl<B: Body, O: BackpressureObserver, M> BackpressureBody<B, O, M> {
@@ -67,9 +78,30 @@ impl<B: Body, O: BackpressureObserver, M> BackpressureBody<B, O, M> {
         }
     }
 
-    /// Whether this body goes through a buffer.
+    pub(crate) fn windowed(shared: Arc<Windowed<B::Data, O>>, marker: M) -> Self {
+        Self {
+            kind: Kind::Windowed {
+                consumer: Consumer {
+                    shared,
+                    marker,
+                    pending: None,
+                    timer: Timer::default(),
+                    release: Release::default(),
+                },
+            },
+        }
+    }
+
+    pub(crate) fn refused(error: BoxError) -> Self {
+        Self {
+            kind: Kind::Refused { error: Some(error) },
+        }
+    }
+
+    /// Whether this body goes through a buffer (a ring of its own, or a
+    /// window over a hub's log).
     pub fn is_buffered(&self) -> bool {
-        matches!(self.kind, Kind::Buffered { .. })
+        matches!(self.kind, Kind::Buffered { .. } | Kind::Windowed { .. })
     }
 }
 
@@ -78,6 +110,8 @@ impl<B: Body, O: BackpressureObserver, M> fmt::Debug for BackpressureBody<B, O, 
         let kind = match self.kind {
             Kind::Passthrough { .. } => "passthrough",
             Kind::Buffered { .. } => "buffered",
+            Kind::Windowed { .. } => "windowed",
+            Kind::Refused { .. } => "refused",
         };
         f.debug_struct("BackpressureBody")
             .field("kind", &kind)
@@ -106,6 +140,8 @@ where
         match self.project().kind.project() {
             KindProj::Passthrough { inner } => inner.poll_frame(cx).map_err(Into::into),
             KindProj::Buffered { consumer } => consumer.poll_frame(cx),
+            KindProj::Windowed { consumer } => consumer.poll_frame(cx),
+            KindProj::Refused { error } => Poll::Ready(error.take().map(Err)),
         }
     }
 
@@ -113,6 +149,8 @@ where
         match &self.kind {
             Kind::Passthrough { inner } => inner.is_end_stream(),
             Kind::Buffered { consumer } => consumer.is_end_stream(),
+            Kind::Windowed { consumer } => consumer.is_end_stream(),
+            Kind::Refused { error } => error.is_none(),
         }
     }
 
@@ -120,14 +158,16 @@ where
         match &self.kind {
             Kind::Passthrough { inner } => inner.size_hint(),
             // Frames may be dropped: nothing exact can be promised.
-            Kind::Buffered { .. } => SizeHint::default(),
+            Kind::Buffered { .. } | Kind::Windowed { .. } | Kind::Refused { .. } => {
+                SizeHint::default()
+            }
         }
     }
 }
 
 /// The end hyper polls: takes frames from the front of the buffer.
-struct Consumer<D, O: BackpressureObserver, M> {
-    shared: Arc<Shared<D, O>>,
+struct Consumer<D, O: BackpressureObserver, M, S: Storage<D> = ClientBuffer<D, Remaining>> {
+    shared: Arc<Client<D, O, S>>,
     marker: M,
     /// A frame held back while its gap marker goes out first.
     pending: Option<D>,
@@ -136,11 +176,12 @@ struct Consumer<D, O: BackpressureObserver, M> {
     release: Release,
 }
 
-impl<D, O, M> Consumer<D, O, M>
+impl<D, O, M, S> Consumer<D, O, M, S>
 where
     D: 'static,
     O: BackpressureObserver,
     M: GapMarker<D>,
+    S: Storage<D>,
 {
     #[inline(never)]
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<D>, BoxError>>> {
@@ -195,7 +236,7 @@ where
     }
 }
 
-impl<D, O: BackpressureObserver, M> Drop for Consumer<D, O, M> {
+impl<D, O: BackpressureObserver, M, S: Storage<D>> Drop for Consumer<D, O, M, S> {
     fn drop(&mut self) {
         // hyper drops a body that says `is_end_stream` without polling it
         // again: that is a completed stream, not a client gone.

@@ -8,7 +8,9 @@ use http::{Response, header};
 use http_body::Body;
 use pin_project::pin_project;
 
-use super::body::{BackpressureBody, Shared};
+use std::any::TypeId;
+
+use super::body::{BackpressureBody, Shared, Windowed};
 use super::pump::Pump;
 use crate::BoxError;
 use crate::budget::MemoryBudget;
@@ -16,6 +18,7 @@ use crate::buffer::{ClientBuffer, Remaining};
 use crate::client::Reporter;
 use crate::config::BufferConfig;
 use crate::handle::HandleInner;
+use crate::hub::{ClassifyFn, MakeWindow, Sweep, Tap};
 use crate::observer::BackpressureObserver;
 use crate::policy::{Classify, GapMarker};
 use crate::predicate::{Predicate, can_drop_frames};
@@ -74,6 +77,12 @@ where
             .wrap
             .take()
             .expect("ResponseFuture polled after completion");
+        // A hub subscription: a window over the hub's log, no pump.
+        if let Some(tap) = response.extensions().get::<Tap>() {
+            if let Some(source) = tap.get::<B::Data>().cloned() {
+                return Poll::Ready(Ok(windowed(response, source, wrap)));
+            }
+        }
         if !(wrap.predicate.should_buffer(&response) && can_drop_frames(&response)) {
             return Poll::Ready(Ok(response.map(BackpressureBody::passthrough)));
         }
@@ -99,4 +108,39 @@ where
             BackpressureBody::buffered(shared, wrap.marker),
         )))
     }
+}
+
+/// Serves a hub subscription's client from a window over the hub's log.
+fn windowed<B, P, O, M, C>(
+    response: Response<B>,
+    source: Arc<dyn MakeWindow<B::Data>>,
+    wrap: Wrap<P, O, M, C>,
+) -> Response<BackpressureBody<B, O, M>>
+where
+    B: Body,
+    B::Data: Send + 'static,
+    O: BackpressureObserver,
+    C: Classify<B::Data>,
+{
+    let (mut parts, inner) = response.into_parts();
+    // The subscription in the body reads nothing more: the window does.
+    drop(inner);
+    parts.extensions.remove::<Tap>();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if let Err(e) = wrap.config.validate_for_hub() {
+        return Response::from_parts(parts, BackpressureBody::refused(e.into()));
+    }
+    let classify: Option<ClassifyFn<B::Data>> = if TypeId::of::<C>() == TypeId::of::<()>() {
+        // Every frame droppable: the window skips without looking.
+        None
+    } else {
+        let c = wrap.classify;
+        Some(Box::new(move |d: &B::Data| c.classify(d)))
+    };
+    let (window, sweeper) = source.window(wrap.config, classify);
+    let client = Windowed::new(window, wrap.handle, wrap.observer, None, Reporter::Consumer);
+    client.open();
+    let sweep: Arc<dyn Sweep> = client.clone();
+    sweeper.attach(Arc::downgrade(&sweep));
+    Response::from_parts(parts, BackpressureBody::windowed(client, wrap.marker))
 }
