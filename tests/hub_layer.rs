@@ -272,3 +272,136 @@ async fn a_fast_client_gets_every_event_while_a_thousand_windows_stall() {
     );
     drop(stalled);
 }
+
+/// One client's response, with a classify hook.
+async fn classified_client(
+    hub: &Hub,
+    config: BufferConfig,
+    classify: fn(&Bytes) -> tower_backpressure::FrameClass,
+) -> (
+    BackpressureBody<HubBody, Arc<dyn BackpressureObserver>, Marker>,
+    tokio::sync::mpsc::UnboundedReceiver<Seen>,
+) {
+    let (observer, events) = recorder();
+    let hub = hub.clone();
+    let svc = ServiceBuilder::new()
+        .layer(
+            BackpressureLayer::new(config)
+                .observer(Arc::new(observer) as Arc<dyn BackpressureObserver>)
+                .gap_marker(Marker)
+                .classify(classify),
+        )
+        .service(service_fn(move |_req: Request<()>| {
+            let response: Response<HubBody> = hub.response().build();
+            async move { Ok::<_, Infallible>(response) }
+        }));
+    let response = svc.oneshot(Request::new(())).await.unwrap();
+    (response.into_body(), events)
+}
+
+#[tokio::test]
+async fn a_window_that_skips_keeps_the_newest_frame_of_every_replace_key() {
+    use tower_backpressure::FrameClass;
+    let hub: Hub = Hub::default();
+    // "p<key>=<value>": the latest price per symbol; anything else droppable.
+    let (mut body, _events) =
+        classified_client(&hub, BufferConfig::new(2), |b: &Bytes| match b.first() {
+            Some(b'p') => FrameClass::Replace(u64::from(b[1])),
+            _ => FrameClass::Droppable,
+        })
+        .await;
+    for frame in ["pa=1", "x1", "pb=1", "pa=2", "x2", "pb=2", "x3", "x4", "x5"] {
+        hub.publish(Bytes::from(frame));
+    }
+    let read = take(&mut body, 100);
+    // The window of two holds x4, x5; of what it skipped, the newest frame
+    // of each key comes first (pa=2, pb=2), x1..x3 are gone.
+    assert_eq!(read, ["gap:3", "pa=2", "pb=2", "x4", "x5"]);
+}
+
+#[tokio::test]
+async fn a_window_that_would_skip_a_critical_frame_evicts_its_client() {
+    use tower_backpressure::{EvictReason, Evicted, FrameClass};
+    let hub: Hub = Hub::default();
+    let (mut body, mut events) = classified_client(&hub, BufferConfig::new(2), |b: &Bytes| {
+        if b.starts_with(b"!") {
+            FrameClass::Critical
+        } else {
+            FrameClass::Droppable
+        }
+    })
+    .await;
+    for frame in ["a", "!b", "c", "d", "e"] {
+        hub.publish(Bytes::from(frame));
+    }
+    let err = body.frame().await.expect("an error").unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<Evicted>().map(Evicted::reason),
+        Some(EvictReason::Overflow)
+    );
+    let mut seen = Vec::new();
+    let closed = wait_for(&mut events, &mut seen, |s| {
+        matches!(s.kind, EventKind::Closed { .. })
+    })
+    .await;
+    assert_eq!(
+        closed.kind,
+        EventKind::Closed {
+            reason: CloseReason::Evicted(EvictReason::Overflow)
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_disconnect_window_evicts_instead_of_skipping() {
+    use tower_backpressure::{EvictReason, Evicted};
+    let hub: Hub = Hub::default();
+    let config = BufferConfig::new(4).with_overflow(Overflow::Disconnect);
+    let (mut body, _events, registry) = client(&hub, config, None).await;
+    for i in 0..4u64 {
+        hub.publish(Bytes::from(i.to_string()));
+    }
+    // Four fit: nothing is skipped.
+    assert_eq!(take(&mut body, 2), ["0", "1"]);
+    for i in 4..9u64 {
+        hub.publish(Bytes::from(i.to_string()));
+    }
+    let err = body.frame().await.expect("an error").unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<Evicted>().map(Evicted::reason),
+        Some(EvictReason::Overflow)
+    );
+    assert!(body.frame().await.is_none());
+    assert!(registry.is_empty());
+}
+
+#[tokio::test]
+async fn a_limited_response_ends_after_its_frames_and_a_client_that_leaves_frees_its_window() {
+    let hub: Hub = Hub::default();
+    let (observer, mut events) = recorder();
+    let h = hub.clone();
+    let svc = ServiceBuilder::new()
+        .layer(BackpressureLayer::new(BufferConfig::new(16)).observer(observer))
+        .service(service_fn(move |_req: Request<()>| {
+            let response: Response<HubBody> = h.response().limit(Some(3)).build();
+            async move { Ok::<_, Infallible>(response) }
+        }));
+    let body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+    for i in 0..10u64 {
+        hub.publish(Bytes::from(i.to_string()));
+    }
+    let data = body.collect().await.unwrap().to_bytes();
+    assert_eq!(data, "012");
+    let mut seen = Vec::new();
+    let closed = wait_for(&mut events, &mut seen, |s| {
+        matches!(s.kind, EventKind::Closed { .. })
+    })
+    .await;
+    assert_eq!(
+        closed.kind,
+        EventKind::Closed {
+            reason: CloseReason::Completed
+        }
+    );
+    assert_eq!(closed.stats.sent, 3);
+}

@@ -103,8 +103,13 @@ impl<T, W> Window<T, W> {
         self.config.max_bytes().unwrap_or(usize::MAX)
     }
 
+    /// Frames the client can still take.
     fn waiting(&self) -> usize {
-        self.frames + self.kept.len()
+        let n = self.frames + self.kept.len();
+        match self.left {
+            Some(left) => n.min(usize::try_from(left).unwrap_or(usize::MAX)),
+            None => n,
+        }
     }
 }
 
@@ -192,6 +197,7 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
                 .expect("in the backlog");
             let (keep_id, keep_before) = (keep.id, keep.bytes_before);
             let mut kept_now: (usize, u64) = (0, 0);
+            let replaced_before = self.replaced;
             if let Some(classify) = &self.classify {
                 // The frames skipped, one by one: a critical one cannot be
                 // skipped, a replace-class one leaves its key's newest.
@@ -225,7 +231,8 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
             // and any the log had let go of or never had.
             let from = log.effective(self.cursor.next);
             self.gap.add(Gap {
-                frames: keep_id - from - kept_now.0 as u64,
+                // Superseded frames are not lost: their key's newest comes.
+                frames: keep_id - from - kept_now.0 as u64 - (self.replaced - replaced_before),
                 bytes: self
                     .cursor
                     .pos
