@@ -35,6 +35,16 @@
 //! # }
 //! ```
 //!
+//! # Fan-out: one stream to many clients
+//!
+//! When every client gets the same stream, publish into a [`Hub`] and answer
+//! each client with [`Hub::response`](hub::Hub::response): one log of
+//! frames shared by every client, each client a cursor into it. The layer
+//! serves each client from a window over the log, bounded by its config,
+//! with the same events, gap markers, rules and handles, but no pump task and
+//! no copy per client: a stalled client costs nothing per event. See the
+//! [`hub`] module.
+//!
 //! # WebSocket and other sinks
 //!
 //! A WebSocket is not a response body. [`BufferedSink`] puts the same buffer,

@@ -44,7 +44,7 @@
 //! # If a callback panics
 //!
 //! The client's state is complete before any observer hears of a change: a
-//! `Closed` client is closed (its [`ClientHandle`](crate::ClientHandle) says
+//! `Closed` client is closed (its [`ClientHandle`] says
 //! so, its buffer and budget bytes are freed) whatever its observers do. The
 //! panic is caught, the remaining events still reach every observer (both
 //! halves of a pair hear every event), and then the panic is resumed in the

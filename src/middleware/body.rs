@@ -31,7 +31,7 @@ pub(crate) type Windowed<D, O> = Client<D, O, Box<dyn Storage<D> + Send>>;
 /// dropped. The size hint is never exact.
 ///
 /// Dropping it (hyper does when the client disconnects) stops the pump
-/// within one wake-up and fires `Closed` with [`CloseReason::ClientGone`] if
+/// within one wake-up and fires `Closed` with [`CloseReason::ClientGone`](crate::CloseReason::ClientGone) if
 /// the stream had not ended.
 #[pin_project]
 pub struct BackpressureBody<B: Body, O: BackpressureObserver = (), M = ()> {

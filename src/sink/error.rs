@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::observer::CloseReason;
 
-/// A [`BufferedSink`] no longer takes messages.
+/// A [`BufferedSink`](super::BufferedSink) no longer takes messages.
 ///
 /// [`reason`](Self::reason) tells why: the client went away
 /// ([`CloseReason::ClientGone`], with the real sink's error as the

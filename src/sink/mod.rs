@@ -8,16 +8,16 @@
 //! [`BackpressureLayer`](crate::BackpressureLayer) in between:
 //!
 //! - sending into a `BufferedSink` never waits for the client (except under
-//!   [`Overflow::Pause`], which means exactly that): the message goes into the
+//!   [`Overflow::Pause`](crate::Overflow::Pause), which means exactly that): the message goes into the
 //!   ring, which applies the [`BufferConfig`]'s overflow policy;
 //! - a *drain* task, spawned by [`Builder::spawn`], takes messages oldest first
 //!   and sends them into the real sink at the client's pace, with the
-//!   [`GapMarker`]'s message before the first message after a gap;
+//!   [`GapMarker`](crate::GapMarker)'s message before the first message after a gap;
 //! - the same [`BackpressureObserver`] events fire (`Opened`, `Pressure`,
 //!   `Dropped`, `Recovered`, `Closed` exactly once), so a
 //!   [`ClientRegistry`](crate::ClientRegistry) lists the client, and the
-//!   [`Eviction`](crate::Eviction) rules, [`Flush`] strategies, frame classes
-//!   and a [`MemoryBudget`] apply as they do to a response body.
+//!   [`Eviction`](crate::Eviction) rules, [`Flush`](crate::Flush) strategies, frame classes
+//!   and a [`MemoryBudget`](crate::MemoryBudget) apply as they do to a response body.
 //!
 //! # Closing
 //!
@@ -26,7 +26,7 @@
 //! still buffered, then closes the real sink, within the
 //! [close timeout](Builder::close_timeout) (5 s by default). A client that
 //! takes nothing in that time is given up on: `Closed` reports
-//! [`EvictReason::Stalled`] and the real sink is dropped without closing.
+//! [`EvictReason::Stalled`](crate::EvictReason::Stalled) and the real sink is dropped without closing.
 //! When the real sink fails (the client went away), the drain task ends at
 //! once, `Closed` reports [`CloseReason::ClientGone`], and the next send
 //! returns [`SinkClosed`]. No task outlives the sink by more than the close
@@ -35,9 +35,9 @@
 //! # Flush strategies
 //!
 //! The drain task calls the real sink's `poll_flush` after each message
-//! ([`Flush::Immediate`]), after up to `max_frames` messages or `max_bytes`
-//! bytes ([`Flush::Coalesce`]; messages are never joined), or once per
-//! release every `period` ([`Flush::Interval`]), and always before it waits
+//! ([`Flush::Immediate`](crate::Flush::Immediate)), after up to `max_frames` messages or `max_bytes`
+//! bytes ([`Flush::Coalesce`](crate::Flush::Coalesce); messages are never joined), or once per
+//! release every `period` ([`Flush::Interval`](crate::Flush::Interval)), and always before it waits
 //! for more messages.
 //!
 //! # Example
@@ -139,7 +139,7 @@ pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Built by [`BufferedSink::builder`]; see the [module docs](self). As a
 /// `Sink<T>`:
 ///
-/// - `poll_ready` is always ready, except under [`Overflow::Pause`] while the
+/// - `poll_ready` is always ready, except under [`Overflow::Pause`](crate::Overflow::Pause) while the
 ///   buffer is full; it fails with [`SinkClosed`] once the client is gone,
 ///   evicted or the sink closed;
 /// - `start_send` puts the message into the buffer (dropping as the overflow
