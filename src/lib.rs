@@ -116,7 +116,7 @@ pub use crate::policy::{
 };
 pub use crate::predicate::{DefaultPredicate, Predicate};
 pub use crate::registry::{ClientRegistry, HealthService};
-pub use crate::sink::{BufferedSink, SinkClosed};
+pub use crate::sink::{BufferedSink, HubSink, SinkClosed};
 
 /// The error type of a buffered body: the inner body's error, boxed, or
 /// [`PumpStopped`].

@@ -405,3 +405,53 @@ async fn a_limited_response_ends_after_its_frames_and_a_client_that_leaves_frees
     );
     assert_eq!(closed.stats.sent, 3);
 }
+
+#[tokio::test]
+async fn a_hub_sink_feeds_a_real_sink_from_a_window_with_an_exact_gap() {
+    use futures::StreamExt;
+    use tower_backpressure::BufferedSink;
+    let hub: Hub = Hub::default();
+    let (tx, mut rx) = futures::channel::mpsc::channel::<Bytes>(0);
+    let (observer, mut events) = recorder();
+    let sink = BufferedSink::builder(BufferConfig::new(4))
+        .observer(observer)
+        .gap_marker(Marker)
+        .spawn_hub(&hub, None, tx)
+        .unwrap();
+    // The client reads nothing while 20 are published: its window keeps 4
+    // (plus what the channel holds).
+    for i in 0..20u64 {
+        hub.publish(Bytes::from(i.to_string()));
+    }
+    let mut seen = Vec::new();
+    // Read until the newest arrives.
+    let mut got = Vec::new();
+    while got.last().map(String::as_str) != Some("19") {
+        let item = guard("a message", rx.next()).await.expect("open");
+        got.push(String::from_utf8(item.to_vec()).unwrap());
+    }
+    let gap = got
+        .iter()
+        .position(|m| m.starts_with("gap:"))
+        .expect("a gap");
+    let missed: u64 = got[gap][4..].parse().unwrap();
+    let delivered: Vec<u64> = got
+        .iter()
+        .filter(|m| !m.starts_with("gap:"))
+        .map(|m| m.parse().unwrap())
+        .collect();
+    assert_eq!(delivered.len() as u64 + missed, 20, "{got:?}");
+    assert!(delivered.windows(2).all(|w| w[0] < w[1]), "{got:?}");
+    assert_eq!(sink.stats().dropped, missed);
+    sink.abandon().await;
+    let closed = wait_for(&mut events, &mut seen, |s| {
+        matches!(s.kind, EventKind::Closed { .. })
+    })
+    .await;
+    assert_eq!(
+        closed.kind,
+        EventKind::Closed {
+            reason: CloseReason::ClientGone
+        }
+    );
+}

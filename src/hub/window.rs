@@ -538,6 +538,34 @@ where
     }
 }
 
+impl<T, W> Hub<T, W>
+where
+    T: Clone + Send + Sync + 'static,
+    W: Send + Sync + 'static,
+{
+    /// How to make a client's window: after frame `after` (a resume), or
+    /// after the newest frame.
+    pub(crate) fn window_source(
+        &self,
+        after: Option<u64>,
+        limit: Option<u64>,
+    ) -> Arc<dyn MakeWindow<T>> {
+        let cursor = {
+            let log = self.shared().lock();
+            match after {
+                Some(id) => log.after(id),
+                None => log.tail(),
+            }
+        };
+        Arc::new(Source {
+            shared: self.shared().clone(),
+            cursor,
+            limit,
+            resumed: after.is_some(),
+        })
+    }
+}
+
 impl<T, W> HubResponse<'_, T, W>
 where
     T: Clone + Send + Sync + 'static,

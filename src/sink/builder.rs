@@ -9,14 +9,17 @@ use futures_sink::Sink;
 use http::{Method, Uri};
 
 use super::drain::Drain;
-use super::{BufferedSink, Core};
+use std::any::TypeId;
+
+use super::{BufferedSink, Core, HubSink};
 use crate::BoxError;
 use crate::budget::MemoryBudget;
 use crate::buffer::{ByWeigh, ClientBuffer, Weigher};
 use crate::client::{Client, ClientInfo, Reporter};
-use crate::config::BufferConfig;
+use crate::config::{BufferConfig, ConfigError};
 use crate::conn::Connection;
 use crate::handle::HandleInner;
+use crate::hub::{ClassifyFn, Hub, Sweep};
 use crate::observer::BackpressureObserver;
 use crate::policy::{Classify, GapMarker};
 
@@ -195,6 +198,77 @@ impl<O, M, C, W> Builder<O, M, C, W> {
             core,
             drain: Some(drain),
         }
+    }
+}
+
+impl<O, M, C, W> Builder<O, M, C, W> {
+    /// Spawns a drain task that feeds `sink` from a window over `hub`'s
+    /// log: every client of a hub shares its frames, and this client's
+    /// backlog there is bounded by the builder's config (the oldest frames
+    /// are skipped, with the gap marker's message before the next one).
+    /// Nothing is buffered per client and nothing is sent into a
+    /// `BufferedSink`: the hub's publishes are the messages. It starts after
+    /// frame `after` (a client that resumes), or after the newest frame.
+    ///
+    /// `Opened` fires now. The returned [`HubSink`] watches the client and
+    /// ends it when the client leaves.
+    ///
+    /// # Errors
+    ///
+    /// A config that cannot bound a window over a log
+    /// ([`BufferConfig::validate_for_hub`]).
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn spawn_hub<T, HW, S>(
+        self,
+        hub: &Hub<T, HW>,
+        after: Option<u64>,
+        sink: S,
+    ) -> Result<HubSink, ConfigError>
+    where
+        T: Clone + Send + Sync + 'static,
+        HW: Send + Sync + 'static,
+        S: Sink<T> + Send + 'static,
+        S::Error: Into<BoxError>,
+        O: BackpressureObserver,
+        M: GapMarker<T>,
+        C: Classify<T>,
+        W: Weigher<T> + Clone + Send + Sync + 'static,
+    {
+        self.config.validate_for_hub()?;
+        let info = self
+            .info
+            .unwrap_or_else(|| ClientInfo::new(Method::GET, Uri::from_static("/"), None));
+        let classify: Option<ClassifyFn<T>> = if TypeId::of::<C>() == TypeId::of::<()>() {
+            None
+        } else {
+            let c = self.classify.clone();
+            Some(Box::new(move |item: &T| c.classify(item)))
+        };
+        let (window, sweeper) = hub.window_source(after, None).window(self.config, classify);
+        let client = Client::new(
+            window,
+            HandleInner::with_connection(info, self.connection),
+            self.observer,
+            None,
+            Reporter::Consumer,
+        );
+        let core = Arc::new(Core {
+            client,
+            classify: self.classify,
+            weigher: self.weigher,
+            failure: OnceLock::new(),
+            abandoned: AtomicBool::new(false),
+            close_timeout: self.close_timeout,
+            deadline: OnceLock::new(),
+        });
+        core.client.open();
+        let sweep: Arc<dyn Sweep> = core.client.clone();
+        sweeper.attach(Arc::downgrade(&sweep));
+        let drain = tokio::spawn(Drain::new(core.clone(), sink, self.marker));
+        Ok(HubSink::new(core, drain))
     }
 }
 

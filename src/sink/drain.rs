@@ -12,13 +12,15 @@ use tokio::time::Instant;
 
 use super::Core;
 use crate::BoxError;
+use crate::buffer::ClientBuffer;
 use crate::buffer::Weigher;
-use crate::client::{Next, Release, Timer, after, now};
+use crate::client::{Next, Release, Storage, Timer, after, now};
 use crate::observer::{BackpressureObserver, CloseReason, EvictReason};
 use crate::policy::{Classify, GapAction, GapMarker};
 
-pub(super) struct Drain<T, S, O: BackpressureObserver, W, C, M> {
-    core: Arc<Core<T, O, W, C>>,
+pub(super) struct Drain<T, S, O: BackpressureObserver, W, C, M, St: Storage<T> = ClientBuffer<T, W>>
+{
+    core: Arc<Core<T, O, W, C, St>>,
     /// `None` once given up or closed.
     sink: Option<Pin<Box<S>>>,
     marker: M,
@@ -45,10 +47,11 @@ pub(super) struct Drain<T, S, O: BackpressureObserver, W, C, M> {
 }
 
 // Nothing is pinned structurally: the real sink is boxed.
-impl<T, S, O: BackpressureObserver, W, C, M> Unpin for Drain<T, S, O, W, C, M> {}
+impl<T, S, O: BackpressureObserver, W, C, M, St: Storage<T>> Unpin for Drain<T, S, O, W, C, M, St> {}
 
-impl<T, S, O, W, C, M> Drain<T, S, O, W, C, M>
+impl<T, S, O, W, C, M, St> Drain<T, S, O, W, C, M, St>
 where
+    St: Storage<T> + Send + 'static,
     T: Send + 'static,
     S: Sink<T>,
     S::Error: Into<BoxError>,
@@ -57,7 +60,7 @@ where
     C: Classify<T>,
     M: GapMarker<T>,
 {
-    pub(super) fn new(core: Arc<Core<T, O, W, C>>, sink: S, marker: M) -> Self {
+    pub(super) fn new(core: Arc<Core<T, O, W, C, St>>, sink: S, marker: M) -> Self {
         let limits = core
             .client
             .config()
@@ -273,8 +276,9 @@ where
     }
 }
 
-impl<T, S, O, W, C, M> Future for Drain<T, S, O, W, C, M>
+impl<T, S, O, W, C, M, St> Future for Drain<T, S, O, W, C, M, St>
 where
+    St: Storage<T> + Send + 'static,
     T: Send + 'static,
     S: Sink<T>,
     S::Error: Into<BoxError>,
@@ -300,7 +304,7 @@ where
     }
 }
 
-impl<T, S, O: BackpressureObserver, W, C, M> Drop for Drain<T, S, O, W, C, M> {
+impl<T, S, O: BackpressureObserver, W, C, M, St: Storage<T>> Drop for Drain<T, S, O, W, C, M, St> {
     fn drop(&mut self) {
         if !self.finished {
             // Stopped before its end: it panicked, or its runtime shut down.

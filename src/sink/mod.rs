@@ -289,9 +289,95 @@ impl<T> Drop for BufferedSink<T> {
     }
 }
 
+/// A client fed from a [`Hub`](crate::hub::Hub) by a drain task; from
+/// [`Builder::spawn_hub`].
+///
+/// There is nothing to send: the hub's publishes are the messages. Dropping
+/// it leaves the drain task running until the client goes or is evicted;
+/// [`abandon`](Self::abandon) ends it when the client leaves (its read half
+/// ended or it sent a Close frame).
+pub struct HubSink {
+    core: Arc<dyn Watch>,
+    drain: Option<JoinHandle<()>>,
+}
+
+/// What a [`HubSink`] reads of its client, whatever the types.
+trait Watch: Send + Sync {
+    fn handle(&self) -> &Arc<HandleInner>;
+    fn stats(&self) -> BufferStats;
+    fn abandon(&self);
+}
+
+impl<T, O, W, C, St> Watch for Core<T, O, W, C, St>
+where
+    T: Send + 'static,
+    O: BackpressureObserver,
+    W: Send + Sync,
+    C: Send + Sync,
+    St: crate::client::Storage<T> + Send + 'static,
+{
+    fn handle(&self) -> &Arc<HandleInner> {
+        self.client.handle()
+    }
+
+    fn stats(&self) -> BufferStats {
+        self.client.stats()
+    }
+
+    fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+        self.client.abandon();
+    }
+}
+
+impl HubSink {
+    fn new(core: Arc<dyn Watch>, drain: JoinHandle<()>) -> Self {
+        Self {
+            core,
+            drain: Some(drain),
+        }
+    }
+
+    /// A handle to watch this client's health and counters.
+    pub fn handle(&self) -> ClientHandle {
+        ClientHandle::new(self.core.handle().clone())
+    }
+
+    /// The window's counters now.
+    pub fn stats(&self) -> BufferStats {
+        self.core.stats()
+    }
+
+    /// Waits until the drain task has ended: the client went, was evicted,
+    /// or its real sink closed.
+    pub async fn closed(&mut self) {
+        if let Some(drain) = &mut self.drain {
+            let _ = drain.await;
+            self.drain = None;
+        }
+    }
+
+    /// The client has left: `Closed` with [`CloseReason::ClientGone`], the
+    /// real sink is closed without delivering anything more (within the
+    /// close timeout), and the drain task ends.
+    pub async fn abandon(mut self) {
+        self.core.abandon();
+        self.closed().await;
+    }
+}
+
+impl fmt::Debug for HubSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubSink")
+            .field("client", &self.core.handle().info)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
 /// What the sending end and the drain task share.
-struct Core<T, O, W, C> {
-    client: Arc<Client<T, O, ClientBuffer<T, W>>>,
+struct Core<T, O, W, C, St = ClientBuffer<T, W>> {
+    client: Arc<Client<T, O, St>>,
     classify: C,
     weigher: W,
     /// The real sink's error, when it failed.
