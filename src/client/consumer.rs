@@ -165,11 +165,16 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         true
     }
 
-    /// Registers the consumer's waker while it waits for something else
-    /// (the client's connection): a close, an eviction or drops to report
-    /// wake it.
-    pub(crate) fn watch(&self, cx: &Context<'_>) {
-        self.raw_lock().register_consumer(cx);
+    /// A drain task's look before it waits on its real sink: brings a
+    /// window up to date, reports the drops gathered (a drain reports for
+    /// its sink), registers the drain's waker, and says whether the stream
+    /// has closed. One lock.
+    pub(crate) fn drain_look(&self, cx: &Context<'_>) -> bool {
+        let mut st = self.lock();
+        self.look(&mut st);
+        self.report_drops_locked(&mut st);
+        st.register_consumer(cx);
+        st.closed
     }
 
     /// Asks `marker` what to do at a gap; a marker that ends the stream

@@ -104,14 +104,16 @@ where
                 self.start_closing();
                 continue;
             }
-            // The drain reports drops, batched: once per run.
-            client.report_drops();
             self.rule_at = client.check_timers();
             if self.core.deadline.get().is_some_and(|at| now() >= *at) {
                 // The client took nothing more in time: give up on it.
                 client.close(CloseReason::Evicted(EvictReason::Stalled));
             }
-            if client.is_closed() {
+            // One look under the lock: the drain reports drops (batched,
+            // once per run), and leaves its waker, so that closes,
+            // evictions and drops to report wake it while it waits for the
+            // real sink.
+            if client.drain_look(cx) {
                 if self.core.abandoned.load(Ordering::Acquire) {
                     self.start_closing();
                     continue;
@@ -119,9 +121,6 @@ where
                 // Evicted or given up on: drop the real sink.
                 return self.stop(None);
             }
-            // Closes, evictions and drops to report wake the task while it
-            // waits for the real sink.
-            client.watch(cx);
             if self.unflushed.0 >= self.limits.0 || self.unflushed.1 >= self.limits.1 {
                 if let Some(out) = self.flush(cx) {
                     return out;
