@@ -25,6 +25,13 @@
 //! knowledge on one port) puts each connection's [`Connection`] into its
 //! requests, and the handler hands it to the client's sink.
 //!
+//! `--hub` serves every client from one shared log instead (a
+//! `tower_backpressure::hub::Hub`, retaining `--retain FRAMES`, default
+//! 10000): each tick is published once, and each client's drain task reads
+//! it from a window over the log (`Builder::spawn_hub`), bounded by the same
+//! flags, with no buffer and no copy per client. `--policy pause` and
+//! `--policy drop-newest` cannot bound a window and are refused with `--hub`.
+//!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
 //! `listening on http://HOST:PORT` is printed on stdout; SIGINT and SIGTERM
@@ -116,6 +123,14 @@ struct Args {
     /// One budget in bytes for the messages buffered across all clients.
     #[arg(long, value_name = "B")]
     budget_bytes: Option<usize>,
+    /// Serve every client from one shared log (a hub) instead of a buffer
+    /// of its own.
+    #[arg(long)]
+    hub: bool,
+    /// With `--hub`: how many ticks the shared log retains.
+    #[arg(long, value_name = "FRAMES", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    retain: u64,
 }
 
 /// The buffer configuration the flags describe.
@@ -140,7 +155,13 @@ fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
         return Err("--budget-bytes must be at least 1".into());
     }
     config = config.with_eviction(eviction);
-    config.validate().map_err(|e| e.to_string())?;
+    if args.hub {
+        config
+            .validate_for_hub()
+            .map_err(|e| format!("--hub: {e}"))?;
+    } else {
+        config.validate().map_err(|e| e.to_string())?;
+    }
     Ok(config)
 }
 
@@ -156,6 +177,8 @@ pub type Sinks = Builder<
 #[derive(Clone)]
 pub struct Hub {
     ticks: broadcast::Sender<Utf8Bytes>,
+    /// `--hub`: the shared log every client reads from.
+    log: Option<TickHub>,
     sinks: Sinks,
     /// Turns `true` on SIGINT/SIGTERM: every client is closed.
     shutdown: watch::Receiver<bool>,
@@ -182,6 +205,7 @@ impl Hub {
             .close_timeout(CLOSE_TIMEOUT);
         Ok(Self {
             ticks: producer.ticks.clone(),
+            log: producer.log.clone(),
             sinks,
             shutdown,
             clients: TaskTracker::new(),
@@ -247,7 +271,8 @@ async fn main() -> ExitCode {
     let observer: Arc<dyn BackpressureObserver> =
         Arc::new((registry.clone(), TracingObserver::new()));
     let (stop, shutdown) = watch::channel(false);
-    let producer = Producer::spawn(args.rate, args.size);
+    let log = args.hub.then(|| tick_hub(args.retain as usize));
+    let producer = Producer::spawn(args.rate, args.size, log);
     let mut hub = match Hub::new(config, observer, &producer, shutdown.clone()) {
         Ok(hub) => hub,
         Err(e) => {
@@ -345,6 +370,9 @@ async fn client(socket: WebSocket, info: ClientInfo, connection: Option<Connecti
     if let Some(connection) = connection {
         sinks = sinks.connection(connection);
     }
+    if let Some(log) = &hub.log {
+        return hub_client(sinks, log, tx, rx, shutdown).await;
+    }
     let mut sink = sinks.spawn(tx);
     enum Next {
         Send(Message),
@@ -398,6 +426,40 @@ async fn client(socket: WebSocket, info: ClientInfo, connection: Option<Connecti
     let _ = sink.close().await;
 }
 
+/// One client of `--hub`: its drain task reads the shared log through the
+/// client's window; this task only waits for the client to leave.
+async fn hub_client(
+    sinks: Sinks,
+    log: &TickHub,
+    tx: futures::stream::SplitSink<WebSocket, Message>,
+    mut rx: futures::stream::SplitStream<WebSocket>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut sink = match sinks.spawn_hub(log, None, tx) {
+        Ok(sink) => sink,
+        // Refused at startup (`buffer_config`): cannot happen here.
+        Err(e) => return tracing::error!("{e}"),
+    };
+    loop {
+        let stop = tokio::select! {
+            incoming = rx.next() => match incoming {
+                Some(Ok(message)) if !matches!(message, Message::Close(_)) => false,
+                // The client left.
+                _ => true,
+            },
+            // Evicted, or its socket failed.
+            () = sink.closed() => return,
+            // Server shutdown: close the socket.
+            Ok(_) = shutdown.wait_for(|stop| *stop) => true,
+        };
+        if stop {
+            break;
+        }
+    }
+    // Ends the drain task, which closes the real sink (a Close frame).
+    sink.abandon().await;
+}
+
 /// The gap marker: `{"type":"lagged","dropped":N}` before the next message.
 fn lagged(gap: Gap) -> GapAction<Message> {
     GapAction::Insert(lagged_message(gap.frames))
@@ -436,16 +498,26 @@ fn weigh(message: &Message) -> usize {
 #[derive(Clone)]
 pub struct Producer {
     ticks: broadcast::Sender<Utf8Bytes>,
+    log: Option<TickHub>,
+}
+
+/// The shared log of `--hub`: messages weighed by their payload.
+pub type TickHub = tower_backpressure::hub::Hub<Message, fn(&Message) -> usize>;
+
+/// A shared log retaining `frames` ticks.
+pub fn tick_hub(frames: usize) -> TickHub {
+    let config = tower_backpressure::hub::HubConfig::default().with_retain_frames(frames);
+    TickHub::with_weigher(config, weigh as fn(&Message) -> usize)
 }
 
 impl Producer {
     /// Starts producing `rate` ticks per second with `size`-byte payloads.
-    pub fn spawn(rate: u64, size: usize) -> Self {
+    pub fn spawn(rate: u64, size: usize, log: Option<TickHub>) -> Self {
         // Each client's buffer does the real buffering; this channel only
         // has to outlast a short scheduling hiccup of a client's task.
         let (ticks, _) = broadcast::channel(4096);
-        tokio::spawn(produce(ticks.clone(), rate, "x".repeat(size)));
-        Self { ticks }
+        tokio::spawn(produce(ticks.clone(), log.clone(), rate, "x".repeat(size)));
+        Self { ticks, log }
     }
 
     /// Clients subscribed now.
@@ -454,7 +526,12 @@ impl Producer {
     }
 }
 
-async fn produce(ticks: broadcast::Sender<Utf8Bytes>, rate: u64, payload: String) {
+async fn produce(
+    ticks: broadcast::Sender<Utf8Bytes>,
+    log: Option<TickHub>,
+    rate: u64,
+    payload: String,
+) {
     let start = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
     // Every tick emits what is due since the start, so a late tick is made
@@ -467,8 +544,16 @@ async fn produce(ticks: broadcast::Sender<Utf8Bytes>, rate: u64, payload: String
         while seq < due {
             // Rendered once, shared by every client (a reference count).
             let text = format!(r#"{{"seq":{seq},"payload":"{payload}"}}"#);
-            // An error only means that no client is connected right now.
-            let _ = ticks.send(text.into());
+            match &log {
+                // Published once into the shared log, under its seq.
+                Some(log) => {
+                    let _ = log.publish_with_id(seq, Message::Text(text.into()));
+                }
+                // An error only means that no client is connected right now.
+                None => {
+                    let _ = ticks.send(text.into());
+                }
+            }
             seq += 1;
         }
     }

@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use tower_backpressure::{
     BackpressureObserver, BufferConfig, ClientRegistry, CloseReason, EventKind,
 };
-use ws_server::{Hub, Producer, router};
+use ws_server::{Hub, Producer, TickHub, router, tick_hub};
 
 struct Server {
     addr: SocketAddr,
@@ -38,11 +38,21 @@ struct Server {
 /// Serves the example's router on 127.0.0.1:0 with `config`, `rate`
 /// messages per second of `size`-byte payloads.
 async fn start(config: BufferConfig, rate: u64, size: usize) -> Server {
+    start_with(config, rate, size, None).await
+}
+
+/// As `start`, with `--hub`: every client reads one shared log.
+async fn start_hub(config: BufferConfig, rate: u64, size: usize) -> Server {
+    let log = tick_hub(10_000);
+    start_with(config, rate, size, Some(log)).await
+}
+
+async fn start_with(config: BufferConfig, rate: u64, size: usize, log: Option<TickHub>) -> Server {
     let registry = ClientRegistry::new();
     let (recorder, events) = recorder();
     let observer: Arc<dyn BackpressureObserver> = Arc::new((registry.clone(), recorder));
     let (stop, shutdown) = watch::channel(false);
-    let producer = Producer::spawn(rate, size);
+    let producer = Producer::spawn(rate, size, log);
     let hub = Hub::new(config, observer, &producer, shutdown).unwrap();
     let clients = hub.clients().clone();
     let app = router(hub, &registry);
@@ -121,7 +131,16 @@ impl Read {
 
 #[tokio::test]
 async fn a_client_that_stalls_gets_increasing_ticks_with_every_gap_announced() {
-    let mut server = start(BufferConfig::new(64), 20_000, 64).await;
+    stalls_and_resumes(start(BufferConfig::new(64), 20_000, 64).await).await;
+}
+
+#[tokio::test]
+async fn a_hub_client_that_stalls_gets_increasing_ticks_with_every_gap_announced() {
+    // `--hub`: the same promises from a window over one shared log.
+    stalls_and_resumes(start_hub(BufferConfig::new(64), 20_000, 64).await).await;
+}
+
+async fn stalls_and_resumes(mut server: Server) {
     let (mut ws, local) = connect(server.addr).await;
     let mut read = Read::default();
     let mut pending = 0;
