@@ -29,6 +29,16 @@
 //!     127.0.0.1:3000 tower_backpressure.demo.Ticker/Subscribe
 //! ```
 //!
+//! `--hub` serves every call from one shared log instead (a
+//! `tower_backpressure::hub::Hub` retaining `--retain FRAMES`, default
+//! 10000): each tick is encoded once, as a gRPC message, and published; each
+//! call gets a window over the log through the layer (no pump, no copy per
+//! call), bounded by the same flags. A call then delivers `count` ticks (0:
+//! forever) before `OK`; one that falls behind its window skips the oldest
+//! (a jump in `seq`, or `DATA_LOSS` with `--data-loss`). On SIGINT/SIGTERM
+//! the open calls end with the server (no `UNAVAILABLE` status: the log has
+//! no end).
+//!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
 //! `listening on http://HOST:PORT` is printed on stdout; SIGINT and SIGTERM
@@ -53,8 +63,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tonic::server::{NamedService, ServerStreamingService};
 use tonic::transport::server::TcpConnectInfo;
 use tonic::{Status, body::Body};
+use tower_backpressure::hub::{Hub, HubConfig};
 use tower_backpressure::{
-    BackpressureLayer, BufferConfig, GrpcDataLoss, PeerAddr, TracingObserver,
+    BackpressureLayer, BufferConfig, Flush, GrpcDataLoss, PeerAddr, TracingObserver,
 };
 
 /// How long open calls get to finish after SIGINT/SIGTERM.
@@ -98,6 +109,14 @@ struct Args {
     /// End a slow client's call with `DATA_LOSS` at its first gap.
     #[arg(long)]
     data_loss: bool,
+    /// Serve every call from one shared log (a hub) instead of a buffer of
+    /// its own.
+    #[arg(long)]
+    hub: bool,
+    /// With `--hub`: how many ticks the shared log retains.
+    #[arg(long, value_name = "FRAMES", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    retain: u64,
 }
 
 /// `message SubscribeRequest { uint64 count = 1; }`
@@ -132,6 +151,16 @@ async fn main() -> ExitCode {
     if let Some(max_bytes) = args.max_bytes {
         config = config.with_max_bytes(max_bytes);
     }
+    if args.hub {
+        // Each tick is a DATA frame of its own in the log: join those that
+        // wait into frames of up to 16 KiB, as tonic's encoder does, since
+        // h2 clients refuse floods of tiny DATA frames (ENHANCE_YOUR_CALM).
+        config = config.with_flush(Flush::coalesce(256, 16 * 1024));
+        if let Err(e) = config.validate_for_hub() {
+            eprintln!("error: --hub: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let layer = match BackpressureLayer::try_new(config) {
         Ok(layer) => layer.observer(TracingObserver::new()),
         Err(e) => {
@@ -152,7 +181,10 @@ async fn main() -> ExitCode {
         .expect("a bound socket has an address");
 
     let (stop, shutdown) = watch::channel(false);
-    let producer = Producer::spawn(args.rate, args.size);
+    let log = args
+        .hub
+        .then(|| Hub::new(HubConfig::default().with_retain_frames(args.retain as usize)));
+    let producer = Producer::spawn(args.rate, args.size, log);
     let ticker = Ticker::new(producer, shutdown.clone());
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let mut stopped = shutdown;
@@ -211,18 +243,20 @@ async fn main() -> ExitCode {
 #[derive(Clone)]
 pub struct Producer {
     ticks: broadcast::Sender<Tick>,
+    /// `--hub`: the shared log of encoded ticks.
+    log: Option<Hub>,
 }
 
 impl Producer {
     /// Starts producing `rate` ticks per second with `size`-byte payloads.
-    pub fn spawn(rate: u64, size: usize) -> Self {
+    pub fn spawn(rate: u64, size: usize, log: Option<Hub>) -> Self {
         // The layer does the real buffering, per call. This channel only has
         // to outlast a short scheduling hiccup: each call's pump drains its
         // receiver as fast as ticks come, however slowly the client reads.
         let (ticks, _) = broadcast::channel(4096);
         let payload = Bytes::from(vec![b'x'; size]);
-        tokio::spawn(produce(ticks.clone(), rate, payload));
-        Self { ticks }
+        tokio::spawn(produce(ticks.clone(), log.clone(), rate, payload));
+        Self { ticks, log }
     }
 
     /// The ticks produced from now on: up to `count` of them (0: forever);
@@ -275,7 +309,7 @@ impl Producer {
 }
 
 /// `rate` ticks per second, seq 0, 1, 2, ...
-async fn produce(ticks: broadcast::Sender<Tick>, rate: u64, payload: Bytes) {
+async fn produce(ticks: broadcast::Sender<Tick>, log: Option<Hub>, rate: u64, payload: Bytes) {
     let start = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
     // Every tick emits what is due since the start, so a late tick is made
@@ -286,11 +320,20 @@ async fn produce(ticks: broadcast::Sender<Tick>, rate: u64, payload: Bytes) {
         ticker.tick().await;
         let due = (start.elapsed().as_nanos() * u128::from(rate) / 1_000_000_000) as u64;
         while seq < due {
-            // An error only means that no call is open right now.
-            let _ = ticks.send(Tick {
+            let tick = Tick {
                 seq,
                 payload: payload.clone(),
-            });
+            };
+            match &log {
+                // Encoded once, as a gRPC message, for every call.
+                Some(log) => {
+                    let _ = log.publish_with_id(seq, grpc_message(&tick));
+                }
+                // An error only means that no call is open right now.
+                None => {
+                    let _ = ticks.send(tick);
+                }
+            }
             seq += 1;
         }
     }
@@ -328,6 +371,9 @@ impl tower::Service<http::Request<Body>> for Ticker {
         if req.uri().path() != SUBSCRIBE_PATH {
             return Box::pin(async { Ok(Status::unimplemented("no such method").into_http()) });
         }
+        if let Some(log) = self.producer.log.clone() {
+            return Box::pin(subscribe_from_hub(log, req));
+        }
         let method = Subscribe(self.clone());
         Box::pin(async move {
             let codec = tonic_prost::ProstCodec::<Tick, SubscribeRequest>::default();
@@ -336,6 +382,45 @@ impl tower::Service<http::Request<Body>> for Ticker {
                 .await)
         })
     }
+}
+
+/// `Subscribe` with `--hub`: the request's one message, then a window over
+/// the shared log of encoded ticks (the layer finds it in the response).
+async fn subscribe_from_hub(
+    log: Hub,
+    req: http::Request<Body>,
+) -> Result<http::Response<Body>, Infallible> {
+    use http_body_util::BodyExt;
+    let Ok(request) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+        return Ok(Status::invalid_argument("unreadable request").into_http());
+    };
+    // One message: a compression flag, a length, the protobuf.
+    let Some(count) = request
+        .get(5..)
+        .and_then(|message| <SubscribeRequest as prost::Message>::decode(message).ok())
+        .map(|r| r.count)
+    else {
+        return Ok(Status::invalid_argument("expected one SubscribeRequest").into_http());
+    };
+    let mut ok = http::HeaderMap::new();
+    ok.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let response = log
+        .response()
+        .content_type(http::HeaderValue::from_static("application/grpc"))
+        .limit((count > 0).then_some(count))
+        .trailers(ok)
+        .build();
+    Ok(response.map(Body::new))
+}
+
+/// A tick as one gRPC message: no compression, its length, the protobuf.
+fn grpc_message(tick: &Tick) -> Bytes {
+    let len = prost::Message::encoded_len(tick);
+    let mut buf = bytes::BytesMut::with_capacity(5 + len);
+    bytes::BufMut::put_u8(&mut buf, 0);
+    bytes::BufMut::put_u32(&mut buf, len as u32);
+    prost::Message::encode(tick, &mut buf).expect("room for the message");
+    buf.freeze()
 }
 
 /// `rpc Subscribe(SubscribeRequest) returns (stream Tick)`.

@@ -35,11 +35,14 @@ const SMALL_WINDOW: u32 = 64 * 1024;
 /// Serves the example's `Ticker` behind `layer` on 127.0.0.1:0. The returned
 /// sender keeps calls from ending with `UNAVAILABLE` (that is shutdown).
 macro_rules! serve {
-    ($layer:expr) => {{
+    ($layer:expr) => {
+        serve!($layer, None)
+    };
+    ($layer:expr, $log:expr) => {{
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, shutdown) = watch::channel(false);
-        let ticker = Ticker::new(Producer::spawn(RATE, SIZE), shutdown);
+        let ticker = Ticker::new(Producer::spawn(RATE, SIZE, $log), shutdown);
         let server = tonic::transport::Server::builder()
             .layer($layer)
             .add_service(ticker)
@@ -208,5 +211,83 @@ async fn with_grpc_data_loss_a_stalled_call_ends_with_data_loss() {
         EventKind::Closed {
             reason: CloseReason::Evicted(EvictReason::DataLoss)
         }
+    );
+}
+
+/// `--hub`: one shared log, each call a window over it.
+fn log() -> Option<tower_backpressure::hub::Hub> {
+    Some(tower_backpressure::hub::Hub::new(
+        tower_backpressure::hub::HubConfig::default().with_retain_frames(100_000),
+    ))
+}
+
+#[tokio::test]
+async fn a_fast_hub_call_gets_every_tick_then_ok() {
+    const COUNT: u64 = 2_000;
+    let (observer, mut events) = recorder();
+    let config = BufferConfig::new(4 * COUNT as usize);
+    let (addr, _stop) = serve!(BackpressureLayer::new(config).observer(observer), log());
+
+    let mut stream = subscribe(addr, COUNT, None).await;
+    let (seqs, end) = read_to_end(&mut stream).await;
+    end.expect("the call ends with status OK");
+    let first = seqs[0];
+    assert_eq!(seqs, (first..first + COUNT).collect::<Vec<_>>());
+    let mut all = Vec::new();
+    let closed = wait_for(&mut events, &mut all, |s| {
+        matches!(s.kind, EventKind::Closed { .. })
+    })
+    .await;
+    assert_eq!(
+        closed.kind,
+        EventKind::Closed {
+            reason: CloseReason::Completed
+        }
+    );
+    assert_eq!((closed.stats.sent, closed.stats.dropped), (COUNT, 0));
+}
+
+#[tokio::test]
+async fn a_stalled_hub_call_that_resumes_gets_whole_increasing_ticks_and_ok() {
+    const COUNT: u64 = 20_000;
+    let (observer, mut events) = recorder();
+    // Ticks joined into DATA frames of up to 16 KiB: a window replays what
+    // waits as fast as the client reads, and h2 clients refuse floods of
+    // tiny DATA frames (`ENHANCE_YOUR_CALM`), as the example does with --hub.
+    let config = BufferConfig::new(16)
+        .with_max_bytes(16 * 1024)
+        .with_flush(tower_backpressure::Flush::coalesce(256, 16 * 1024));
+    let (addr, _stop) = serve!(BackpressureLayer::new(config).observer(observer), log());
+
+    let mut stream = subscribe(addr, COUNT, Some(SMALL_WINDOW)).await;
+    // Read nothing until the hub's sweep reports drops for this call.
+    let mut all = Vec::new();
+    wait_for(&mut events, &mut all, |s| {
+        matches!(s.kind, EventKind::Dropped { .. })
+    })
+    .await;
+    let (seqs, end) = read_to_end(&mut stream).await;
+    end.expect("the call ends with status OK");
+    assert_increasing(&seqs);
+    // A window's call delivers `count` ticks, some after a jump.
+    assert_eq!(seqs.len() as u64, COUNT);
+    assert!(
+        seqs.last().unwrap() - seqs.first().unwrap() >= COUNT,
+        "a jump"
+    );
+    let closed = wait_for(&mut events, &mut all, |s| {
+        matches!(s.kind, EventKind::Closed { .. })
+    })
+    .await;
+    assert_eq!(
+        closed.kind,
+        EventKind::Closed {
+            reason: CloseReason::Completed
+        }
+    );
+    assert!(closed.stats.dropped > 0);
+    assert_eq!(
+        closed.stats.sent + closed.stats.dropped + closed.stats.buffered as u64,
+        closed.stats.pushed
     );
 }

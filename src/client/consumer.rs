@@ -141,6 +141,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         }
         if !st.end && st.storage.ended() {
             st.end = true;
+            st.trailers = st.storage.end_trailers();
             self.refresh_done(st);
         }
     }

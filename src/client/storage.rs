@@ -7,6 +7,8 @@
 use crate::buffer::{BufferStats, ClientBuffer, Dropped, FrameClass, Gap, Weigher};
 use std::task::Waker;
 
+use http::HeaderMap;
+
 use crate::config::{BufferConfig, Overflow};
 use crate::observer::EvictReason;
 
@@ -67,6 +69,11 @@ pub(crate) trait Storage<D> {
     fn ended(&self) -> bool {
         false
     }
+
+    /// The trailers that end the stream once the storage has ended.
+    fn end_trailers(&mut self) -> Option<HeaderMap> {
+        None
+    }
 }
 
 impl<D, S: Storage<D> + ?Sized> Storage<D> for Box<S> {
@@ -123,6 +130,9 @@ impl<D, S: Storage<D> + ?Sized> Storage<D> for Box<S> {
     }
     fn ended(&self) -> bool {
         (**self).ended()
+    }
+    fn end_trailers(&mut self) -> Option<HeaderMap> {
+        (**self).end_trailers()
     }
 }
 

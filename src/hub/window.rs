@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
-use http::{HeaderValue, Response};
+use http::{HeaderMap, HeaderValue, Response};
 use http_body::{Body, Frame};
 
 use super::log::{Cursor, Parked};
@@ -56,6 +56,8 @@ pub(crate) struct Window<T, W> {
     bytes: usize,
     /// Frames still to deliver before the stream ends, if limited.
     left: Option<u64>,
+    /// Sent after the last frame of a limited window.
+    trailers: Option<HeaderMap>,
     /// A resumed client replays what it missed, whatever its limits: it is
     /// not slow. Its window bounds it once it has caught up to within it.
     catching_up: bool,
@@ -76,8 +78,10 @@ impl<T, W> Window<T, W> {
         classify: Option<ClassifyFn<T>>,
         limit: Option<u64>,
         resumed: bool,
+        trailers: Option<HeaderMap>,
     ) -> Self {
         Self {
+            trailers,
             catching_up: resumed,
             shared,
             cursor,
@@ -270,6 +274,10 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
         self.left == Some(0)
     }
 
+    fn end_trailers(&mut self) -> Option<HeaderMap> {
+        self.trailers.take()
+    }
+
     fn pop(&mut self) -> Option<(T, Gap)> {
         if self.closed || self.left == Some(0) {
             return None;
@@ -392,6 +400,7 @@ pub(crate) struct Source<T, W> {
     pub(crate) cursor: Cursor,
     pub(crate) limit: Option<u64>,
     pub(crate) resumed: bool,
+    pub(crate) trailers: Option<HeaderMap>,
 }
 
 impl<T, W> MakeWindow<T> for Source<T, W>
@@ -411,6 +420,7 @@ where
             classify,
             self.limit,
             self.resumed,
+            self.trailers.clone(),
         );
         (Box::new(window), self.shared.sweeper.clone())
     }
@@ -507,6 +517,7 @@ pub struct HubResponse<'a, T, W> {
     after: Option<u64>,
     limit: Option<u64>,
     content_type: HeaderValue,
+    trailers: Option<HeaderMap>,
 }
 
 impl<T, W> Hub<T, W>
@@ -534,6 +545,7 @@ where
             after: None,
             limit: None,
             content_type: HeaderValue::from_static("text/event-stream"),
+            trailers: None,
         }
     }
 }
@@ -562,6 +574,7 @@ where
             cursor,
             limit,
             resumed: after.is_some(),
+            trailers: None,
         })
     }
 }
@@ -585,6 +598,13 @@ where
         self
     }
 
+    /// Trailers to end a [limited](Self::limit) response with, after its
+    /// last frame (gRPC's `grpc-status: 0`).
+    pub fn trailers(mut self, trailers: HeaderMap) -> Self {
+        self.trailers = Some(trailers);
+        self
+    }
+
     /// The `Content-Type` (e.g. `application/x-ndjson`).
     pub fn content_type(mut self, content_type: HeaderValue) -> Self {
         self.content_type = content_type;
@@ -602,10 +622,12 @@ where
             cursor: subscription.cursor(),
             limit: self.limit,
             resumed: self.after.is_some(),
+            trailers: self.trailers.clone(),
         });
         let mut response = Response::new(HubBody {
             subscription,
             left: self.limit,
+            trailers: self.trailers,
         });
         response
             .headers_mut()
@@ -625,6 +647,7 @@ where
 pub struct HubBody<T = Bytes, W = ByWeigh> {
     subscription: Subscription<T, W>,
     left: Option<u64>,
+    trailers: Option<HeaderMap>,
 }
 
 impl<T: Buf + Clone, W> Body for HubBody<T, W> {
@@ -636,7 +659,7 @@ impl<T: Buf + Clone, W> Body for HubBody<T, W> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<T>, Infallible>>> {
         if self.left == Some(0) {
-            return Poll::Ready(None);
+            return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
         }
         let frame = ready!(Pin::new(&mut self.subscription).poll_frame(cx));
         if let (Some(Ok(f)), Some(left)) = (&frame, &mut self.left) {
@@ -648,7 +671,7 @@ impl<T: Buf + Clone, W> Body for HubBody<T, W> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.left == Some(0) || self.subscription.is_end_stream()
+        (self.left == Some(0) && self.trailers.is_none()) || self.subscription.is_end_stream()
     }
 }
 
