@@ -86,8 +86,10 @@
 mod config;
 mod error;
 pub(crate) mod log;
+mod response;
 pub mod sse;
 mod subscription;
+mod sweep;
 mod window;
 
 use std::fmt;
@@ -98,9 +100,10 @@ use bytes::Bytes;
 pub use self::config::HubConfig;
 pub use self::error::PublishError;
 use self::log::{Log, MAX_ID};
+pub use self::response::{HubBody, HubResponse};
 pub use self::subscription::{HubEvent, Subscription};
-pub(crate) use self::window::{ClassifyFn, MakeWindow, Sweep, Tap};
-pub use self::window::{HubBody, HubResponse};
+pub(crate) use self::sweep::{Sweep, Sweeper};
+pub(crate) use self::window::{ClassifyFn, MakeWindow, Tap};
 use crate::buffer::{ByWeigh, Weigh, Weigher};
 use crate::config::ConfigError;
 
@@ -121,7 +124,7 @@ pub struct Hub<T = Bytes, W = ByWeigh> {
 pub(crate) struct Shared<T, W> {
     log: Mutex<Log<T>>,
     /// The layer's clients served from this log, swept for events.
-    pub(crate) sweeper: Arc<window::Sweeper>,
+    pub(crate) sweeper: Arc<Sweeper>,
     weigher: W,
     config: HubConfig,
 }

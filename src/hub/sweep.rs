@@ -1,0 +1,94 @@
+//! The hub's sweep: brings the windows of the layer's clients that do not
+//! read up to date, so that their events and rules fire without any work per
+//! publish.
+
+use std::sync::Arc;
+
+use crate::client::Storage;
+
+/// How often the hub's sweep looks at the clients it serves through the
+/// layer: the latency of their events (pressure, drops, evictions) while
+/// they do not read.
+pub(crate) const SWEEP_PERIOD: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A client the sweep looks at: see `Client::sweep`.
+pub(crate) trait Sweep: Send + Sync {
+    /// `false` once the client has closed.
+    fn sweep(&self) -> bool;
+}
+
+/// The clients of one hub served through the layer, and whether the task
+/// that sweeps them runs.
+#[derive(Default)]
+pub(crate) struct Sweeper {
+    clients: std::sync::Mutex<Vec<std::sync::Weak<dyn Sweep>>>,
+    running: std::sync::atomic::AtomicBool,
+}
+
+impl Sweeper {
+    /// Adds a client; starts the sweep task if it is not running (only on
+    /// a tokio runtime; without one, clients are brought up to date when
+    /// they read).
+    pub(crate) fn attach(self: &Arc<Self>, client: std::sync::Weak<dyn Sweep>) {
+        self.lock().push(client);
+        if self.running.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.running
+                .store(false, std::sync::atomic::Ordering::Release);
+            return;
+        };
+        let sweeper = self.clone();
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_PERIOD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !sweeper.sweep() {
+                    return;
+                }
+            }
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<std::sync::Weak<dyn Sweep>>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One sweep; `false` (and the task stops) once no client is left.
+    fn sweep(&self) -> bool {
+        let clients: Vec<_> = self
+            .lock()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        let mut open = Vec::with_capacity(clients.len());
+        for client in clients {
+            if client.sweep() {
+                open.push(Arc::downgrade(&client));
+            }
+        }
+        let mut list = self.lock();
+        // Keep the clients attached during the sweep, and the open ones.
+        list.retain(|c| c.strong_count() > 0);
+        let alive = !list.is_empty();
+        if !alive {
+            self.running
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        drop(open);
+        alive
+    }
+}
+
+impl<D, O, S> Sweep for crate::client::Client<D, O, S>
+where
+    D: Send + 'static,
+    O: crate::observer::BackpressureObserver,
+    S: Storage<D> + Send + 'static,
+{
+    fn sweep(&self) -> bool {
+        crate::client::Client::sweep(self)
+    }
+}
