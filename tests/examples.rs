@@ -4,8 +4,8 @@
 //! WebSocket, gRPC) with every documented value of every flag, and exits
 //! with status 0 on SIGTERM, ending the streams still open; a value or a
 //! combination it cannot honour makes it exit non-zero with a clear message.
-//! `demo`, `adaptive` and `loadgen` drive themselves: they run briefly and
-//! must exit with status 0.
+//! `demo` (and `demo --hub`), `adaptive` and `loadgen` drive themselves:
+//! they run briefly and must exit with status 0.
 //!
 //! An evicted client that never reads again must lose its connection: 20
 //! such clients of `sse_server`, and of `ws_server` (a stall rule, and
@@ -1178,9 +1178,14 @@ async fn grpc_server_refuses_what_it_cannot_honour() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_adaptive_and_loadgen_run_briefly_and_succeed() {
     let limit = Duration::from_secs(30);
-    let (demo, demo_flags, adaptive, loadgen) = tokio::join!(
+    let (demo, demo_flags, demo_hub, adaptive, loadgen) = tokio::join!(
         runs_to_success("demo", "--seconds 1", limit),
         runs_to_success("demo", "--seconds 1 --rate 5000 --capacity 100", limit),
+        runs_to_success(
+            "demo",
+            "--hub --seconds 1 --stalled 100 --rate 1000 --capacity 512",
+            limit
+        ),
         runs_to_success("adaptive", "--seconds 1 --rate 1000", limit),
         runs_to_success(
             "loadgen",
@@ -1192,6 +1197,16 @@ async fn demo_adaptive_and_loadgen_run_briefly_and_succeed() {
         demo.contains("fast") && demo_flags.contains("slow"),
         "{demo}"
     );
+    // Both acts, side by side, and the verdict.
+    for what in [
+        "act 1 of 2: the hub",
+        "act 2 of 2: the per-client path",
+        "100 stalled",
+    ] {
+        assert!(demo_hub.contains(what), "{what:?} in {demo_hub}");
+    }
+    assert!(demo_hub.contains("CPU of this process"), "{demo_hub}");
+    assert!(demo_hub.contains("\nPASS"), "{demo_hub}");
     assert!(adaptive.contains("received"), "{adaptive}");
     let json: serde_json::Value =
         serde_json::from_str(loadgen.lines().last().expect("a JSON line")).unwrap();
@@ -1236,6 +1251,9 @@ async fn demo_adaptive_and_loadgen_refuse_bad_values() {
     tokio::join!(
         refused_at_once("demo", "--seconds 0", "--seconds"),
         refused_at_once("demo", "--capacity 0", "capacity"),
+        refused_at_once("demo", "--stalled 10", "--hub"),
+        refused_at_once("demo", "--hub --stalled 0", "--stalled"),
+        refused_at_once("demo", "--hub --seconds 0", "--seconds"),
         refused_at_once("adaptive", "--seconds 0", "--seconds"),
         refused_at_once("adaptive", "--rate 5000000000", "--rate"),
         refused_at_once("loadgen", "--runs 0", "--runs"),
