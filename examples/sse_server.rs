@@ -202,6 +202,7 @@ fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
         return Err("--budget-bytes must be at least 1".into());
     }
     config = config.with_eviction(eviction);
+    config.validate().map_err(|e| e.to_string())?;
     if args.hub {
         // A window over a shared log can skip its oldest frames or cut its
         // client off, not pause the log or drop the newest.
@@ -210,8 +211,6 @@ fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
                 .map_or_else(String::new, |v| v.get_name().to_owned());
             format!("--policy {policy} cannot be used with --hub: {e}")
         })?;
-    } else {
-        config.validate().map_err(|e| e.to_string())?;
     }
     Ok(config)
 }

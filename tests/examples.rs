@@ -831,6 +831,8 @@ async fn sse_server_refuses_what_it_cannot_honour() {
              Overflow::DropNewest cannot bound a hub subscription",
         ),
         ("--retain 100", "--hub"),
+        ("--hub --capacity 0", "invalid buffer config: capacity"),
+        ("--hub --threshold 2", "threshold"),
         (
             "--hub --retain 0",
             "--retain: invalid hub config: retain_frames",
