@@ -926,23 +926,40 @@ async fn act(path: Path, args: &Args, seconds: u64) -> Result<Act, BoxError> {
     let observed = Observed::default();
     let registry = ClientRegistry::new();
     let lagged = Lagged::default();
-    let (events, _) = broadcast::channel(4096);
-    let hub: Hub = Hub::new(HubConfig::default());
-    let app = match path {
-        Path::Hub => hub_app(
-            config,
-            hub.clone(),
-            total,
-            observed.clone(),
-            registry.clone(),
-        )?,
-        Path::PerClient => app(
-            config,
-            events.downgrade(),
-            lagged.clone(),
-            observed.clone(),
-            registry.clone(),
-        )?,
+    // The server, and what the producer does with each event.
+    let mut hub = None;
+    let (app, emit): (Router, Box<dyn FnMut(u64) + Send>) = match path {
+        Path::Hub => {
+            let log: Hub = Hub::new(HubConfig::default());
+            hub = Some(log.clone());
+            let app = hub_app(
+                config,
+                log.clone(),
+                total,
+                observed.clone(),
+                registry.clone(),
+            )?;
+            let emit = move |seq| {
+                // Encoded once, with its id, for every client.
+                let id = log.publish_with(|id| sse::frame(id, None, PAYLOAD));
+                debug_assert_eq!(id, seq);
+            };
+            (app, Box::new(emit))
+        }
+        Path::PerClient => {
+            let (events, _) = broadcast::channel(4096);
+            let app = app(
+                config,
+                events.downgrade(),
+                lagged.clone(),
+                observed.clone(),
+                registry.clone(),
+            )?;
+            let emit = move |seq| {
+                let _ = events.send(seq);
+            };
+            (app, Box::new(emit))
+        }
     };
     let listener = bind_loopback()?;
     let addr = listener.local_addr()?;
@@ -973,29 +990,7 @@ async fn act(path: Path, args: &Args, seconds: u64) -> Result<Act, BoxError> {
     let start = Instant::now();
     let run_for = Duration::from_secs(seconds);
     let produced = Arc::new(AtomicU64::new(0));
-    let producer = match path {
-        Path::Hub => {
-            let hub = hub.clone();
-            tokio::spawn(produce(
-                move |seq| {
-                    // Encoded once, with its id, for every client.
-                    let id = hub.publish_with(|id| sse::frame(id, None, PAYLOAD));
-                    debug_assert_eq!(id, seq);
-                },
-                args.rate,
-                run_for,
-                produced.clone(),
-            ))
-        }
-        Path::PerClient => tokio::spawn(produce(
-            move |seq| {
-                let _ = events.send(seq);
-            },
-            args.rate,
-            run_for,
-            produced.clone(),
-        )),
-    };
+    let producer = tokio::spawn(produce(emit, args.rate, run_for, produced.clone()));
     // The hub's responses end after `total` events: one that lost any
     // never gets there, and leaves once it has seen the newest.
     let fast = fast.read(Pace::Fast, total.checked_sub(1));
@@ -1106,7 +1101,7 @@ async fn act(path: Path, args: &Args, seconds: u64) -> Result<Act, BoxError> {
         fast_layer,
         fast_lag,
         stalled: stalled_accounts,
-        hub: (path == Path::Hub).then(|| {
+        hub: hub.map(|hub| {
             (
                 hub.published(),
                 hub.retained(),
