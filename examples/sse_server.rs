@@ -37,6 +37,26 @@
 //! be compared with any client (see `BENCHMARKS.md`): a slow client then
 //! lags on the shared broadcast channel and silently misses events.
 //!
+//! `--hub` serves both routes from [`Hub`]s instead: the producer encodes
+//! each event once per format (an SSE frame with `id: <seq>`, an NDJSON
+//! line) and publishes it under its sequence number into one shared log per
+//! format, which retains the newest `--retain` events. Each client is a
+//! window over that log behind the same layer (its `--capacity` and
+//! `--max-bytes` bound how far it may fall behind): no task, no copy and no
+//! work per event for a client that does not read. `/events` honours
+//! `Last-Event-ID`: a client that reconnects gets every event after that id
+//! the hub still retains, after a gap marker for any it no longer does.
+//! `--policy pause` and `--policy drop-newest` cannot bound a window over a
+//! shared log and are refused. With `--hub`, `--budget-bytes B` bounds the
+//! hubs' logs (B/2 bytes each), which hold every event buffered for any
+//! client (the clients hold none of their own); `--passthrough` serves the
+//! hubs' subscriptions without the layer (no per-client bound: a client can
+//! fall behind by the whole retention, and its gaps go unmarked).
+//!
+//! `--close-after N` ends every `/events` response after N events, so that
+//! clients reconnect (an `EventSource` does, sending `Last-Event-ID`): try
+//! it with `--hub` to see resumption without loss.
+//!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
 //! `listening on http://HOST:PORT` is printed on stdout; SIGINT and SIGTERM
@@ -51,7 +71,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -63,9 +83,11 @@ use tokio::sync::{broadcast, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tower::util::MapResponseLayer;
+use tower_backpressure::hub::{HubBody, sse};
 use tower_backpressure::{
-    BackpressureLayer, BufferConfig, ClientRegistry, Eviction, MemoryBudget, NdjsonGapMarker,
-    SseGapMarker, TracingObserver,
+    BackpressureLayer, BufferConfig, ClientRegistry, Eviction, Hub, HubConfig, MemoryBudget,
+    NdjsonGapMarker, SseGapMarker, TracingObserver,
 };
 
 #[path = "common/flags.rs"]
@@ -86,6 +108,9 @@ const MAX_RATE: u64 = 10_000_000;
 /// The largest `--size` (1 MiB).
 const MAX_SIZE: u64 = 1 << 20;
 
+/// `--retain` when not given.
+const DEFAULT_RETAIN: usize = 10_000;
+
 /// Server-Sent Events at a fixed rate, each client behind a drop-oldest buffer.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -103,7 +128,8 @@ struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 256,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_SIZE))]
     size: usize,
-    /// Frames buffered per client before the oldest are dropped.
+    /// Frames buffered per client before the oldest are dropped (with
+    /// `--hub`: how far a client may fall behind in the shared log).
     #[arg(long, value_name = "FRAMES", default_value_t = 1000)]
     capacity: usize,
     /// Bytes buffered per client before the oldest are dropped (default: no limit).
@@ -118,6 +144,7 @@ struct Args {
     /// What a full buffer does. `pause` stops taking events for that client;
     /// since one producer feeds everyone, the shared channel then skips
     /// events for it (a gap in the ids that the layer does not count).
+    /// With `--hub` only `drop-oldest` and `disconnect` apply.
     #[arg(long, value_enum, default_value_t = Policy::DropOldest)]
     policy: Policy,
     /// Mark each gap in a client's stream: `event: lagged` with
@@ -133,9 +160,24 @@ struct Args {
     /// Disconnect a client that took no event for T milliseconds while events waited.
     #[arg(long, value_name = "T")]
     evict_after_stall_ms: Option<u64>,
-    /// One budget in bytes for the events buffered across all clients.
+    /// One budget in bytes for the events buffered across all clients (with
+    /// `--hub`: for the hubs' logs, B/2 each, which hold every event
+    /// buffered for any client).
     #[arg(long, value_name = "B")]
     budget_bytes: Option<usize>,
+    /// Serve both routes from hubs: each event encoded once per format into
+    /// a log shared by all clients, each client a window over it; `/events`
+    /// resumes after `Last-Event-ID`.
+    #[arg(long)]
+    hub: bool,
+    /// Events each hub retains for clients that fall behind or reconnect
+    /// [default: 10000].
+    #[arg(long, value_name = "FRAMES", requires = "hub")]
+    retain: Option<usize>,
+    /// End every `/events` response after N events, so that clients
+    /// reconnect (with `Last-Event-ID`).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    close_after: Option<u64>,
 }
 
 /// The buffer configuration the flags describe.
@@ -161,15 +203,47 @@ fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
     }
     config = config.with_eviction(eviction);
     config.validate().map_err(|e| e.to_string())?;
+    if args.hub {
+        // A window over a shared log can skip its oldest frames or cut its
+        // client off, not pause the log or drop the newest.
+        config.validate_for_hub().map_err(|e| {
+            let policy = clap::ValueEnum::to_possible_value(&args.policy)
+                .map_or_else(String::new, |v| v.get_name().to_owned());
+            format!("--policy {policy} cannot be used with --hub: {e}")
+        })?;
+    }
     Ok(config)
 }
 
+/// The hubs' retention the flags describe.
+fn hub_config(args: &Args) -> Result<HubConfig, String> {
+    let mut config = HubConfig::new(args.retain.unwrap_or(DEFAULT_RETAIN));
+    if let Some(budget) = args.budget_bytes {
+        // Two hubs share the budget.
+        config = config.with_retain_bytes((budget / 2).max(1));
+    }
+    config.validate().map_err(|e| format!("--retain: {e}"))?;
+    Ok(config)
+}
+
+/// The state of the routes fed by the broadcast channel.
 #[derive(Clone)]
 struct AppState {
     events: broadcast::Sender<u64>,
     payload: Arc<str>,
     /// Turns `true` on SIGINT/SIGTERM: every stream ends.
     shutdown: watch::Receiver<bool>,
+    close_after: Option<u64>,
+}
+
+/// The state of the routes fed by hubs (`--hub`).
+#[derive(Clone)]
+struct HubState {
+    /// SSE frames, `id: <seq>` in each.
+    sse: Hub,
+    /// NDJSON lines, `{"seq":N,…}`.
+    ndjson: Hub,
+    close_after: Option<u64>,
 }
 
 #[tokio::main]
@@ -181,8 +255,16 @@ async fn main() -> ExitCode {
         .init();
 
     // Refuse a bad configuration now, not when the first client connects.
-    let config = match buffer_config(&args) {
-        Ok(config) => config,
+    let configs = buffer_config(&args).and_then(|config| {
+        let hub = if args.hub {
+            Some(hub_config(&args)?)
+        } else {
+            None
+        };
+        Ok((config, hub))
+    });
+    let (config, hub_config) = match configs {
+        Ok(configs) => configs,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
@@ -205,29 +287,57 @@ async fn main() -> ExitCode {
     let sse_layer = layer.clone().gap_marker(on.then(SseGapMarker::new));
     let ndjson_layer = layer.gap_marker(on.then(NdjsonGapMarker::new));
 
-    // The layer does the real buffering, per client. This channel only has
-    // to outlast a short scheduling hiccup: each client's pump drains its
-    // receiver as fast as events come, however slowly the client reads.
-    let (events, _) = broadcast::channel(4096);
     let (stop, shutdown) = watch::channel(false);
-    tokio::spawn(produce(events.clone(), args.rate));
-
-    let state = AppState {
-        events,
-        payload: "x".repeat(args.size).into(),
-        shutdown: shutdown.clone(),
-    };
-    let (events, ndjson) = (get(sse_events), get(ndjson_events));
-    // `--passthrough`: the same streams without the layer, for comparison.
-    let (events, ndjson) = if args.passthrough {
-        (events, ndjson)
+    let payload: Arc<str> = "x".repeat(args.size).into();
+    let (events, ndjson) = if let Some(hub_config) = hub_config {
+        let state = HubState {
+            sse: Hub::new(hub_config),
+            ndjson: Hub::new(hub_config),
+            close_after: args.close_after,
+        };
+        tokio::spawn(produce(args.rate, publish_into(&state, payload)));
+        // A hub's subscription never ends by itself: end the responses on
+        // shutdown, outside the layer (which serves them from the hub).
+        let ending = MapResponseLayer::new(end_on(shutdown.clone()));
+        let (events, ndjson) = (get(hub_sse_events), get(hub_ndjson_events));
+        let (events, ndjson) = if args.passthrough {
+            (events, ndjson)
+        } else {
+            (events.layer(sse_layer), ndjson.layer(ndjson_layer))
+        };
+        (
+            events.layer(ending.clone()).with_state(state.clone()),
+            ndjson.layer(ending).with_state(state),
+        )
     } else {
-        (events.layer(sse_layer), ndjson.layer(ndjson_layer))
+        // The layer does the real buffering, per client. This channel only
+        // has to outlast a short scheduling hiccup: each client's pump drains
+        // its receiver as fast as events come, however slowly the client
+        // reads.
+        let (events, _) = broadcast::channel(4096);
+        let sender = events.clone();
+        tokio::spawn(produce(args.rate, move |seq| {
+            // An error only means that no client is connected right now.
+            let _ = sender.send(seq);
+        }));
+        let state = AppState {
+            events,
+            payload,
+            shutdown: shutdown.clone(),
+            close_after: args.close_after,
+        };
+        let (events, ndjson) = (get(sse_events), get(ndjson_events));
+        // `--passthrough`: the same streams without the layer, for comparison.
+        let (events, ndjson) = if args.passthrough {
+            (events, ndjson)
+        } else {
+            (events.layer(sse_layer), ndjson.layer(ndjson_layer))
+        };
+        (events.with_state(state.clone()), ndjson.with_state(state))
     };
     let app = Router::new()
         .route("/events", events)
         .route("/stream.ndjson", ndjson)
-        .with_state(state)
         .route_service("/health/clients", registry.service());
 
     let listener = match TcpListener::bind(&args.addr).await {
@@ -250,6 +360,9 @@ async fn main() -> ExitCode {
         threshold = args.threshold,
         policy = ?args.policy,
         passthrough = args.passthrough,
+        hub = args.hub,
+        retain = args.hub.then(|| args.retain.unwrap_or(DEFAULT_RETAIN)),
+        close_after = args.close_after,
         "serving GET /events, GET /stream.ndjson and GET /health/clients over HTTP/1.1 and HTTP/2"
     );
 
@@ -295,6 +408,8 @@ async fn sse_events(
                 Err(BroadcastStreamRecvError::Lagged(_)) => None,
             })
         })
+        // `--close-after N`: the response ends after N events.
+        .take(app.close_after.map_or(usize::MAX, saturating_usize))
         // SSE streams never end by themselves; end them on shutdown so that
         // graceful shutdown does not wait forever.
         .take_until(async move {
@@ -312,9 +427,7 @@ async fn ndjson_events(State(app): State<AppState>) -> Response {
     let lines = BroadcastStream::new(app.events.subscribe())
         .filter_map(move |message| {
             futures::future::ready(match message {
-                Ok(seq) => Some(Ok::<_, Infallible>(Bytes::from(format!(
-                    "{{\"seq\":{seq},\"payload\":\"{payload}\"}}\n"
-                )))),
+                Ok(seq) => Some(Ok::<_, Infallible>(ndjson_line(seq, &payload))),
                 Err(BroadcastStreamRecvError::Lagged(_)) => None,
             })
         })
@@ -328,8 +441,60 @@ async fn ndjson_events(State(app): State<AppState>) -> Response {
         .into_response()
 }
 
-/// The one producer: `rate` events per second, ids 0, 1, 2, ...
-async fn produce(events: broadcast::Sender<u64>, rate: u64) {
+/// `GET /events` with `--hub`: a window over the SSE hub's log, from after
+/// the request's `Last-Event-ID` if it has one. The layer finds the
+/// subscription in the response and serves it (no task, no copy).
+async fn hub_sse_events(State(app): State<HubState>, headers: HeaderMap) -> Response<HubBody> {
+    app.sse
+        .response()
+        .resume_after(sse::last_event_id_from(&headers))
+        .limit(app.close_after)
+        .build()
+}
+
+/// `GET /stream.ndjson` with `--hub`: a window over the NDJSON hub's log.
+async fn hub_ndjson_events(State(app): State<HubState>) -> Response<HubBody> {
+    app.ndjson
+        .response()
+        .content_type(HeaderValue::from_static("application/x-ndjson"))
+        .build()
+}
+
+/// Ends each response's body once `shutdown` turns `true`.
+fn end_on(shutdown: watch::Receiver<bool>) -> impl Fn(Response) -> Response + Clone {
+    move |response: Response| {
+        let mut shutdown = shutdown.clone();
+        response.map(|body| {
+            Body::from_stream(body.into_data_stream().take_until(async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            }))
+        })
+    }
+}
+
+/// One NDJSON line: `{"seq":N,"payload":"…"}`.
+fn ndjson_line(seq: u64, payload: &str) -> Bytes {
+    Bytes::from(format!("{{\"seq\":{seq},\"payload\":\"{payload}\"}}\n"))
+}
+
+/// `--hub`: each event encoded once per format, under the producer's
+/// sequence number, into the two hubs (every client of a route is handed
+/// the same `Bytes`).
+fn publish_into(hubs: &HubState, payload: Arc<str>) -> impl FnMut(u64) + Send + 'static {
+    let (sse_hub, ndjson_hub) = (hubs.sse.clone(), hubs.ndjson.clone());
+    move |seq| {
+        sse_hub
+            .publish_with_id(seq, sse::frame(seq, None, &payload))
+            .expect("the producer's ids increase");
+        ndjson_hub
+            .publish_with_id(seq, ndjson_line(seq, &payload))
+            .expect("the producer's ids increase");
+    }
+}
+
+/// The one producer: `rate` events per second, ids 0, 1, 2, ..., each
+/// handed to `emit`.
+async fn produce(rate: u64, mut emit: impl FnMut(u64)) {
     let start = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
     // Every tick emits what is due since the start, so a late tick is made
@@ -340,11 +505,14 @@ async fn produce(events: broadcast::Sender<u64>, rate: u64) {
         ticker.tick().await;
         let due = (start.elapsed().as_nanos() * u128::from(rate) / 1_000_000_000) as u64;
         while seq < due {
-            // An error only means that no client is connected right now.
-            let _ = events.send(seq);
+            emit(seq);
             seq += 1;
         }
     }
+}
+
+fn saturating_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 #[path = "common/signal.rs"]

@@ -4,8 +4,8 @@
 //! WebSocket, gRPC) with every documented value of every flag, and exits
 //! with status 0 on SIGTERM, ending the streams still open; a value or a
 //! combination it cannot honour makes it exit non-zero with a clear message.
-//! `demo`, `adaptive` and `loadgen` drive themselves: they run briefly and
-//! must exit with status 0.
+//! `demo` (and `demo --hub`), `adaptive` and `loadgen` drive themselves:
+//! they run briefly and must exit with status 0.
 //!
 //! An evicted client that never reads again must lose its connection: 20
 //! such clients of `sse_server`, and of `ws_server` (a stall rule, and
@@ -529,6 +529,13 @@ const SSE_RUNS: &[&str] = &[
     "--evict-after-dropped 0 --evict-after-stall-ms 5000",
     "--evict-after-dropped 100000 --budget-bytes 65536",
     "--passthrough --rate 2000 --size 16",
+    "--hub",
+    "--hub --retain 100 --rate 5000 --size 1 --capacity 1 --threshold 1",
+    "--hub --retain 20000 --size 1024 --max-bytes 4096 --threshold 0.5 --gap-marker off",
+    "--hub --gap-marker on --policy drop-oldest --rate 20",
+    "--hub --policy disconnect --evict-after-dropped 0 --evict-after-stall-ms 5000",
+    "--hub --evict-after-dropped 100000 --budget-bytes 65536",
+    "--hub --passthrough --rate 2000 --size 16",
 ];
 
 /// SSE on HTTP/1.1, NDJSON on HTTP/2, `/health/clients`; SIGTERM ends both
@@ -629,6 +636,173 @@ async fn sse_server_gap_marker_on_and_off() {
     assert!(!off.iter().any(|e| matches!(e, Sse::Lagged(_))), "{off:?}");
 }
 
+/// `GET /events` over HTTP/1.1, with `Last-Event-ID: last` if given.
+async fn events_after(addr: SocketAddr, last: Option<u64>) -> Incoming {
+    let stream = within(STEP, "a connection", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::get("/events").header(header::HOST, addr.to_string());
+    if let Some(last) = last {
+        req = req.header("last-event-id", last.to_string());
+    }
+    let req = req.body(Empty::<Bytes>::new()).unwrap();
+    let response = within(STEP, "response headers", sender.send_request(req))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "text/event-stream"
+    );
+    response.into_body()
+}
+
+/// The SSE items of `body` until `enough` holds for them.
+async fn read_sse_until(body: &mut Incoming, enough: impl Fn(&[Sse]) -> bool) -> Vec<Sse> {
+    let data = read_until(body, 16 << 20, |d| enough(&sse(d))).await;
+    sse(&data)
+}
+
+/// The ids of the events among `items`.
+fn ids(items: &[Sse]) -> Vec<u64> {
+    items
+        .iter()
+        .filter_map(|e| match e {
+            Sse::Event(id, _) => Some(*id),
+            Sse::Lagged(_) => None,
+        })
+        .collect()
+}
+
+/// Waits until the server has published event `id`: a new client reads
+/// until it sees it.
+async fn published(addr: SocketAddr, id: u64) {
+    let mut body = events_after(addr, None).await;
+    read_sse_until(&mut body, |items| ids(items).last() >= Some(&id)).await;
+}
+
+/// `--hub`: both routes carry the producer's sequence numbers (the same
+/// event has the same id on both), and a client that reconnects with
+/// `Last-Event-ID` gets every event after it that the hub retains (no gap,
+/// no duplicate), or an exact gap marker, then the rest, when it asks for
+/// more than the hub retains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_server_hub_resumes_after_last_event_id() {
+    const RETAIN: u64 = 200;
+    let server = start(
+        "sse_server",
+        &format!("--hub --rate 1000 --size 16 --retain {RETAIN}"),
+    )
+    .await;
+    let addr = server.addr;
+
+    // SSE and NDJSON side by side: the same ids, each consecutive (a client
+    // that keeps up loses nothing).
+    let mut events = events_after(addr, None).await;
+    let lines = get_h2(addr, "/stream.ndjson").await;
+    let mut lines = lines.into_body();
+    let (sse_items, ndjson_data) = tokio::join!(
+        read_sse_until(&mut events, |items| ids(items).len() >= 300),
+        read_until(&mut lines, 16 << 20, |d| ndjson(d, 16).len() >= 300),
+    );
+    let (sse_ids, seqs) = (ids(&sse_items), ndjson(&ndjson_data, 16));
+    assert_eq!(check_sse(&sse_items, 16), sse_ids.len());
+    for ids in [&sse_ids, &seqs] {
+        assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+    }
+    assert!(
+        sse_ids.iter().any(|id| seqs.contains(id)),
+        "the same events on both routes: {sse_ids:?} {seqs:?}"
+    );
+    drop((events, lines));
+    let last = *sse_ids.last().unwrap();
+
+    // The client is gone, and the hub has published 20 more events.
+    within(STEP, "the clients to leave", async {
+        while !listed(&health(addr).await).is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    published(addr, last + 20).await;
+    // Within the retention: every event after `last`, in order.
+    let mut resumed = events_after(addr, Some(last)).await;
+    let items = read_sse_until(&mut resumed, |items| items.len() >= 20).await;
+    let want: Vec<Sse> = (last + 1..)
+        .take(items.len())
+        .map(|id| Sse::Event(id, 16))
+        .collect();
+    assert_eq!(items, want, "resumed after {last}");
+    drop(resumed);
+
+    // Beyond it: the hub no longer holds `last + 1`. An exact gap marker,
+    // then every event it still holds, in order.
+    published(addr, last + RETAIN + 50).await;
+    let mut resumed = events_after(addr, Some(last)).await;
+    let items = read_sse_until(&mut resumed, |items| items.len() >= 20).await;
+    let (Sse::Lagged(missed), Sse::Event(first, _)) = (&items[0], &items[1]) else {
+        panic!("a gap marker, then an event: {items:?}");
+    };
+    assert_eq!(
+        *missed,
+        first - last - 1,
+        "the marker counts the gap: {items:?}"
+    );
+    assert!(*first > last + 1);
+    let want: Vec<Sse> = (*first..)
+        .take(items.len() - 1)
+        .map(|id| Sse::Event(id, 16))
+        .collect();
+    assert_eq!(items[1..], want[..]);
+    drop(resumed);
+    server.stop_cleanly().await;
+}
+
+/// `--close-after 5`: every `/events` response ends after exactly 5 events,
+/// with and without `--hub`; with `--hub`, a client that reconnects with
+/// the last id it saw (as an `EventSource` does) continues right after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_server_close_after_ends_each_response_after_n_events() {
+    async fn five_and_done(args: &'static str) {
+        let server = start("sse_server", args).await;
+        let addr = server.addr;
+        let mut last = None;
+        for _ in 0..3 {
+            let resume = if args.contains("--hub") { last } else { None };
+            let body = events_after(addr, resume).await;
+            let data = within(EXIT, "the response to end", body.collect())
+                .await
+                .expect("a clean end")
+                .to_bytes();
+            let items = sse(&data);
+            let got = ids(&items);
+            assert_eq!(items.len(), 5, "{args:?}: exactly 5 events: {items:?}");
+            assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+            if let Some(last) = resume {
+                assert_eq!(got[0], last + 1, "{args:?}: resumed right after {last}");
+            }
+            last = got.last().copied();
+        }
+        // The other route is not limited.
+        let lines = get_h2(addr, "/stream.ndjson").await;
+        let mut lines = lines.into_body();
+        let data = read_until(&mut lines, 1 << 20, |d| ndjson(d, 256).len() >= 8).await;
+        assert!(ndjson(&data, 256).len() >= 8);
+        drop(lines);
+        server.stop_cleanly().await;
+    }
+    tokio::join!(
+        five_and_done("--close-after 5"),
+        five_and_done("--hub --close-after 5"),
+        five_and_done("--passthrough --close-after 5"),
+        five_and_done("--hub --passthrough --close-after 5"),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_server_refuses_what_it_cannot_honour() {
     let cases: &[(&str, &str)] = &[
@@ -646,6 +820,27 @@ async fn sse_server_refuses_what_it_cannot_honour() {
         ("--evict-after-stall-ms 0", "--evict-after-stall-ms"),
         ("--budget-bytes 0", "--budget-bytes"),
         ("--addr 127.0.0.1:99999", "cannot listen"),
+        (
+            "--hub --policy pause",
+            "--policy pause cannot be used with --hub: invalid buffer config: \
+             Overflow::Pause cannot bound a hub subscription",
+        ),
+        (
+            "--hub --policy drop-newest",
+            "--policy drop-newest cannot be used with --hub: invalid buffer config: \
+             Overflow::DropNewest cannot bound a hub subscription",
+        ),
+        ("--retain 100", "--hub"),
+        ("--hub --capacity 0", "invalid buffer config: capacity"),
+        ("--hub --threshold 2", "threshold"),
+        (
+            "--hub --retain 0",
+            "--retain: invalid hub config: retain_frames",
+        ),
+        ("--hub --retain nope", "--retain"),
+        ("--hub --budget-bytes 0", "--budget-bytes"),
+        ("--close-after 0", "--close-after"),
+        ("--hub --close-after 0", "--close-after"),
     ];
     futures::future::join_all(
         cases
@@ -760,6 +955,24 @@ async fn sse_server_closes_the_connections_of_evicted_clients() {
         evicted_clients_lose_their_connections(
             "sse_server",
             "--rate 2000 --size 1024 --capacity 100 --policy disconnect",
+            SSE_REQUEST,
+            b"HTTP/1.1 200 OK\r\n",
+        ),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_server_closes_the_connections_of_evicted_hub_clients() {
+    tokio::join!(
+        evicted_clients_lose_their_connections(
+            "sse_server",
+            "--hub --rate 2000 --size 1024 --evict-after-stall-ms 300",
+            SSE_REQUEST,
+            b"HTTP/1.1 200 OK\r\n",
+        ),
+        evicted_clients_lose_their_connections(
+            "sse_server",
+            "--hub --rate 2000 --size 1024 --capacity 100 --policy disconnect",
             SSE_REQUEST,
             b"HTTP/1.1 200 OK\r\n",
         ),
@@ -967,9 +1180,14 @@ async fn grpc_server_refuses_what_it_cannot_honour() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_adaptive_and_loadgen_run_briefly_and_succeed() {
     let limit = Duration::from_secs(30);
-    let (demo, demo_flags, adaptive, loadgen) = tokio::join!(
+    let (demo, demo_flags, demo_hub, adaptive, loadgen) = tokio::join!(
         runs_to_success("demo", "--seconds 1", limit),
         runs_to_success("demo", "--seconds 1 --rate 5000 --capacity 100", limit),
+        runs_to_success(
+            "demo",
+            "--hub --seconds 1 --stalled 100 --rate 1000 --capacity 512",
+            limit
+        ),
         runs_to_success("adaptive", "--seconds 1 --rate 1000", limit),
         runs_to_success(
             "loadgen",
@@ -981,6 +1199,16 @@ async fn demo_adaptive_and_loadgen_run_briefly_and_succeed() {
         demo.contains("fast") && demo_flags.contains("slow"),
         "{demo}"
     );
+    // Both acts, side by side, and the verdict.
+    for what in [
+        "act 1 of 2: the hub",
+        "act 2 of 2: the per-client path",
+        "100 stalled",
+    ] {
+        assert!(demo_hub.contains(what), "{what:?} in {demo_hub}");
+    }
+    assert!(demo_hub.contains("CPU of this process"), "{demo_hub}");
+    assert!(demo_hub.contains("\nPASS"), "{demo_hub}");
     assert!(adaptive.contains("received"), "{adaptive}");
     let json: serde_json::Value =
         serde_json::from_str(loadgen.lines().last().expect("a JSON line")).unwrap();
@@ -1025,6 +1253,9 @@ async fn demo_adaptive_and_loadgen_refuse_bad_values() {
     tokio::join!(
         refused_at_once("demo", "--seconds 0", "--seconds"),
         refused_at_once("demo", "--capacity 0", "capacity"),
+        refused_at_once("demo", "--stalled 10", "--hub"),
+        refused_at_once("demo", "--hub --stalled 0", "--stalled"),
+        refused_at_once("demo", "--hub --seconds 0", "--seconds"),
         refused_at_once("adaptive", "--seconds 0", "--seconds"),
         refused_at_once("adaptive", "--rate 5000000000", "--rate"),
         refused_at_once("loadgen", "--runs 0", "--runs"),

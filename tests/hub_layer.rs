@@ -43,6 +43,20 @@ async fn client(
     tokio::sync::mpsc::UnboundedReceiver<Seen>,
     ClientRegistry,
 ) {
+    limited_client(hub, config, after, None).await
+}
+
+/// The same, ending after `limit` frames.
+async fn limited_client(
+    hub: &Hub,
+    config: BufferConfig,
+    after: Option<u64>,
+    limit: Option<u64>,
+) -> (
+    Body,
+    tokio::sync::mpsc::UnboundedReceiver<Seen>,
+    ClientRegistry,
+) {
     let (observer, events) = recorder();
     let registry = ClientRegistry::new();
     let hub = hub.clone();
@@ -53,7 +67,8 @@ async fn client(
                 .gap_marker(Marker),
         )
         .service(service_fn(move |_req: Request<()>| {
-            let response: Response<HubBody> = hub.response().resume_after(after).build();
+            let response: Response<HubBody> =
+                hub.response().resume_after(after).limit(limit).build();
             async move { Ok::<_, Infallible>(response) }
         }));
     let response = svc.oneshot(Request::new(())).await.unwrap();
@@ -226,6 +241,39 @@ async fn a_resume_replays_what_the_hub_retains_after_the_last_event_id() {
         read[1..],
         (50..100).map(|i: u64| i.to_string()).collect::<Vec<_>>()[..]
     );
+}
+
+#[tokio::test]
+async fn a_limited_response_ends_after_exactly_its_frames() {
+    let hub: Hub = Hub::new(HubConfig::default().with_retain_frames(100));
+    for i in 0..50u64 {
+        hub.publish(Bytes::from(i.to_string()));
+    }
+    // Resumed with a backlog of 40, more than the limit: 5 frames, the end.
+    let (mut body, mut events, registry) =
+        limited_client(&hub, BufferConfig::new(10), Some(9), Some(5)).await;
+    assert_eq!(take(&mut body, 100), ["10", "11", "12", "13", "14"]);
+    assert!(body.frame().await.is_none(), "the end, after 5 frames");
+    let mut seen = Vec::new();
+    let closed = wait_for(&mut events, &mut seen, |s| {
+        matches!(s.kind, EventKind::Closed { .. })
+    })
+    .await;
+    assert_eq!(
+        closed.kind,
+        EventKind::Closed {
+            reason: CloseReason::Completed
+        }
+    );
+    assert_eq!((closed.stats.sent, closed.stats.buffered), (5, 0));
+    assert!(registry.is_empty());
+    // Live, with frames published after the limit: the same.
+    let (mut body, _e, _r) = limited_client(&hub, BufferConfig::new(10), None, Some(3)).await;
+    for i in 50..60u64 {
+        hub.publish(Bytes::from(i.to_string()));
+    }
+    assert_eq!(take(&mut body, 100), ["50", "51", "52"]);
+    assert!(body.frame().await.is_none());
 }
 
 #[tokio::test]

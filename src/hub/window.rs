@@ -144,7 +144,7 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
     fn reject(&mut self, _: usize) {}
 
     fn refresh(&mut self) -> Result<Dropped, EvictReason> {
-        if self.closed {
+        if self.closed || self.ended() {
             return Ok(Dropped::default());
         }
         let log = self.shared.lock();
@@ -293,6 +293,13 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
         self.sent += 1;
         if let Some(left) = &mut self.left {
             *left -= 1;
+            if *left == 0 {
+                // The limit ends the stream: nothing more waits for the
+                // client, however much was published after this frame.
+                self.kept.clear();
+                self.frames = 0;
+                self.bytes = 0;
+            }
         }
         Some((item, gap))
     }
