@@ -51,6 +51,7 @@ use axum::http::{Method, Uri};
 use axum::response::Response;
 use axum::routing::get;
 use clap::Parser;
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
@@ -431,11 +432,11 @@ async fn client(socket: WebSocket, info: ClientInfo, connection: Option<Connecti
 async fn hub_client(
     sinks: Sinks,
     log: &TickHub,
-    tx: futures::stream::SplitSink<WebSocket, Message>,
-    mut rx: futures::stream::SplitStream<WebSocket>,
+    tx: SplitSink<WebSocket, Message>,
+    mut rx: SplitStream<WebSocket>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut sink = match sinks.spawn_hub(log, None, tx) {
+    let mut sink = match sinks.spawn_hub(log, None, GoingAway::new(tx)) {
         Ok(sink) => sink,
         // Refused at startup (`buffer_config`): cannot happen here.
         Err(e) => return tracing::error!("{e}"),
@@ -458,6 +459,57 @@ async fn hub_client(
     }
     // Ends the drain task, which closes the real sink (a Close frame).
     sink.abandon().await;
+}
+
+/// The real sink of a `--hub` client: closing it says "going away" first,
+/// as the per-client path's last message does.
+struct GoingAway<S> {
+    inner: S,
+    said: bool,
+}
+
+impl<S> GoingAway<S> {
+    fn new(inner: S) -> Self {
+        Self { inner, said: false }
+    }
+}
+
+impl<S: futures::Sink<Message> + Unpin> futures::Sink<Message> for GoingAway<S> {
+    type Error = S::Error;
+
+    fn poll_ready(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        std::pin::Pin::new(&mut self.inner).poll_ready(cx)
+    }
+
+    fn start_send(mut self: std::pin::Pin<&mut Self>, item: Message) -> Result<(), S::Error> {
+        std::pin::Pin::new(&mut self.inner).start_send(item)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        if !self.said {
+            std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_ready(cx))?;
+            let goodbye = CloseFrame {
+                code: close_code::AWAY,
+                reason: "server shutting down".into(),
+            };
+            std::pin::Pin::new(&mut self.inner).start_send(Message::Close(Some(goodbye)))?;
+            self.said = true;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_close(cx)
+    }
 }
 
 /// The gap marker: `{"type":"lagged","dropped":N}` before the next message.
