@@ -98,6 +98,7 @@ use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream, UnboundedReceiverStream};
 use tower::{ServiceExt as _, service_fn};
+use tower_backpressure::hub::{Hub as SharedLog, HubBody, HubConfig, sse};
 use tower_backpressure::{BackpressureEvent, BackpressureLayer, BufferConfig, EventKind};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -182,16 +183,23 @@ enum Variant {
     /// connection itself costs (hyper's buffers, the task), without any
     /// per-client queue.
     BroadcastNoSlow,
+    /// One shared `Hub` log behind `BackpressureLayer`: each client a window
+    /// over it, no pump, no per-client copy.
+    Hub,
+    /// `hub` without slow clients.
+    HubNoSlow,
 }
 
 impl Variant {
-    const ALL: [Variant; 6] = [
+    const ALL: [Variant; 8] = [
         Variant::Broadcast,
         Variant::MpscBounded,
         Variant::MpscUnbounded,
         Variant::Layer,
         Variant::LayerNoSlow,
         Variant::BroadcastNoSlow,
+        Variant::Hub,
+        Variant::HubNoSlow,
     ];
 
     fn name(self) -> &'static str {
@@ -202,12 +210,22 @@ impl Variant {
             Variant::Layer => "layer",
             Variant::LayerNoSlow => "layer-no-slow",
             Variant::BroadcastNoSlow => "broadcast-no-slow",
+            Variant::Hub => "hub",
+            Variant::HubNoSlow => "hub-no-slow",
         }
     }
 
     /// Whether it runs without slow clients.
     fn no_slow(self) -> bool {
-        matches!(self, Variant::LayerNoSlow | Variant::BroadcastNoSlow)
+        matches!(
+            self,
+            Variant::LayerNoSlow | Variant::BroadcastNoSlow | Variant::HubNoSlow
+        )
+    }
+
+    /// Whether it is served from the shared `Hub`.
+    fn hub(self) -> bool {
+        matches!(self, Variant::Hub | Variant::HubNoSlow)
     }
 }
 
@@ -307,7 +325,7 @@ mod server {
     }
 
     type EventStream = Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>>;
-    type ResBody = Either<StreamBody<EventStream>, Full<Bytes>>;
+    type ResBody = Either<StreamBody<EventStream>, Either<Full<Bytes>, HubBody>>;
 
     enum Sink {
         Bounded(mpsc::Sender<Event>),
@@ -333,6 +351,8 @@ mod server {
         events: broadcast::Sender<Event>,
         sinks: mpsc::UnboundedSender<Sink>,
         positions: Mutex<Vec<Arc<Position>>>,
+        /// `hub`, `hub-no-slow`: the one log every client reads.
+        log: SharedLog,
     }
 
     impl Hub {
@@ -399,6 +419,9 @@ mod server {
                     let _ = self.sinks.send(Sink::Unbounded(tx));
                     Box::pin(UnboundedReceiverStream::new(rx).map(|event| client_frame(&event)))
                 }
+                Variant::Hub | Variant::HubNoSlow => {
+                    unreachable!("hub clients are answered with `Hub::response`")
+                }
             }
         }
     }
@@ -427,6 +450,7 @@ mod server {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut seq: u64 = 0;
         let mut buf = BytesMut::new();
+        let mut data = String::new();
         loop {
             ticker.tick().await;
             while let Ok(sink) = new_sinks.try_recv() {
@@ -434,6 +458,19 @@ mod server {
             }
             let due = (start.elapsed().as_nanos() * u128::from(rate) / 1_000_000_000) as u64;
             while seq < due {
+                if hub.variant.hub() {
+                    // Encoded once, under the id the hub assigns (the same
+                    // bytes as `format_event`); every client shares it.
+                    let nanos = unix_nanos();
+                    let id = hub.log.publish_with(|id| {
+                        format_data(&mut data, id, nanos, size);
+                        sse::frame(id, None, &data)
+                    });
+                    debug_assert_eq!(id, seq);
+                    seq += 1;
+                    hub.produced.store(seq, Ordering::Release);
+                    continue;
+                }
                 let event = Event {
                     seq,
                     frame: format_event(&mut buf, seq, unix_nanos(), size),
@@ -446,6 +483,7 @@ mod server {
                         // An error only means that no client is connected.
                         let _ = hub.events.send(event);
                     }
+                    Variant::Hub | Variant::HubNoSlow => unreachable!("published above"),
                     Variant::MpscBounded | Variant::MpscUnbounded => {
                         let mut i = 0;
                         while i < sinks.len() {
@@ -466,6 +504,15 @@ mod server {
                 hub.produced.store(seq, Ordering::Release);
             }
         }
+    }
+
+    /// The `data:` of event `seq`, `<seq> <nanos> xxx…`, `size` bytes long.
+    fn format_data(data: &mut String, seq: u64, nanos: u64, size: usize) {
+        use std::fmt::Write as _;
+        data.clear();
+        let _ = write!(data, "{seq} {nanos} ");
+        let pad = size.saturating_sub(data.len());
+        data.extend(std::iter::repeat_n('x', pad));
     }
 
     /// `id: <seq>\ndata: <seq> <nanos> xxx…\n\n`, the data `size` bytes long.
@@ -495,6 +542,10 @@ mod server {
             events,
             sinks,
             positions: Mutex::new(Vec::new()),
+            // Retains as many events as the broadcast channel does.
+            log: SharedLog::new(
+                HubConfig::default().with_retain_frames(args.capacity as usize),
+            ),
         });
 
         let listener = match bind(args.sndbuf) {
@@ -530,7 +581,7 @@ mod server {
                 | Variant::BroadcastNoSlow
                 | Variant::MpscBounded
                 | Variant::MpscUnbounded => accept(listener, app, max_buf_size).await,
-                Variant::Layer | Variant::LayerNoSlow => {
+                Variant::Layer | Variant::LayerNoSlow | Variant::Hub | Variant::HubNoSlow => {
                     let counts = hub.clone();
                     let layer = BackpressureLayer::new(
                         BufferConfig::new(args.capacity as usize)
@@ -558,6 +609,11 @@ mod server {
 
     fn route(hub: &Arc<Hub>, req: &Request<Incoming>) -> Response<ResBody> {
         match req.uri().path() {
+            "/events" if hub.variant.hub() => {
+                // The layer finds the subscription in the response and
+                // serves the client from a window over the shared log.
+                hub.log.response().build().map(|b| Either::Right(Either::Right(b)))
+            }
             "/events" => {
                 let stream = hub.subscribe(Class::of(req.uri()));
                 Response::builder()
@@ -570,12 +626,12 @@ mod server {
                 let json = hub.stats().to_json();
                 Response::builder()
                     .header(header::CONTENT_TYPE, "application/json")
-                    .body(Either::Right(Full::new(Bytes::from(json))))
+                    .body(Either::Right(Either::Left(Full::new(Bytes::from(json)))))
                     .expect("a valid response")
             }
             _ => Response::builder()
                 .status(StatusCode::NOT_FOUND)
-                .body(Either::Right(Full::new(Bytes::new())))
+                .body(Either::Right(Either::Left(Full::new(Bytes::new()))))
                 .expect("a valid response"),
         }
     }
