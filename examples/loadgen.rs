@@ -109,6 +109,16 @@ const SLOW_RCVBUF: u32 = 4096;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a server lives at most past its planned run.
 const SERVER_GRACE: u64 = 60;
+/// Slow clients connecting at once (the server's listen backlog is 1024).
+const CONNECT_BATCH: usize = 256;
+/// Files a load generator or server needs besides its clients' sockets.
+const SPARE_FILES: u64 = 64;
+
+/// How long `slow` slow clients get to connect, all together: 15 s, plus
+/// 5 ms per client.
+fn connect_budget(slow: usize) -> Duration {
+    STARTUP_TIMEOUT + Duration::from_millis(5 * slow as u64)
+}
 
 /// An SSE fan-out served with and without `BackpressureLayer`, side by side.
 #[derive(Debug, Parser)]
@@ -117,9 +127,15 @@ struct Args {
     /// Fast clients: they read as fast as they can.
     #[arg(long, default_value_t = 4)]
     fast: usize,
-    /// Slow clients: they stop reading after the response headers.
-    #[arg(long, default_value_t = 16)]
-    slow: usize,
+    /// Slow clients: they stop reading after the response headers. Several
+    /// values (`--slow 0,100,1000,10000`, or the flag repeated) sweep: every
+    /// variant runs at each (a `-no-slow` variant once).
+    #[arg(long, value_delimiter = ',', default_values_t = [16usize], value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=100_000))]
+    slow: Vec<usize>,
+    /// Leave out one variant at one `--slow` value, as `NAME@SLOW` (e.g.
+    /// `layer@10000`); repeat for several.
+    #[arg(long = "skip", value_name = "NAME@SLOW", value_parser = parse_skip)]
+    skips: Vec<(Variant, usize)>,
     /// Length of the measured window.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     seconds: u64,
@@ -165,6 +181,18 @@ struct Args {
     /// Server mode: exit after this many seconds whatever happens.
     #[arg(long, hide = true, default_value_t = 3600)]
     lifetime: u64,
+}
+
+/// `NAME@SLOW`, for `--skip`.
+fn parse_skip(s: &str) -> Result<(Variant, usize), String> {
+    let (name, slow) = s
+        .split_once('@')
+        .ok_or_else(|| format!("expected NAME@SLOW, e.g. layer@10000, got {s:?}"))?;
+    let variant = Variant::from_str(name, true)?;
+    let slow = slow
+        .parse()
+        .map_err(|e| format!("bad slow count {slow:?}: {e}"))?;
+    Ok((variant, slow))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -721,7 +749,7 @@ mod driver {
     }
 
     impl Row {
-        fn to_json(self, name: &str, runs: u64) -> serde_json::Value {
+        fn to_json(self, name: &str, slow: usize, fast: usize, runs: u64) -> serde_json::Value {
             // JSON has no infinity or NaN: an undefined number is null.
             let num = |x: f64| {
                 if x.is_finite() {
@@ -732,6 +760,8 @@ mod driver {
             };
             serde_json::json!({
                 "name": name,
+                "slow": slow,
+                "fast": fast,
                 "fast_events_per_sec": num(self.fast_events_per_sec),
                 "fast_p50_ms": num(self.fast_p50_ms),
                 "fast_p99_ms": num(self.fast_p99_ms),
@@ -757,27 +787,45 @@ mod driver {
         } else {
             args.variants.clone()
         };
+        // What runs, in order: every variant at every `--slow` value, a
+        // `-no-slow` variant once, less the `--skip`s.
+        let mut plan: Vec<(usize, Variant)> = Vec::new();
+        for &requested in &args.slow {
+            for &variant in &variants {
+                let slow = if variant.no_slow() { 0 } else { requested };
+                if args.skips.contains(&(variant, requested)) || plan.contains(&(slow, variant)) {
+                    continue;
+                }
+                plan.push((slow, variant));
+            }
+        }
+        let most = plan.iter().map(|&(slow, _)| slow).max().unwrap_or(0);
+        if let Err(e) = ensure_open_files(args.fast as u64 + most as u64 + SPARE_FILES) {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
         let tck = clock_ticks();
+        let load_start = load_average();
         print_setup(&args, tck);
-        let mut results: Vec<Vec<Row>> = vec![Vec::new(); variants.len()];
+        let mut results: Vec<Vec<Row>> = vec![Vec::new(); plan.len()];
         for run in 1..=args.runs {
-            for (i, &variant) in variants.iter().enumerate() {
-                let slow = if variant.no_slow() { 0 } else { args.slow };
-                eprint!("run {run}/{}: {:<15}", args.runs, variant.name());
+            for (i, &(slow, variant)) in plan.iter().enumerate() {
+                eprint!("run {run}/{}: {:<17} slow {:<6}", args.runs, variant.name(), slow);
                 let planned = Duration::from_secs(args.warmup + args.seconds);
                 match timeout(
-                    planned + STARTUP_TIMEOUT * 3,
+                    planned + STARTUP_TIMEOUT * 3 + connect_budget(slow),
                     run_variant(&args, variant, slow, tck),
                 )
                 .await
                 {
                     Ok(Ok(row)) => {
                         eprintln!(
-                            " {:>10.0} fast ev/s, p99 {:>8.2} ms, producer {:>8.0} ev/s, peak RSS {:>7.1} MiB, load {:.2}",
+                            " {:>10.0} fast ev/s, p99 {:>8.2} ms, producer {:>8.0} ev/s, peak RSS {:>7.1} MiB, CPU {:>6.2} s/M, load {:.2}",
                             row.fast_events_per_sec,
                             row.fast_p99_ms,
                             row.producer_events_per_sec,
                             mib(row.peak_rss_bytes),
+                            row.cpu_s_per_million,
                             row.load_1m
                         );
                         results[i].push(row);
@@ -794,19 +842,102 @@ mod driver {
             }
         }
         let medians: Vec<Row> = results.iter().map(|rows| median_row(rows)).collect();
-        print_table(&args, &variants, &medians);
-        print_targets(&args, &variants, &medians);
+        print_table(&plan, &medians);
+        let mut sweep: Vec<usize> = args.slow.iter().copied().filter(|&s| s > 0).collect();
+        sweep.dedup();
+        for &slow in &sweep {
+            // The variants at this slow count, and the `-no-slow` baselines.
+            let (vs, rows): (Vec<Variant>, Vec<Row>) = plan
+                .iter()
+                .zip(&medians)
+                .filter(|((s, v), _)| *s == slow || v.no_slow())
+                .map(|(&(_, v), &r)| (v, r))
+                .unzip();
+            if sweep.len() > 1 {
+                println!();
+                println!("With {slow} slow clients:");
+            }
+            print_targets(&args, slow, &vs, &rows);
+        }
         if args.json {
             let json = serde_json::json!({
-                "variants": variants
+                "setup": {
+                    "rate": args.rate,
+                    "size": args.size,
+                    "fast": args.fast,
+                    "seconds": args.seconds,
+                    "warmup": args.warmup,
+                    "runs": args.runs,
+                    "capacity": args.capacity,
+                    "max_bytes": args.max_bytes,
+                    "max_buf_size": args.max_buf_size,
+                    "sndbuf": args.sndbuf,
+                    "slow_rcvbuf": SLOW_RCVBUF,
+                    "shared_frames": args.shared_frames,
+                    "load_1m_start": if load_start.is_finite() { serde_json::json!(load_start) } else { serde_json::Value::Null },
+                    "started_unix": unix_nanos() / 1_000_000_000,
+                },
+                "variants": plan
                     .iter()
                     .zip(&medians)
-                    .map(|(v, row)| row.to_json(v.name(), args.runs))
+                    .map(|(&(slow, v), row)| row.to_json(v.name(), slow, args.fast, args.runs))
                     .collect::<Vec<_>>(),
             });
             println!("{json}");
         }
         ExitCode::SUCCESS
+    }
+
+    /// The 1-minute load average.
+    fn load_average() -> f64 {
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
+    /// The soft and hard limits on open files (`/proc/self/limits`).
+    fn open_files_limits() -> Option<(u64, u64)> {
+        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        let mut values = line["Max open files".len()..].split_whitespace();
+        let mut value = || -> Option<u64> {
+            match values.next()? {
+                "unlimited" => Some(u64::MAX),
+                v => v.parse().ok(),
+            }
+        };
+        Some((value()?, value()?))
+    }
+
+    /// Makes sure this process (and so the servers it starts) may open
+    /// `needed` files: raises the soft limit to the hard one if it is lower
+    /// (what `ulimit -n` does, here with util-linux's `prlimit`, as the
+    /// example has no `libc`), or says how to.
+    fn ensure_open_files(needed: u64) -> Result<(), BoxError> {
+        let Some((soft, hard)) = open_files_limits() else {
+            return Ok(()); // not Linux: let the connects say so
+        };
+        if soft >= needed {
+            return Ok(());
+        }
+        if hard >= needed {
+            let _ = std::process::Command::new("prlimit")
+                .arg(format!("--pid={}", std::process::id()))
+                .arg(format!("--nofile={hard}:{hard}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            if open_files_limits().is_some_and(|(soft, _)| soft >= needed) {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "{needed} clients and spare files need {needed} open files, the limit is {soft} \
+             (hard {hard}): run `ulimit -n {needed}` (or more) first"
+        )
+        .into())
     }
 
     async fn run_variant(
@@ -815,7 +946,7 @@ mod driver {
         slow: usize,
         tck: u64,
     ) -> Result<Row, BoxError> {
-        let mut server = Server::start(args, variant).await?;
+        let mut server = Server::start(args, variant, slow).await?;
         let result = drive(args, &server, slow, tck).await;
         server.stop().await;
         result
@@ -836,14 +967,22 @@ mod driver {
                 .map_err(|_| "a fast client got no response headers")???;
             fast.push(client);
         }
-        let mut stalled = Vec::with_capacity(slow);
-        for _ in 0..slow {
-            stalled.push(
-                timeout(STARTUP_TIMEOUT, slow_client(addr))
-                    .await
-                    .map_err(|_| "a slow client got no response headers")??,
-            );
-        }
+        // Slow clients in batches, each bounded in time, and all together.
+        let stalled: Vec<TcpStream> = timeout(
+            connect_budget(slow),
+            futures::stream::iter(0..slow)
+                .map(|_| async move {
+                    timeout(STARTUP_TIMEOUT, slow_client(addr))
+                        .await
+                        .map_err(|_| BoxError::from("a slow client got no response headers"))?
+                })
+                .buffer_unordered(CONNECT_BATCH)
+                .collect::<Vec<Result<TcpStream, BoxError>>>(),
+        )
+        .await
+        .map_err(|_| format!("{slow} slow clients did not connect in time"))?
+        .into_iter()
+        .collect::<Result<_, _>>()?;
 
         tokio::time::sleep(Duration::from_secs(args.warmup)).await;
         let stats0 = timeout(STARTUP_TIMEOUT, server_stats(addr))
@@ -874,10 +1013,7 @@ mod driver {
             }
             _ => (f64::NAN, f64::NAN),
         };
-        let load_1m = std::fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|l| l.split_whitespace().next()?.parse().ok())
-            .unwrap_or(f64::NAN);
+        let load_1m = load_average();
 
         stop.notify_waiters();
         drop(stalled);
@@ -924,9 +1060,10 @@ mod driver {
     }
 
     impl Server {
-        async fn start(args: &Args, variant: Variant) -> Result<Server, BoxError> {
+        async fn start(args: &Args, variant: Variant, slow: usize) -> Result<Server, BoxError> {
             let exe = std::env::current_exe()?;
-            let lifetime = args.warmup + args.seconds + SERVER_GRACE;
+            let lifetime =
+                args.warmup + args.seconds + SERVER_GRACE + connect_budget(slow).as_secs();
             let mut child = Command::new(exe)
                 .arg("--serve")
                 .arg(variant.name())
@@ -1289,7 +1426,7 @@ mod driver {
 
     fn print_setup(args: &Args, tck: u64) {
         println!(
-            "SSE fan-out on 127.0.0.1: {} events/s of {} bytes, {} fast + {} slow clients, \
+            "SSE fan-out on 127.0.0.1: {} events/s of {} bytes, {} fast + {:?} slow clients, \
              {} s warm-up + {} s measured, {} run(s) per variant (medians shown)",
             args.rate, args.size, args.fast, args.slow, args.warmup, args.seconds, args.runs
         );
@@ -1310,14 +1447,13 @@ mod driver {
         );
     }
 
-    fn print_table(args: &Args, variants: &[Variant], rows: &[Row]) {
+    fn print_table(plan: &[(usize, Variant)], rows: &[Row]) {
         println!();
         println!(
             "| variant | slow | fast ev/s | p50 ms | p99 ms | producer ev/s | peak RSS MiB | CPU s/M ev | slow dropped | fast dropped | fast gaps | load 1m | preempted | machine busy % | steal % |"
         );
         println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
-        for (v, r) in variants.iter().zip(rows) {
-            let slow = if v.no_slow() { 0 } else { args.slow };
+        for (&(slow, v), r) in plan.iter().zip(rows) {
             println!(
                 "| {} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2} | {} | {} | {} | {:.2} | {} | {:.0} | {:.1} |",
                 v.name(),
@@ -1341,13 +1477,16 @@ mod driver {
 
     /// The performance targets of BENCHMARKS.md, where the variants they
     /// compare were run.
-    fn print_targets(args: &Args, variants: &[Variant], rows: &[Row]) {
+    fn print_targets(args: &Args, slow: usize, variants: &[Variant], rows: &[Row]) {
         let get = |v: Variant| variants.iter().position(|&x| x == v).map(|i| rows[i]);
+        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+        if let Some(hub) = get(Variant::Hub) {
+            print_hub_targets(args, slow, hub, get(Variant::Broadcast), get(Variant::BroadcastNoSlow));
+        }
         let Some(layer) = get(Variant::Layer) else {
             return;
         };
         println!();
-        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
         if let Some(b) = get(Variant::Broadcast) {
             let r = layer.fast_events_per_sec / b.fast_events_per_sec;
             println!(
@@ -1367,11 +1506,11 @@ mod driver {
                 verdict(p <= 1.2)
             );
             let growth = layer.peak_rss_bytes as f64 - n.peak_rss_bytes as f64;
-            let bound = args.slow as f64 * (args.max_bytes as f64 + 64.0 * 1024.0);
+            let bound = slow as f64 * (args.max_bytes as f64 + 64.0 * 1024.0);
             println!(
                 "layer peak RSS growth over S=0:   {:.2} MiB for {} slow clients, hyper's share included (S x (max_bytes + 64 KiB) = {:.2} MiB: {})",
                 mib_f(growth),
-                args.slow,
+                slow,
                 mib_f(bound),
                 if growth <= bound { "within" } else { "over" }
             );
@@ -1395,6 +1534,54 @@ mod driver {
         if let (Some(b), Some(bn)) = (get(Variant::Broadcast), get(Variant::BroadcastNoSlow)) {
             let p = b.fast_p99_ms / bn.fast_p99_ms;
             println!("broadcast / broadcast-no-slow fast p99: {p:.3} (for reference)");
+        }
+    }
+
+    /// The hub's targets (the hub issue): fast clients lose nothing; server CPU
+    /// per delivered event at most 0.8 x `broadcast`'s; fast p99 at most 1.2 x
+    /// `broadcast-no-slow`'s; peak RSS at most `broadcast`'s + 1 KiB per client.
+    fn print_hub_targets(
+        args: &Args,
+        slow: usize,
+        hub: Row,
+        broadcast: Option<Row>,
+        broadcast_no_slow: Option<Row>,
+    ) {
+        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+        println!();
+        let lost = hub.fast_dropped + hub.fast_gaps;
+        println!(
+            "hub fast clients' events lost:     {lost} (dropped {}, gaps {}; target 0: {})",
+            hub.fast_dropped,
+            hub.fast_gaps,
+            verdict(lost == 0)
+        );
+        if let Some(b) = broadcast {
+            let r = hub.cpu_s_per_million / b.cpu_s_per_million;
+            println!(
+                "hub / broadcast CPU per event:     {r:.3} ({:.2} / {:.2} s/M; target <= 0.8: {})",
+                hub.cpu_s_per_million,
+                b.cpu_s_per_million,
+                verdict(r <= 0.8)
+            );
+            let clients = (slow + args.fast) as u64;
+            let bound = b.peak_rss_bytes + clients * 1024;
+            println!(
+                "hub peak RSS:                      {:.1} MiB (target <= broadcast {:.1} MiB + {clients} x 1 KiB = {:.1} MiB: {})",
+                hub.peak_rss_bytes as f64 / 1048576.0,
+                b.peak_rss_bytes as f64 / 1048576.0,
+                bound as f64 / 1048576.0,
+                verdict(hub.peak_rss_bytes <= bound)
+            );
+        }
+        if let Some(n) = broadcast_no_slow {
+            let p = hub.fast_p99_ms / n.fast_p99_ms;
+            println!(
+                "hub / broadcast-no-slow fast p99:  {p:.3} ({:.2} / {:.2} ms; target <= 1.2: {})",
+                hub.fast_p99_ms,
+                n.fast_p99_ms,
+                verdict(p <= 1.2)
+            );
         }
     }
 }
