@@ -158,6 +158,13 @@ struct Args {
     /// layer's ring) holds.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     capacity: u64,
+    /// Frames the `hub` variants' shared log retains. Default: `--capacity`
+    /// plus the larger of `--capacity` and 200 ms of events, so that a
+    /// stalled client's window (bounded by `--capacity` / `--max-bytes`, as
+    /// the layer's ring is) finds the frames it skips still in the log at
+    /// the hub's sweep (every 100 ms) and counts them as `Dropped`.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    retain: Option<u64>,
     /// Bytes the layer's ring holds per client.
     #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     max_bytes: u64,
@@ -320,6 +327,14 @@ impl ServerStats {
             fast_dropped: field("fast_dropped")?,
             slow_dropped: field("slow_dropped")?,
         })
+    }
+}
+
+impl Args {
+    /// `--retain`, or its default.
+    fn retain(&self) -> u64 {
+        self.retain
+            .unwrap_or(self.capacity + self.capacity.max(self.rate / 5))
     }
 }
 
@@ -570,10 +585,7 @@ mod server {
             events,
             sinks,
             positions: Mutex::new(Vec::new()),
-            // Retains as many events as the broadcast channel does.
-            log: SharedLog::new(
-                HubConfig::default().with_retain_frames(args.capacity as usize),
-            ),
+            log: SharedLog::new(HubConfig::default().with_retain_frames(args.retain() as usize)),
         });
 
         let listener = match bind(args.sndbuf) {
@@ -870,6 +882,7 @@ mod driver {
                     "runs": args.runs,
                     "capacity": args.capacity,
                     "max_bytes": args.max_bytes,
+                    "hub_retain_frames": args.retain(),
                     "max_buf_size": args.max_buf_size,
                     "sndbuf": args.sndbuf,
                     "slow_rcvbuf": SLOW_RCVBUF,
@@ -1071,6 +1084,7 @@ mod driver {
                 .args(["--size", &args.size.to_string()])
                 .args(["--capacity", &args.capacity.to_string()])
                 .args(["--max-bytes", &args.max_bytes.to_string()])
+                .args(["--retain", &args.retain().to_string()])
                 .args(["--max-buf-size", &args.max_buf_size.to_string()])
                 .args(["--sndbuf", &args.sndbuf.to_string()])
                 .args(args.shared_frames.then_some("--shared-frames"))
@@ -1431,11 +1445,13 @@ mod driver {
             args.rate, args.size, args.fast, args.slow, args.warmup, args.seconds, args.runs
         );
         println!(
-            "queues: {} events; layer ring: {} events / {} bytes; hyper max_buf_size {}; \
-             SO_SNDBUF {}; slow clients' SO_RCVBUF {}; frames {}; CLK_TCK {tck}",
+            "queues: {} events; layer ring and hub window: {} events / {} bytes; hub log: {} \
+             frames; hyper max_buf_size {}; SO_SNDBUF {}; slow clients' SO_RCVBUF {}; frames {}; \
+             CLK_TCK {tck}",
             args.capacity,
             args.capacity,
             args.max_bytes,
+            args.retain(),
             args.max_buf_size,
             args.sndbuf,
             SLOW_RCVBUF,
