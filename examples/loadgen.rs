@@ -4,6 +4,8 @@
 //! cargo run --release --example loadgen -- --fast 4 --slow 16 --seconds 10
 //! cargo run --release --example loadgen -- --fast 4 --slow 16 --seconds 10 --runs 3 --json
 //! cargo run --release --example loadgen -- --variant layer --variant broadcast
+//! cargo run --release --example loadgen -- --fast 10 --slow 0,100,1000,10000 --rate 5000 \
+//!     --variant hub --variant broadcast --variant layer --skip layer@10000 --json
 //! ```
 //!
 //! One shared producer emits `--rate` events per second. Every event is one
@@ -25,6 +27,8 @@
 //! | `layer` | the `broadcast` stream behind `BackpressureLayer` | its ring drops its oldest events |
 //! | `layer-no-slow` | `layer` with S = 0 | (the baseline) |
 //! | `broadcast-no-slow` | `broadcast` with S = 0 | (what a stalled connection costs by itself) |
+//! | `hub` | one shared `Hub` log behind `BackpressureLayer`, each client a window over it | its window skips its oldest events, counted |
+//! | `hub-no-slow` | `hub` with S = 0 | (the baseline) |
 //!
 //! Every variant does the same work per event and client: the per-client
 //! stream copies the shared frame into a fresh buffer (standing in for the
@@ -34,6 +38,27 @@
 //! serializes each event once would. The broadcast channel, the bounded
 //! channels and the layer's ring all hold `--capacity` events; the layer's
 //! ring also holds at most `--max-bytes`.
+//!
+//! The `hub` variants publish each event once into one
+//! [`Hub`](tower_backpressure::hub::Hub) (`publish_with(|id| sse::frame(id, …))`:
+//! encoded once, with the hub's id, the same bytes as the other variants'
+//! frames), and every client's handler answers `hub.response().build()`:
+//! `BackpressureLayer`, with the same `BufferConfig` as `layer`, serves each
+//! client from a window over the shared log (bounded by `--capacity` and
+//! `--max-bytes`), with no pump task and no per-client copy. The log retains
+//! `--retain` frames.
+//!
+//! The clients run in this process, each server in a child process of its
+//! own, so that each side holds one socket per client: 10,000 stalled
+//! clients need 10,000 open files on each side (plus a few). At startup the
+//! load generator raises its soft `RLIMIT_NOFILE` to the hard limit if it
+//! is too low (with `prlimit`; the servers inherit it), or says to run
+//! `ulimit -n` first. Slow clients connect 256 at a time, each within 15 s
+//! and all within 15 s + 5 ms per client, with a 4 KiB receive buffer.
+//!
+//! `--slow` takes several values (`--slow 0,100,1000,10000`): every variant
+//! runs at each (a `-no-slow` variant once), and `--skip NAME@SLOW` leaves
+//! one out; the JSON's rows carry their `slow` count.
 //!
 //! All variants are served by hyper's HTTP/1 connection with the same
 //! settings: `http1::Builder::max_buf_size(--max-buf-size)` (8 KiB, hyper's
@@ -181,6 +206,12 @@ struct Args {
     /// once does.
     #[arg(long)]
     shared_frames: bool,
+    /// Give every request a URI of its own (a copy) before the layer sees
+    /// it. hyper's request URI shares the allocation of the connection's
+    /// read buffer, and the layer keeps a clone of it for as long as the
+    /// client is connected (in its `ClientInfo`): that pins the buffer.
+    #[arg(long)]
+    copy_uri: bool,
     /// Print a JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -617,12 +648,13 @@ mod server {
             })
         };
         let max_buf_size = args.max_buf_size as usize;
+        let copy_uri = args.copy_uri;
         let serving = async {
             match variant {
                 Variant::Broadcast
                 | Variant::BroadcastNoSlow
                 | Variant::MpscBounded
-                | Variant::MpscUnbounded => accept(listener, app, max_buf_size).await,
+                | Variant::MpscUnbounded => accept(listener, app, max_buf_size, copy_uri).await,
                 Variant::Layer | Variant::LayerNoSlow | Variant::Hub | Variant::HubNoSlow => {
                     let counts = hub.clone();
                     let layer = BackpressureLayer::new(
@@ -635,7 +667,7 @@ mod server {
                             counts.dropped[class.index()].fetch_add(count, Ordering::Relaxed);
                         }
                     });
-                    accept(listener, layer.into_service(app), max_buf_size).await
+                    accept(listener, layer.into_service(app), max_buf_size, copy_uri).await
                 }
             }
         };
@@ -679,7 +711,7 @@ mod server {
     }
 
     /// Serves every connection with the same hyper settings.
-    async fn accept<S, B>(listener: TcpListener, svc: S, max_buf_size: usize)
+    async fn accept<S, B>(listener: TcpListener, svc: S, max_buf_size: usize, copy_uri: bool)
     where
         S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
             + Clone
@@ -701,7 +733,14 @@ mod server {
             let _ = stream.set_nodelay(true);
             let svc = svc.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| svc.clone().oneshot(req));
+                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    if copy_uri {
+                        if let Ok(uri) = http::Uri::try_from(req.uri().to_string()) {
+                            *req.uri_mut() = uri;
+                        }
+                    }
+                    svc.clone().oneshot(req)
+                });
                 // A client that goes away ends its connection with an error:
                 // nothing to report.
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -893,6 +932,7 @@ mod driver {
                     "sndbuf": args.sndbuf,
                     "slow_rcvbuf": SLOW_RCVBUF,
                     "shared_frames": args.shared_frames,
+                    "copy_uri": args.copy_uri,
                     "load_1m_start": if load_start.is_finite() { serde_json::json!(load_start) } else { serde_json::Value::Null },
                     "started_unix": unix_nanos() / 1_000_000_000,
                 },
@@ -1095,6 +1135,7 @@ mod driver {
                 .args(["--max-buf-size", &args.max_buf_size.to_string()])
                 .args(["--sndbuf", &args.sndbuf.to_string()])
                 .args(args.shared_frames.then_some("--shared-frames"))
+                .args(args.copy_uri.then_some("--copy-uri"))
                 .args(["--lifetime", &lifetime.to_string()])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -1469,6 +1510,9 @@ mod driver {
                 "copied per client"
             }
         );
+        if args.copy_uri {
+            println!("request URIs copied before the layer sees them (--copy-uri)");
+        }
     }
 
     fn print_table(plan: &[(usize, Variant)], rows: &[Row]) {
