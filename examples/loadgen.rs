@@ -686,7 +686,10 @@ mod server {
             "/events" if hub.variant.hub() => {
                 // The layer finds the subscription in the response and
                 // serves the client from a window over the shared log.
-                hub.log.response().build().map(|b| Either::Right(Either::Right(b)))
+                hub.log
+                    .response()
+                    .build()
+                    .map(|b| Either::Right(Either::Right(b)))
             }
             "/events" => {
                 let stream = hub.subscribe(Class::of(req.uri()));
@@ -867,7 +870,12 @@ mod driver {
         let mut results: Vec<Vec<Row>> = vec![Vec::new(); plan.len()];
         for run in 1..=args.runs {
             for (i, &(slow, variant)) in plan.iter().enumerate() {
-                eprint!("run {run}/{}: {:<17} slow {:<6}", args.runs, variant.name(), slow);
+                eprint!(
+                    "run {run}/{}: {:<17} slow {:<6}",
+                    args.runs,
+                    variant.name(),
+                    slow
+                );
                 let planned = Duration::from_secs(args.warmup + args.seconds);
                 match timeout(
                     planned + STARTUP_TIMEOUT * 3 + connect_budget(slow),
@@ -1549,7 +1557,13 @@ mod driver {
         let get = |v: Variant| variants.iter().position(|&x| x == v).map(|i| rows[i]);
         let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
         if let Some(hub) = get(Variant::Hub) {
-            print_hub_targets(args, slow, hub, get(Variant::Broadcast), get(Variant::BroadcastNoSlow));
+            print_hub_targets(
+                args,
+                slow,
+                hub,
+                get(Variant::Broadcast),
+                get(Variant::BroadcastNoSlow),
+            );
         }
         let Some(layer) = get(Variant::Layer) else {
             return;
