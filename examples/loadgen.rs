@@ -1001,8 +1001,8 @@ mod driver {
             }
         }
         Err(format!(
-            "{needed} clients and spare files need {needed} open files, the limit is {soft} \
-             (hard {hard}): run `ulimit -n {needed}` (or more) first"
+            "the clients need {needed} open files ({SPARE_FILES} of them spare), the limit \
+             is {soft} (hard {hard}): run `ulimit -n {needed}` (or more) first"
         )
         .into())
     }
