@@ -4,6 +4,8 @@
 //! cargo run --release --example loadgen -- --fast 4 --slow 16 --seconds 10
 //! cargo run --release --example loadgen -- --fast 4 --slow 16 --seconds 10 --runs 3 --json
 //! cargo run --release --example loadgen -- --variant layer --variant broadcast
+//! cargo run --release --example loadgen -- --fast 10 --slow 0,100,1000,10000 --rate 5000 \
+//!     --variant hub --variant broadcast --variant layer --skip layer@10000 --json
 //! ```
 //!
 //! One shared producer emits `--rate` events per second. Every event is one
@@ -25,6 +27,8 @@
 //! | `layer` | the `broadcast` stream behind `BackpressureLayer` | its ring drops its oldest events |
 //! | `layer-no-slow` | `layer` with S = 0 | (the baseline) |
 //! | `broadcast-no-slow` | `broadcast` with S = 0 | (what a stalled connection costs by itself) |
+//! | `hub` | one shared `Hub` log behind `BackpressureLayer`, each client a window over it | its window skips its oldest events, counted |
+//! | `hub-no-slow` | `hub` with S = 0 | (the baseline) |
 //!
 //! Every variant does the same work per event and client: the per-client
 //! stream copies the shared frame into a fresh buffer (standing in for the
@@ -34,6 +38,27 @@
 //! serializes each event once would. The broadcast channel, the bounded
 //! channels and the layer's ring all hold `--capacity` events; the layer's
 //! ring also holds at most `--max-bytes`.
+//!
+//! The `hub` variants publish each event once into one
+//! [`Hub`](tower_backpressure::hub::Hub) (`publish_with(|id| sse::frame(id, …))`:
+//! encoded once, with the hub's id, the same bytes as the other variants'
+//! frames), and every client's handler answers `hub.response().build()`:
+//! `BackpressureLayer`, with the same `BufferConfig` as `layer`, serves each
+//! client from a window over the shared log (bounded by `--capacity` and
+//! `--max-bytes`), with no pump task and no per-client copy. The log retains
+//! `--retain` frames.
+//!
+//! The clients run in this process, each server in a child process of its
+//! own, so that each side holds one socket per client: 10,000 stalled
+//! clients need 10,000 open files on each side (plus a few). At startup the
+//! load generator raises its soft `RLIMIT_NOFILE` to the hard limit if it
+//! is too low (with `prlimit`; the servers inherit it), or says to run
+//! `ulimit -n` first. Slow clients connect 256 at a time, each within 15 s
+//! and all within 15 s + 5 ms per client, with a 4 KiB receive buffer.
+//!
+//! `--slow` takes several values (`--slow 0,100,1000,10000`): every variant
+//! runs at each (a `-no-slow` variant once), and `--skip NAME@SLOW` leaves
+//! one out; the JSON's rows carry their `slow` count.
 //!
 //! All variants are served by hyper's HTTP/1 connection with the same
 //! settings: `http1::Builder::max_buf_size(--max-buf-size)` (8 KiB, hyper's
@@ -55,8 +80,10 @@
 //! - `slow dropped`: events the server dropped for slow clients (the layer's
 //!   `Dropped` events; for `broadcast`, events a lagging receiver can no
 //!   longer get; 0 for the mpsc variants, which never drop).
-//! - `fast dropped`, `fast gaps`: the same for fast clients, and the sequence
-//!   numbers they never saw (both should be 0);
+//! - `fast dropped`, `fast gaps`: the same for fast clients in the measured
+//!   window, and the sequence numbers they never saw there (both should be
+//!   0); the JSON's `fast_dropped_total` counts since they connected
+//!   (warm-up, and the slow clients' connecting, included);
 //! - `load 1m`, `preempted`, `machine busy %`, `steal %`: the machine's load
 //!   average after the run, how often the server's threads were preempted in
 //!   the window (their involuntary context switches), how busy all CPUs were
@@ -98,6 +125,7 @@ use tokio::time::{Instant, MissedTickBehavior, timeout};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::{BroadcastStream, ReceiverStream, UnboundedReceiverStream};
 use tower::{ServiceExt as _, service_fn};
+use tower_backpressure::hub::{Hub as SharedLog, HubBody, HubConfig, sse};
 use tower_backpressure::{BackpressureEvent, BackpressureLayer, BufferConfig, EventKind};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -108,6 +136,16 @@ const SLOW_RCVBUF: u32 = 4096;
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a server lives at most past its planned run.
 const SERVER_GRACE: u64 = 60;
+/// Slow clients connecting at once (the server's listen backlog is 1024).
+const CONNECT_BATCH: usize = 256;
+/// Files a load generator or server needs besides its clients' sockets.
+const SPARE_FILES: u64 = 64;
+
+/// How long `slow` slow clients get to connect, all together: 15 s, plus
+/// 5 ms per client.
+fn connect_budget(slow: usize) -> Duration {
+    STARTUP_TIMEOUT + Duration::from_millis(5 * slow as u64)
+}
 
 /// An SSE fan-out served with and without `BackpressureLayer`, side by side.
 #[derive(Debug, Parser)]
@@ -116,9 +154,15 @@ struct Args {
     /// Fast clients: they read as fast as they can.
     #[arg(long, default_value_t = 4)]
     fast: usize,
-    /// Slow clients: they stop reading after the response headers.
-    #[arg(long, default_value_t = 16)]
-    slow: usize,
+    /// Slow clients: they stop reading after the response headers. Several
+    /// values (`--slow 0,100,1000,10000`, or the flag repeated) sweep: every
+    /// variant runs at each (a `-no-slow` variant once).
+    #[arg(long, value_delimiter = ',', default_values_t = [16usize], value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=100_000))]
+    slow: Vec<usize>,
+    /// Leave out one variant at one `--slow` value, as `NAME@SLOW` (e.g.
+    /// `layer@10000`); repeat for several.
+    #[arg(long = "skip", value_name = "NAME@SLOW", value_parser = parse_skip)]
+    skips: Vec<(Variant, usize)>,
     /// Length of the measured window.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     seconds: u64,
@@ -141,6 +185,13 @@ struct Args {
     /// layer's ring) holds.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     capacity: u64,
+    /// Frames the `hub` variants' shared log retains. Default: `--capacity`
+    /// plus the larger of `--capacity` and 200 ms of events, so that a
+    /// stalled client's window (bounded by `--capacity` / `--max-bytes`, as
+    /// the layer's ring is) finds the frames it skips still in the log at
+    /// the hub's sweep (every 100 ms) and counts them as `Dropped`.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    retain: Option<u64>,
     /// Bytes the layer's ring holds per client.
     #[arg(long, default_value_t = 256 * 1024, value_parser = clap::value_parser!(u64).range(1..))]
     max_bytes: u64,
@@ -155,6 +206,12 @@ struct Args {
     /// once does.
     #[arg(long)]
     shared_frames: bool,
+    /// Give every request a URI of its own (a copy) before the layer sees
+    /// it. hyper's request URI shares the allocation of the connection's
+    /// read buffer, and the layer keeps a clone of it for as long as the
+    /// client is connected (in its `ClientInfo`): that pins the buffer.
+    #[arg(long)]
+    copy_uri: bool,
     /// Print a JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -164,6 +221,18 @@ struct Args {
     /// Server mode: exit after this many seconds whatever happens.
     #[arg(long, hide = true, default_value_t = 3600)]
     lifetime: u64,
+}
+
+/// `NAME@SLOW`, for `--skip`.
+fn parse_skip(s: &str) -> Result<(Variant, usize), String> {
+    let (name, slow) = s
+        .split_once('@')
+        .ok_or_else(|| format!("expected NAME@SLOW, e.g. layer@10000, got {s:?}"))?;
+    let variant = Variant::from_str(name, true)?;
+    let slow = slow
+        .parse()
+        .map_err(|e| format!("bad slow count {slow:?}: {e}"))?;
+    Ok((variant, slow))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -182,16 +251,23 @@ enum Variant {
     /// connection itself costs (hyper's buffers, the task), without any
     /// per-client queue.
     BroadcastNoSlow,
+    /// One shared `Hub` log behind `BackpressureLayer`: each client a window
+    /// over it, no pump, no per-client copy.
+    Hub,
+    /// `hub` without slow clients.
+    HubNoSlow,
 }
 
 impl Variant {
-    const ALL: [Variant; 6] = [
+    const ALL: [Variant; 8] = [
         Variant::Broadcast,
         Variant::MpscBounded,
         Variant::MpscUnbounded,
         Variant::Layer,
         Variant::LayerNoSlow,
         Variant::BroadcastNoSlow,
+        Variant::Hub,
+        Variant::HubNoSlow,
     ];
 
     fn name(self) -> &'static str {
@@ -202,12 +278,22 @@ impl Variant {
             Variant::Layer => "layer",
             Variant::LayerNoSlow => "layer-no-slow",
             Variant::BroadcastNoSlow => "broadcast-no-slow",
+            Variant::Hub => "hub",
+            Variant::HubNoSlow => "hub-no-slow",
         }
     }
 
     /// Whether it runs without slow clients.
     fn no_slow(self) -> bool {
-        matches!(self, Variant::LayerNoSlow | Variant::BroadcastNoSlow)
+        matches!(
+            self,
+            Variant::LayerNoSlow | Variant::BroadcastNoSlow | Variant::HubNoSlow
+        )
+    }
+
+    /// Whether it is served from the shared `Hub`.
+    fn hub(self) -> bool {
+        matches!(self, Variant::Hub | Variant::HubNoSlow)
     }
 }
 
@@ -277,6 +363,14 @@ impl ServerStats {
     }
 }
 
+impl Args {
+    /// `--retain`, or its default.
+    fn retain(&self) -> u64 {
+        self.retain
+            .unwrap_or(self.capacity + self.capacity.max(self.rate / 5))
+    }
+}
+
 fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -307,7 +401,7 @@ mod server {
     }
 
     type EventStream = Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>>;
-    type ResBody = Either<StreamBody<EventStream>, Full<Bytes>>;
+    type ResBody = Either<StreamBody<EventStream>, Either<Full<Bytes>, HubBody>>;
 
     enum Sink {
         Bounded(mpsc::Sender<Event>),
@@ -333,6 +427,8 @@ mod server {
         events: broadcast::Sender<Event>,
         sinks: mpsc::UnboundedSender<Sink>,
         positions: Mutex<Vec<Arc<Position>>>,
+        /// `hub`, `hub-no-slow`: the one log every client reads.
+        log: SharedLog,
     }
 
     impl Hub {
@@ -399,6 +495,9 @@ mod server {
                     let _ = self.sinks.send(Sink::Unbounded(tx));
                     Box::pin(UnboundedReceiverStream::new(rx).map(|event| client_frame(&event)))
                 }
+                Variant::Hub | Variant::HubNoSlow => {
+                    unreachable!("hub clients are answered with `Hub::response`")
+                }
             }
         }
     }
@@ -427,6 +526,7 @@ mod server {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut seq: u64 = 0;
         let mut buf = BytesMut::new();
+        let mut data = String::new();
         loop {
             ticker.tick().await;
             while let Ok(sink) = new_sinks.try_recv() {
@@ -434,6 +534,19 @@ mod server {
             }
             let due = (start.elapsed().as_nanos() * u128::from(rate) / 1_000_000_000) as u64;
             while seq < due {
+                if hub.variant.hub() {
+                    // Encoded once, under the id the hub assigns (the same
+                    // bytes as `format_event`); every client shares it.
+                    let nanos = unix_nanos();
+                    let id = hub.log.publish_with(|id| {
+                        format_data(&mut data, id, nanos, size);
+                        sse::frame(id, None, &data)
+                    });
+                    debug_assert_eq!(id, seq);
+                    seq += 1;
+                    hub.produced.store(seq, Ordering::Release);
+                    continue;
+                }
                 let event = Event {
                     seq,
                     frame: format_event(&mut buf, seq, unix_nanos(), size),
@@ -446,6 +559,7 @@ mod server {
                         // An error only means that no client is connected.
                         let _ = hub.events.send(event);
                     }
+                    Variant::Hub | Variant::HubNoSlow => unreachable!("published above"),
                     Variant::MpscBounded | Variant::MpscUnbounded => {
                         let mut i = 0;
                         while i < sinks.len() {
@@ -466,6 +580,15 @@ mod server {
                 hub.produced.store(seq, Ordering::Release);
             }
         }
+    }
+
+    /// The `data:` of event `seq`, `<seq> <nanos> xxx…`, `size` bytes long.
+    fn format_data(data: &mut String, seq: u64, nanos: u64, size: usize) {
+        use std::fmt::Write as _;
+        data.clear();
+        let _ = write!(data, "{seq} {nanos} ");
+        let pad = size.saturating_sub(data.len());
+        data.extend(std::iter::repeat_n('x', pad));
     }
 
     /// `id: <seq>\ndata: <seq> <nanos> xxx…\n\n`, the data `size` bytes long.
@@ -495,6 +618,7 @@ mod server {
             events,
             sinks,
             positions: Mutex::new(Vec::new()),
+            log: SharedLog::new(HubConfig::default().with_retain_frames(args.retain() as usize)),
         });
 
         let listener = match bind(args.sndbuf) {
@@ -524,13 +648,14 @@ mod server {
             })
         };
         let max_buf_size = args.max_buf_size as usize;
+        let copy_uri = args.copy_uri;
         let serving = async {
             match variant {
                 Variant::Broadcast
                 | Variant::BroadcastNoSlow
                 | Variant::MpscBounded
-                | Variant::MpscUnbounded => accept(listener, app, max_buf_size).await,
-                Variant::Layer | Variant::LayerNoSlow => {
+                | Variant::MpscUnbounded => accept(listener, app, max_buf_size, copy_uri).await,
+                Variant::Layer | Variant::LayerNoSlow | Variant::Hub | Variant::HubNoSlow => {
                     let counts = hub.clone();
                     let layer = BackpressureLayer::new(
                         BufferConfig::new(args.capacity as usize)
@@ -542,7 +667,7 @@ mod server {
                             counts.dropped[class.index()].fetch_add(count, Ordering::Relaxed);
                         }
                     });
-                    accept(listener, layer.into_service(app), max_buf_size).await
+                    accept(listener, layer.into_service(app), max_buf_size, copy_uri).await
                 }
             }
         };
@@ -558,6 +683,14 @@ mod server {
 
     fn route(hub: &Arc<Hub>, req: &Request<Incoming>) -> Response<ResBody> {
         match req.uri().path() {
+            "/events" if hub.variant.hub() => {
+                // The layer finds the subscription in the response and
+                // serves the client from a window over the shared log.
+                hub.log
+                    .response()
+                    .build()
+                    .map(|b| Either::Right(Either::Right(b)))
+            }
             "/events" => {
                 let stream = hub.subscribe(Class::of(req.uri()));
                 Response::builder()
@@ -570,18 +703,18 @@ mod server {
                 let json = hub.stats().to_json();
                 Response::builder()
                     .header(header::CONTENT_TYPE, "application/json")
-                    .body(Either::Right(Full::new(Bytes::from(json))))
+                    .body(Either::Right(Either::Left(Full::new(Bytes::from(json)))))
                     .expect("a valid response")
             }
             _ => Response::builder()
                 .status(StatusCode::NOT_FOUND)
-                .body(Either::Right(Full::new(Bytes::new())))
+                .body(Either::Right(Either::Left(Full::new(Bytes::new()))))
                 .expect("a valid response"),
         }
     }
 
     /// Serves every connection with the same hyper settings.
-    async fn accept<S, B>(listener: TcpListener, svc: S, max_buf_size: usize)
+    async fn accept<S, B>(listener: TcpListener, svc: S, max_buf_size: usize, copy_uri: bool)
     where
         S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
             + Clone
@@ -603,7 +736,14 @@ mod server {
             let _ = stream.set_nodelay(true);
             let svc = svc.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| svc.clone().oneshot(req));
+                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    if copy_uri {
+                        if let Ok(uri) = http::Uri::try_from(req.uri().to_string()) {
+                            *req.uri_mut() = uri;
+                        }
+                    }
+                    svc.clone().oneshot(req)
+                });
                 // A client that goes away ends its connection with an error:
                 // nothing to report.
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -647,8 +787,11 @@ mod driver {
         peak_rss_bytes: u64,
         cpu_s_per_million: f64,
         slow_dropped: u64,
-        /// Events dropped for fast clients (should be 0).
+        /// Events dropped for fast clients in the measured window (should be 0).
         fast_dropped: u64,
+        /// The same since they connected (warm-up, and the slow clients'
+        /// connecting, included).
+        fast_dropped_total: u64,
         /// Sequence numbers fast clients never saw (should be 0).
         fast_gaps: u64,
         /// Server CPU seconds in the window.
@@ -665,7 +808,7 @@ mod driver {
     }
 
     impl Row {
-        fn to_json(self, name: &str, runs: u64) -> serde_json::Value {
+        fn to_json(self, name: &str, slow: usize, fast: usize, runs: u64) -> serde_json::Value {
             // JSON has no infinity or NaN: an undefined number is null.
             let num = |x: f64| {
                 if x.is_finite() {
@@ -676,6 +819,8 @@ mod driver {
             };
             serde_json::json!({
                 "name": name,
+                "slow": slow,
+                "fast": fast,
                 "fast_events_per_sec": num(self.fast_events_per_sec),
                 "fast_p50_ms": num(self.fast_p50_ms),
                 "fast_p99_ms": num(self.fast_p99_ms),
@@ -684,6 +829,7 @@ mod driver {
                 "cpu_s_per_million": num(self.cpu_s_per_million),
                 "slow_dropped": self.slow_dropped,
                 "fast_dropped": self.fast_dropped,
+                "fast_dropped_total": self.fast_dropped_total,
                 "fast_gaps": self.fast_gaps,
                 "cpu_s": num(self.cpu_s),
                 "load_1m": num(self.load_1m),
@@ -701,27 +847,50 @@ mod driver {
         } else {
             args.variants.clone()
         };
+        // What runs, in order: every variant at every `--slow` value, a
+        // `-no-slow` variant once, less the `--skip`s.
+        let mut plan: Vec<(usize, Variant)> = Vec::new();
+        for &requested in &args.slow {
+            for &variant in &variants {
+                let slow = if variant.no_slow() { 0 } else { requested };
+                if args.skips.contains(&(variant, requested)) || plan.contains(&(slow, variant)) {
+                    continue;
+                }
+                plan.push((slow, variant));
+            }
+        }
+        let most = plan.iter().map(|&(slow, _)| slow).max().unwrap_or(0);
+        if let Err(e) = ensure_open_files(args.fast as u64 + most as u64 + SPARE_FILES) {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
         let tck = clock_ticks();
+        let load_start = load_average();
         print_setup(&args, tck);
-        let mut results: Vec<Vec<Row>> = vec![Vec::new(); variants.len()];
+        let mut results: Vec<Vec<Row>> = vec![Vec::new(); plan.len()];
         for run in 1..=args.runs {
-            for (i, &variant) in variants.iter().enumerate() {
-                let slow = if variant.no_slow() { 0 } else { args.slow };
-                eprint!("run {run}/{}: {:<15}", args.runs, variant.name());
+            for (i, &(slow, variant)) in plan.iter().enumerate() {
+                eprint!(
+                    "run {run}/{}: {:<17} slow {:<6}",
+                    args.runs,
+                    variant.name(),
+                    slow
+                );
                 let planned = Duration::from_secs(args.warmup + args.seconds);
                 match timeout(
-                    planned + STARTUP_TIMEOUT * 3,
+                    planned + STARTUP_TIMEOUT * 3 + connect_budget(slow),
                     run_variant(&args, variant, slow, tck),
                 )
                 .await
                 {
                     Ok(Ok(row)) => {
                         eprintln!(
-                            " {:>10.0} fast ev/s, p99 {:>8.2} ms, producer {:>8.0} ev/s, peak RSS {:>7.1} MiB, load {:.2}",
+                            " {:>10.0} fast ev/s, p99 {:>8.2} ms, producer {:>8.0} ev/s, peak RSS {:>7.1} MiB, CPU {:>6.2} s/M, load {:.2}",
                             row.fast_events_per_sec,
                             row.fast_p99_ms,
                             row.producer_events_per_sec,
                             mib(row.peak_rss_bytes),
+                            row.cpu_s_per_million,
                             row.load_1m
                         );
                         results[i].push(row);
@@ -738,19 +907,104 @@ mod driver {
             }
         }
         let medians: Vec<Row> = results.iter().map(|rows| median_row(rows)).collect();
-        print_table(&args, &variants, &medians);
-        print_targets(&args, &variants, &medians);
+        print_table(&plan, &medians);
+        let mut sweep: Vec<usize> = args.slow.iter().copied().filter(|&s| s > 0).collect();
+        sweep.dedup();
+        for &slow in &sweep {
+            // The variants at this slow count, and the `-no-slow` baselines.
+            let (vs, rows): (Vec<Variant>, Vec<Row>) = plan
+                .iter()
+                .zip(&medians)
+                .filter(|((s, v), _)| *s == slow || v.no_slow())
+                .map(|(&(_, v), &r)| (v, r))
+                .unzip();
+            if sweep.len() > 1 {
+                println!();
+                println!("With {slow} slow clients:");
+            }
+            print_targets(&args, slow, &vs, &rows);
+        }
         if args.json {
             let json = serde_json::json!({
-                "variants": variants
+                "setup": {
+                    "rate": args.rate,
+                    "size": args.size,
+                    "fast": args.fast,
+                    "seconds": args.seconds,
+                    "warmup": args.warmup,
+                    "runs": args.runs,
+                    "capacity": args.capacity,
+                    "max_bytes": args.max_bytes,
+                    "hub_retain_frames": args.retain(),
+                    "max_buf_size": args.max_buf_size,
+                    "sndbuf": args.sndbuf,
+                    "slow_rcvbuf": SLOW_RCVBUF,
+                    "shared_frames": args.shared_frames,
+                    "copy_uri": args.copy_uri,
+                    "load_1m_start": if load_start.is_finite() { serde_json::json!(load_start) } else { serde_json::Value::Null },
+                    "started_unix": unix_nanos() / 1_000_000_000,
+                },
+                "variants": plan
                     .iter()
                     .zip(&medians)
-                    .map(|(v, row)| row.to_json(v.name(), args.runs))
+                    .map(|(&(slow, v), row)| row.to_json(v.name(), slow, args.fast, args.runs))
                     .collect::<Vec<_>>(),
             });
             println!("{json}");
         }
         ExitCode::SUCCESS
+    }
+
+    /// The 1-minute load average.
+    fn load_average() -> f64 {
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+            .unwrap_or(f64::NAN)
+    }
+
+    /// The soft and hard limits on open files (`/proc/self/limits`).
+    fn open_files_limits() -> Option<(u64, u64)> {
+        let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        let mut values = line["Max open files".len()..].split_whitespace();
+        let mut value = || -> Option<u64> {
+            match values.next()? {
+                "unlimited" => Some(u64::MAX),
+                v => v.parse().ok(),
+            }
+        };
+        Some((value()?, value()?))
+    }
+
+    /// Makes sure this process (and so the servers it starts) may open
+    /// `needed` files: raises the soft limit to the hard one if it is lower
+    /// (what `ulimit -n` does, here with util-linux's `prlimit`, as the
+    /// example has no `libc`), or says how to.
+    fn ensure_open_files(needed: u64) -> Result<(), BoxError> {
+        let Some((soft, hard)) = open_files_limits() else {
+            return Ok(()); // not Linux: let the connects say so
+        };
+        if soft >= needed {
+            return Ok(());
+        }
+        if hard >= needed {
+            let _ = std::process::Command::new("prlimit")
+                .arg(format!("--pid={}", std::process::id()))
+                .arg(format!("--nofile={hard}:{hard}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            if open_files_limits().is_some_and(|(soft, _)| soft >= needed) {
+                return Ok(());
+            }
+        }
+        Err(format!(
+            "the clients need {needed} open files ({SPARE_FILES} of them spare), the limit \
+             is {soft} (hard {hard}): run `ulimit -n {needed}` (or more) first"
+        )
+        .into())
     }
 
     async fn run_variant(
@@ -759,7 +1013,7 @@ mod driver {
         slow: usize,
         tck: u64,
     ) -> Result<Row, BoxError> {
-        let mut server = Server::start(args, variant).await?;
+        let mut server = Server::start(args, variant, slow).await?;
         let result = drive(args, &server, slow, tck).await;
         server.stop().await;
         result
@@ -780,14 +1034,22 @@ mod driver {
                 .map_err(|_| "a fast client got no response headers")???;
             fast.push(client);
         }
-        let mut stalled = Vec::with_capacity(slow);
-        for _ in 0..slow {
-            stalled.push(
-                timeout(STARTUP_TIMEOUT, slow_client(addr))
-                    .await
-                    .map_err(|_| "a slow client got no response headers")??,
-            );
-        }
+        // Slow clients in batches, each bounded in time, and all together.
+        let stalled: Vec<TcpStream> = timeout(
+            connect_budget(slow),
+            futures::stream::iter(0..slow)
+                .map(|_| async move {
+                    timeout(STARTUP_TIMEOUT, slow_client(addr))
+                        .await
+                        .map_err(|_| BoxError::from("a slow client got no response headers"))?
+                })
+                .buffer_unordered(CONNECT_BATCH)
+                .collect::<Vec<Result<TcpStream, BoxError>>>(),
+        )
+        .await
+        .map_err(|_| format!("{slow} slow clients did not connect in time"))?
+        .into_iter()
+        .collect::<Result<_, _>>()?;
 
         tokio::time::sleep(Duration::from_secs(args.warmup)).await;
         let stats0 = timeout(STARTUP_TIMEOUT, server_stats(addr))
@@ -818,10 +1080,7 @@ mod driver {
             }
             _ => (f64::NAN, f64::NAN),
         };
-        let load_1m = std::fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|l| l.split_whitespace().next()?.parse().ok())
-            .unwrap_or(f64::NAN);
+        let load_1m = load_average();
 
         stop.notify_waiters();
         drop(stalled);
@@ -850,7 +1109,8 @@ mod driver {
                 cpu_s * 1e6 / delivered as f64
             },
             slow_dropped: stats1.slow_dropped,
-            fast_dropped: stats1.fast_dropped,
+            fast_dropped: stats1.fast_dropped.saturating_sub(stats0.fast_dropped),
+            fast_dropped_total: stats1.fast_dropped,
             fast_gaps: gaps,
             cpu_s,
             load_1m,
@@ -868,9 +1128,10 @@ mod driver {
     }
 
     impl Server {
-        async fn start(args: &Args, variant: Variant) -> Result<Server, BoxError> {
+        async fn start(args: &Args, variant: Variant, slow: usize) -> Result<Server, BoxError> {
             let exe = std::env::current_exe()?;
-            let lifetime = args.warmup + args.seconds + SERVER_GRACE;
+            let lifetime =
+                args.warmup + args.seconds + SERVER_GRACE + connect_budget(slow).as_secs();
             let mut child = Command::new(exe)
                 .arg("--serve")
                 .arg(variant.name())
@@ -878,9 +1139,11 @@ mod driver {
                 .args(["--size", &args.size.to_string()])
                 .args(["--capacity", &args.capacity.to_string()])
                 .args(["--max-bytes", &args.max_bytes.to_string()])
+                .args(["--retain", &args.retain().to_string()])
                 .args(["--max-buf-size", &args.max_buf_size.to_string()])
                 .args(["--sndbuf", &args.sndbuf.to_string()])
                 .args(args.shared_frames.then_some("--shared-frames"))
+                .args(args.copy_uri.then_some("--copy-uri"))
                 .args(["--lifetime", &lifetime.to_string()])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -1214,6 +1477,7 @@ mod driver {
             cpu_s_per_million: m(|r| r.cpu_s_per_million),
             slow_dropped: m(|r| r.slow_dropped as f64) as u64,
             fast_dropped: m(|r| r.fast_dropped as f64) as u64,
+            fast_dropped_total: m(|r| r.fast_dropped_total as f64) as u64,
             fast_gaps: m(|r| r.fast_gaps as f64) as u64,
             cpu_s: m(|r| r.cpu_s),
             load_1m: m(|r| r.load_1m),
@@ -1233,16 +1497,18 @@ mod driver {
 
     fn print_setup(args: &Args, tck: u64) {
         println!(
-            "SSE fan-out on 127.0.0.1: {} events/s of {} bytes, {} fast + {} slow clients, \
+            "SSE fan-out on 127.0.0.1: {} events/s of {} bytes, {} fast + {:?} slow clients, \
              {} s warm-up + {} s measured, {} run(s) per variant (medians shown)",
             args.rate, args.size, args.fast, args.slow, args.warmup, args.seconds, args.runs
         );
         println!(
-            "queues: {} events; layer ring: {} events / {} bytes; hyper max_buf_size {}; \
-             SO_SNDBUF {}; slow clients' SO_RCVBUF {}; frames {}; CLK_TCK {tck}",
+            "queues: {} events; layer ring and hub window: {} events / {} bytes; hub log: {} \
+             frames; hyper max_buf_size {}; SO_SNDBUF {}; slow clients' SO_RCVBUF {}; frames {}; \
+             CLK_TCK {tck}",
             args.capacity,
             args.capacity,
             args.max_bytes,
+            args.retain(),
             args.max_buf_size,
             args.sndbuf,
             SLOW_RCVBUF,
@@ -1252,16 +1518,18 @@ mod driver {
                 "copied per client"
             }
         );
+        if args.copy_uri {
+            println!("request URIs copied before the layer sees them (--copy-uri)");
+        }
     }
 
-    fn print_table(args: &Args, variants: &[Variant], rows: &[Row]) {
+    fn print_table(plan: &[(usize, Variant)], rows: &[Row]) {
         println!();
         println!(
             "| variant | slow | fast ev/s | p50 ms | p99 ms | producer ev/s | peak RSS MiB | CPU s/M ev | slow dropped | fast dropped | fast gaps | load 1m | preempted | machine busy % | steal % |"
         );
         println!("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
-        for (v, r) in variants.iter().zip(rows) {
-            let slow = if v.no_slow() { 0 } else { args.slow };
+        for (&(slow, v), r) in plan.iter().zip(rows) {
             println!(
                 "| {} | {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {:.2} | {} | {} | {} | {:.2} | {} | {:.0} | {:.1} |",
                 v.name(),
@@ -1285,13 +1553,22 @@ mod driver {
 
     /// The performance targets of BENCHMARKS.md, where the variants they
     /// compare were run.
-    fn print_targets(args: &Args, variants: &[Variant], rows: &[Row]) {
+    fn print_targets(args: &Args, slow: usize, variants: &[Variant], rows: &[Row]) {
         let get = |v: Variant| variants.iter().position(|&x| x == v).map(|i| rows[i]);
+        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+        if let Some(hub) = get(Variant::Hub) {
+            print_hub_targets(
+                args,
+                slow,
+                hub,
+                get(Variant::Broadcast),
+                get(Variant::BroadcastNoSlow),
+            );
+        }
         let Some(layer) = get(Variant::Layer) else {
             return;
         };
         println!();
-        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
         if let Some(b) = get(Variant::Broadcast) {
             let r = layer.fast_events_per_sec / b.fast_events_per_sec;
             println!(
@@ -1311,11 +1588,11 @@ mod driver {
                 verdict(p <= 1.2)
             );
             let growth = layer.peak_rss_bytes as f64 - n.peak_rss_bytes as f64;
-            let bound = args.slow as f64 * (args.max_bytes as f64 + 64.0 * 1024.0);
+            let bound = slow as f64 * (args.max_bytes as f64 + 64.0 * 1024.0);
             println!(
                 "layer peak RSS growth over S=0:   {:.2} MiB for {} slow clients, hyper's share included (S x (max_bytes + 64 KiB) = {:.2} MiB: {})",
                 mib_f(growth),
-                args.slow,
+                slow,
                 mib_f(bound),
                 if growth <= bound { "within" } else { "over" }
             );
@@ -1339,6 +1616,56 @@ mod driver {
         if let (Some(b), Some(bn)) = (get(Variant::Broadcast), get(Variant::BroadcastNoSlow)) {
             let p = b.fast_p99_ms / bn.fast_p99_ms;
             println!("broadcast / broadcast-no-slow fast p99: {p:.3} (for reference)");
+        }
+    }
+
+    /// The hub's targets (the hub issue): fast clients lose nothing; server CPU
+    /// per delivered event at most 0.8 x `broadcast`'s; fast p99 at most 1.2 x
+    /// `broadcast-no-slow`'s; peak RSS at most `broadcast`'s + 1 KiB per client.
+    fn print_hub_targets(
+        args: &Args,
+        slow: usize,
+        hub: Row,
+        broadcast: Option<Row>,
+        broadcast_no_slow: Option<Row>,
+    ) {
+        let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+        println!();
+        let lost = hub.fast_dropped + hub.fast_gaps;
+        println!(
+            "hub fast clients' events lost:     {lost} (dropped {}, gaps {}; target 0: {}); \
+             {} dropped since they connected",
+            hub.fast_dropped,
+            hub.fast_gaps,
+            verdict(lost == 0),
+            hub.fast_dropped_total
+        );
+        if let Some(b) = broadcast {
+            let r = hub.cpu_s_per_million / b.cpu_s_per_million;
+            println!(
+                "hub / broadcast CPU per event:     {r:.3} ({:.2} / {:.2} s/M; target <= 0.8: {})",
+                hub.cpu_s_per_million,
+                b.cpu_s_per_million,
+                verdict(r <= 0.8)
+            );
+            let clients = (slow + args.fast) as u64;
+            let bound = b.peak_rss_bytes + clients * 1024;
+            println!(
+                "hub peak RSS:                      {:.1} MiB (target <= broadcast {:.1} MiB + {clients} x 1 KiB = {:.1} MiB: {})",
+                hub.peak_rss_bytes as f64 / 1048576.0,
+                b.peak_rss_bytes as f64 / 1048576.0,
+                bound as f64 / 1048576.0,
+                verdict(hub.peak_rss_bytes <= bound)
+            );
+        }
+        if let Some(n) = broadcast_no_slow {
+            let p = hub.fast_p99_ms / n.fast_p99_ms;
+            println!(
+                "hub / broadcast-no-slow fast p99:  {p:.3} ({:.2} / {:.2} ms; target <= 1.2: {})",
+                hub.fast_p99_ms,
+                n.fast_p99_ms,
+                verdict(p <= 1.2)
+            );
         }
     }
 }

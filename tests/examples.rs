@@ -1231,7 +1231,7 @@ async fn demo_adaptive_and_loadgen_run_briefly_and_succeed() {
     let adaptive = runs_to_success("adaptive", "--seconds 1 --rate 1000", limit).await;
     let loadgen = runs_to_success(
         "loadgen",
-        "--fast 1 --slow 1 --seconds 1 --warmup 0 --runs 1 --variant layer --rate 2000 --json",
+        "--fast 1 --slow 0,1 --seconds 1 --warmup 0 --runs 1 --variant layer --variant hub --skip layer@0 --rate 2000 --json",
         limit,
     )
     .await;
@@ -1261,16 +1261,22 @@ async fn demo_adaptive_and_loadgen_run_briefly_and_succeed() {
     let json: serde_json::Value =
         serde_json::from_str(loadgen.lines().last().expect("a JSON line")).unwrap();
     let variants = json["variants"].as_array().unwrap();
-    assert_eq!(variants.len(), 1);
-    assert_eq!(variants[0]["name"], "layer");
-    for key in "fast_events_per_sec fast_p50_ms fast_p99_ms producer_events_per_sec peak_rss_bytes cpu_s_per_million slow_dropped".split(' ')
-    {
-        assert!(variants[0][key].is_number(), "{key} in {json}");
+    // hub at 0 and 1 slow clients, layer at 1 (skipped at 0).
+    let runs: Vec<(&str, u64)> = variants
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap(), v["slow"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(runs, [("hub", 0), ("layer", 1), ("hub", 1)], "{json}");
+    for variant in variants {
+        for key in "fast_events_per_sec fast_p50_ms fast_p99_ms producer_events_per_sec peak_rss_bytes cpu_s_per_million slow_dropped fast_dropped".split(' ')
+        {
+            assert!(variant[key].is_number(), "{key} in {json}");
+        }
+        assert!(
+            variant["fast_events_per_sec"].as_f64().unwrap() > 0.0,
+            "{json}"
+        );
     }
-    assert!(
-        variants[0]["fast_events_per_sec"].as_f64().unwrap() > 0.0,
-        "{json}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
