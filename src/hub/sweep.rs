@@ -45,7 +45,7 @@ impl Sweeper {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if !sweeper.sweep() {
+                if !sweeper.sweep().await {
                     return;
                 }
             }
@@ -57,30 +57,33 @@ impl Sweeper {
     }
 
     /// One sweep; `false` (and the task stops) once no client is left.
-    fn sweep(&self) -> bool {
-        let clients: Vec<_> = self
-            .lock()
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .collect();
-        let mut open = Vec::with_capacity(clients.len());
-        for client in clients {
-            if client.sweep() {
-                open.push(Arc::downgrade(&client));
+    ///
+    /// Clients are looked at in chunks, with a yield to the runtime between
+    /// two chunks: a sweep over many clients must not hold a worker (and
+    /// the fast clients it serves) for its whole length.
+    async fn sweep(&self) -> bool {
+        let clients: Vec<_> = self.lock().clone();
+        for chunk in clients.chunks(SWEEP_CHUNK) {
+            for client in chunk.iter().filter_map(std::sync::Weak::upgrade) {
+                client.sweep();
             }
+            tokio::task::yield_now().await;
         }
         let mut list = self.lock();
-        // Keep the clients attached during the sweep, and the open ones.
         list.retain(|c| c.strong_count() > 0);
         let alive = !list.is_empty();
         if !alive {
+            // Under the list's lock: a client attached from now on starts
+            // a new task.
             self.running
                 .store(false, std::sync::atomic::Ordering::Release);
         }
-        drop(open);
         alive
     }
 }
+
+/// Clients looked at between two yields of the sweep task.
+const SWEEP_CHUNK: usize = 256;
 
 impl<D, O, S> Sweep for crate::client::Client<D, O, S>
 where

@@ -123,7 +123,7 @@ where
         // Method and URI clones are reference counts or inline values.
         let mut info = ClientInfo::new(
             req.method().clone(),
-            req.uri().clone(),
+            owned(req.uri()),
             peer_addr(req.extensions()),
         );
         if let Some(route) = route(req.extensions()) {
@@ -149,3 +149,39 @@ where
         ResponseFuture::new(self.inner.call(req), wrap)
     }
 }
+
+/// A copy of `uri` that owns its bytes. A URI that hyper parsed shares the
+/// connection's read buffer: a clone kept for as long as the response
+/// streams would keep that whole buffer (about 4 KiB and more) alive per
+/// client, for nothing but its path.
+fn owned(uri: &http::Uri) -> http::Uri {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = uri.scheme().cloned();
+    parts.authority = uri
+        .authority()
+        .and_then(|a| http::uri::Authority::try_from(a.as_str()).ok());
+    parts.path_and_query = uri
+        .path_and_query()
+        .and_then(|p| http::uri::PathAndQuery::try_from(p.as_str()).ok());
+    http::Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::owned;
+
+    #[test]
+    fn an_owned_uri_does_not_share_the_request_buffer() {
+        // As hyper parses it: a slice of a larger read buffer.
+        let buffer = Bytes::from(vec![b'/'; 4096]);
+        let uri = http::Uri::from_maybe_shared(buffer.slice(0..16)).unwrap();
+        let copy = owned(&uri);
+        assert_eq!(copy, uri);
+        drop(uri);
+        // Only `buffer` (and nothing of `copy`) holds the 4 KiB now.
+        assert!(buffer.is_unique(), "the copy keeps the read buffer alive");
+    }
+}
+
