@@ -611,8 +611,23 @@ async fn sse_server_gap_marker_on_and_off() {
         let mut client = common::connect(server.addr, Some(4096)).await;
         let response = common::get(&mut client, "/events").await;
         let mut body = response.into_body();
-        // Stall long enough for hyper's buffer and the sockets' to fill.
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        // Stall until the server says it dropped events for this client
+        // (hyper's buffer and the sockets' are full).
+        within(STEP, "the server to drop events", async {
+            loop {
+                let health = health(server.addr).await;
+                let dropped = health["clients"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c["dropped"].as_u64())
+                    .sum::<u64>();
+                if dropped > 0 {
+                    return;
+                }
+            }
+        })
+        .await;
         let data = read_until(&mut body, 16 << 20, |d| {
             let items = sse(d);
             let ids: Vec<u64> = items

@@ -184,4 +184,3 @@ mod tests {
         assert!(buffer.is_unique(), "the copy keeps the read buffer alive");
     }
 }
-
