@@ -503,3 +503,40 @@ async fn a_hub_sink_feeds_a_real_sink_from_a_window_with_an_exact_gap() {
         }
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stays_stalled_is_swept_less_often_and_its_drops_still_add_up() {
+    let hub: Hub = Hub::new(HubConfig::default().with_retain_frames(100_000));
+    let (body, mut events, _registry) = client(&hub, BufferConfig::new(10), None).await;
+    let mut published = 0u64;
+    // Four seconds of 1,000 events per second; the client reads nothing.
+    for _ in 0..400 {
+        for _ in 0..10 {
+            hub.publish(Bytes::from(published.to_string()));
+            published += 1;
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    tokio::time::advance(Duration::from_secs(2)).await;
+    // Let the sweep task run what is due.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let mut batches = 0;
+    let mut dropped = 0;
+    while let Ok(seen) = events.try_recv() {
+        if let EventKind::Dropped { count, .. } = seen.kind {
+            batches += 1;
+            dropped += count;
+        }
+    }
+    // Every drop is counted: all but the window of ten.
+    assert_eq!(dropped, published - 10);
+    // Swept every 100 ms at first, then less and less often, down to once
+    // a second: far fewer reports than the 60 sweeps of six seconds.
+    assert!(
+        (3..=15).contains(&batches),
+        "{batches} Dropped events in 6 s"
+    );
+    drop(body);
+}

@@ -7,6 +7,8 @@ use std::task::Context;
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
+use std::time::Duration;
+
 use super::{Client, Next, State, Storage, after, now};
 use crate::buffer::Gap;
 use crate::config::Flush;
@@ -149,13 +151,25 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
     /// The hub's sweep over a client that may not be reading: brings its
     /// window up to date (pressure, drops, drop rules) and applies a timed
     /// rule that is due. Returns `false` once the client has closed.
-    pub(crate) fn sweep(&self) -> bool {
+    ///
+    /// A client that stays stalled under pressure is looked at less and
+    /// less often, down to once per `slowest` (its drops are counted all
+    /// the same, and reported in larger batches); a timed rule's deadline
+    /// and any read bring the sweep back to every `period`.
+    pub(crate) fn sweep(&self, period: Duration, slowest: Duration) -> bool {
         let mut st = self.lock();
-        self.look(&mut st);
         if st.closed {
             return false;
         }
         let t = now();
+        if st.sweep_next.is_some_and(|next| t < next) {
+            return true;
+        }
+        let last_taken = st.last_taken;
+        self.look(&mut st);
+        if st.closed {
+            return false;
+        }
         if !st.storage.is_empty() && st.waiting_since.is_none() {
             st.waiting_since = Some(t);
         }
@@ -163,6 +177,19 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
             self.evict(&mut st, rule);
             return false;
         }
+        // Stalled under pressure since the last look: it has heard of it;
+        // what changes now is only how much it missed.
+        let stalled = st.pressure.is_some() && st.last_taken == last_taken;
+        st.sweep_every = if stalled {
+            (st.sweep_every * 2).clamp(period, slowest)
+        } else {
+            period
+        };
+        let mut next = after(t, st.sweep_every);
+        if let Some(deadline) = self.next_deadline(&st) {
+            next = next.min(deadline.max(t));
+        }
+        st.sweep_next = Some(next);
         true
     }
 

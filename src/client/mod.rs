@@ -159,6 +159,10 @@ struct State<D, S> {
     /// their sum: constant work per push whatever the rate.
     drop_window: VecDeque<(Instant, u64)>,
     drop_window_sum: u64,
+    /// The hub's sweep: when it next looks at this client, and how long it
+    /// waits after that if the client stays stalled.
+    sweep_next: Option<Instant>,
+    sweep_every: Duration,
     outbox: Outbox,
     _data: std::marker::PhantomData<fn() -> D>,
 }
@@ -286,6 +290,8 @@ where
                 waiting_since: None,
                 drop_window: VecDeque::new(),
                 drop_window_sum: 0,
+                sweep_next: None,
+                sweep_every: Duration::ZERO,
                 outbox: Outbox::default(),
                 _data: std::marker::PhantomData,
             }),

@@ -17,6 +17,10 @@ pub(crate) trait Sweep: Send + Sync {
     fn sweep(&self) -> bool;
 }
 
+/// The longest a stalled client under pressure goes without a look (its
+/// drops are reported in larger batches; a timed rule's deadline is kept).
+pub(crate) const SWEEP_SLOWEST: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The clients of one hub served through the layer, and whether the task
 /// that sweeps them runs.
 #[derive(Default)]
@@ -92,6 +96,6 @@ where
     S: Storage<D> + Send + 'static,
 {
     fn sweep(&self) -> bool {
-        crate::client::Client::sweep(self)
+        crate::client::Client::sweep(self, SWEEP_PERIOD, SWEEP_SLOWEST)
     }
 }
