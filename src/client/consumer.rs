@@ -123,7 +123,8 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
     /// [`Storage::refresh`]): drops as the client's limits say, applies the
     /// rules, reports the drops, and marks the end of a limited window.
     pub(super) fn look(&self, st: &mut State<D, S>) {
-        if st.closed {
+        // A ring that the producer fills is up to date already.
+        if st.closed || !st.storage.filled_by_others() {
             return;
         }
         let was_empty = st.storage.is_empty();

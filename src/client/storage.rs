@@ -49,6 +49,12 @@ pub(crate) trait Storage<D> {
     fn discard(&mut self);
     fn stats(&self) -> BufferStats;
 
+    /// Whether others than the producer side fill the storage (a window
+    /// over a hub's log): only then is [`refresh`](Self::refresh) needed.
+    fn filled_by_others(&self) -> bool {
+        false
+    }
+
     /// Brings a storage that others fill (a window over a hub's log) up to
     /// date: applies its limits to what arrived since it last looked.
     /// Returns what that dropped, or the rule that evicts its client
@@ -121,6 +127,9 @@ impl<D, S: Storage<D> + ?Sized> Storage<D> for Box<S> {
     }
     fn stats(&self) -> BufferStats {
         (**self).stats()
+    }
+    fn filled_by_others(&self) -> bool {
+        (**self).filled_by_others()
     }
     fn refresh(&mut self) -> Result<Dropped, EvictReason> {
         (**self).refresh()

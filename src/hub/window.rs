@@ -143,6 +143,10 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
 
     fn reject(&mut self, _: usize) {}
 
+    fn filled_by_others(&self) -> bool {
+        true
+    }
+
     fn refresh(&mut self) -> Result<Dropped, EvictReason> {
         if self.closed || self.ended() {
             return Ok(Dropped::default());
