@@ -151,32 +151,33 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
 
     /// The hub's sweep over a client that may not be reading: brings its
     /// window up to date (pressure, drops, drop rules) and applies a timed
-    /// rule that is due. Returns `false` once the client has closed.
+    /// rule that is due. Returns when it wants its next look, `None` once it
+    /// has closed.
     ///
     /// A client that stays stalled under pressure is looked at less and
     /// less often, down to once per `slowest` (its drops are counted all
     /// the same, and reported in larger batches); a timed rule's deadline
     /// and any read bring the sweep back to every `period`.
-    pub(crate) fn sweep(&self, period: Duration, slowest: Duration) -> bool {
+    pub(crate) fn sweep(&self, period: Duration, slowest: Duration) -> Option<Instant> {
         let mut st = self.lock();
         if st.closed {
-            return false;
+            return None;
         }
         let t = now();
-        if st.sweep_next.is_some_and(|next| t < next) {
-            return true;
+        if let Some(next) = st.sweep_next.filter(|&next| t < next) {
+            return Some(next);
         }
         let last_taken = st.last_taken;
         self.look(&mut st);
         if st.closed {
-            return false;
+            return None;
         }
         if !st.storage.is_empty() && st.waiting_since.is_none() {
             st.waiting_since = Some(t);
         }
         if let Some(rule) = self.timed_out(&st, t) {
             self.evict(&mut st, rule);
-            return false;
+            return None;
         }
         // Stalled under pressure since the last look: it has heard of it;
         // what changes now is only how much it missed.
@@ -191,7 +192,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
             next = next.min(deadline.max(t));
         }
         st.sweep_next = Some(next);
-        true
+        Some(next)
     }
 
     /// A drain task's look before it waits on its real sink: brings a

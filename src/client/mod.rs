@@ -16,7 +16,7 @@
 //! `sink::drain`); each of their steps is one call here.
 
 mod budget;
-mod clock;
+pub(crate) mod clock;
 mod consumer;
 mod events;
 mod info;

@@ -234,7 +234,7 @@ impl<T> Log<T> {
 
     /// Index of the first retained frame with an id at or after `next`.
     /// O(log n).
-    fn index(&self, next: u64) -> usize {
+    pub(crate) fn index(&self, next: u64) -> usize {
         let from = self.effective(next);
         self.entries.partition_point(|e| e.id < from)
     }
@@ -280,6 +280,11 @@ impl<T> Log<T> {
         self.entries
             .get(self.index(next))
             .map_or(0, |e| e.id - from)
+    }
+
+    /// The retained frame at `index` (see [`index`](Self::index)). O(1).
+    pub(crate) fn at(&self, index: usize) -> Option<&Entry<T>> {
+        self.entries.get(index)
     }
 
     /// The retained frames with an id at or after `next`, oldest first.

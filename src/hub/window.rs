@@ -168,17 +168,12 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
             }
             // The fewest frames to skip: the newest that fit stay, as a
             // ring that drops its oldest would keep them.
-            let first = log
-                .iter_from(self.cursor.next)
-                .next()
-                .map(|e| e.bytes_before);
-            let first = first.unwrap_or_default();
+            // The backlog is the log's frames from index `i0` on.
+            let i0 = log.index(self.cursor.next);
+            let first = log.at(i0).map_or(0, |e| e.bytes_before);
             let end = first + bytes as u64;
             let fits = |k: usize| {
-                let e = log
-                    .iter_from(self.cursor.next)
-                    .nth(k)
-                    .expect("in the backlog");
+                let e = log.at(i0 + k).expect("in the backlog");
                 let rest = usize::try_from(end - e.bytes_before).unwrap_or(usize::MAX);
                 !over(frames - k, rest)
             };
@@ -192,10 +187,7 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
                 }
             }
             let k = lo;
-            let keep = log
-                .iter_from(self.cursor.next)
-                .nth(k)
-                .expect("in the backlog");
+            let keep = log.at(i0 + k).expect("in the backlog");
             let (keep_id, keep_before) = (keep.id, keep.bytes_before);
             let mut kept_now: (usize, u64) = (0, 0);
             let replaced_before = self.replaced;
