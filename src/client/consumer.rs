@@ -2,7 +2,7 @@
 //! `Flush::Interval`'s releases.
 
 use std::any::Any;
-use std::task::Context;
+use std::task::{Context, Waker};
 
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
@@ -62,8 +62,8 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
     {
         let mut st = self.lock();
         // A window over a hub's log: what was published since, within the
-        // client's limits.
-        self.look(&mut st);
+        // client's limits (parked at once if nothing was).
+        self.look(&mut st, Some(cx.waker()));
         if let Some(reason) = st.evicted.take() {
             self.refresh_done(&st);
             return Next::Evicted(reason);
@@ -122,13 +122,13 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
     /// Brings a storage that others fill up to date (see
     /// [`Storage::refresh`]): drops as the client's limits say, applies the
     /// rules, reports the drops, and marks the end of a limited window.
-    pub(super) fn look(&self, st: &mut State<D, S>) {
+    pub(super) fn look(&self, st: &mut State<D, S>, park: Option<&Waker>) {
         // A ring that the producer fills is up to date already.
         if st.closed || !st.storage.filled_by_others() {
             return;
         }
         let was_empty = st.storage.is_empty();
-        let rule = match st.storage.refresh() {
+        let rule = match st.storage.refresh(park) {
             Ok(dropped) => {
                 let rule = self.after_push(st, was_empty, dropped);
                 if dropped.frames > 0 {
@@ -168,7 +168,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
             return Some(next);
         }
         let last_taken = st.last_taken;
-        self.look(&mut st);
+        self.look(&mut st, None);
         if st.closed {
             return None;
         }
@@ -201,7 +201,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
     /// has closed. One lock.
     pub(crate) fn drain_look(&self, cx: &Context<'_>) -> bool {
         let mut st = self.lock();
-        self.look(&mut st);
+        self.look(&mut st, None);
         self.report_drops_locked(&mut st);
         st.register_consumer(cx);
         st.closed

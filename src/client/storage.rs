@@ -59,7 +59,11 @@ pub(crate) trait Storage<D> {
     /// date: applies its limits to what arrived since it last looked.
     /// Returns what that dropped, or the rule that evicts its client
     /// instead (`Overflow::Disconnect`, a critical frame it would skip).
-    fn refresh(&mut self) -> Result<Dropped, EvictReason> {
+    ///
+    /// With `park`, a storage that finds nothing waiting may leave the
+    /// waker as [`park`](Self::park) would, in the same step; the consumer's
+    /// `park` right after then has nothing more to do.
+    fn refresh(&mut self, _park: Option<&Waker>) -> Result<Dropped, EvictReason> {
         Ok(Dropped::default())
     }
 
@@ -131,8 +135,8 @@ impl<D, S: Storage<D> + ?Sized> Storage<D> for Box<S> {
     fn filled_by_others(&self) -> bool {
         (**self).filled_by_others()
     }
-    fn refresh(&mut self) -> Result<Dropped, EvictReason> {
-        (**self).refresh()
+    fn refresh(&mut self, park: Option<&Waker>) -> Result<Dropped, EvictReason> {
+        (**self).refresh(park)
     }
     fn park(&mut self, waker: &Waker) -> bool {
         (**self).park(waker)

@@ -233,9 +233,23 @@ impl<T> Log<T> {
     }
 
     /// Index of the first retained frame with an id at or after `next`.
-    /// O(log n).
+    /// O(1) where the ids have no holes, else O(log n).
     pub(crate) fn index(&self, next: u64) -> usize {
         let from = self.effective(next);
+        // Ids without holes (the common case): the frame is where its id
+        // says. O(1).
+        if let Some(front) = self.entries.front() {
+            let Some(guess) = from.checked_sub(front.id) else {
+                return 0;
+            };
+            match usize::try_from(guess).map(|i| (i, self.entries.get(i))) {
+                Ok((i, Some(e))) if e.id == from => return i,
+                Ok((_, None)) if self.entries.back().is_some_and(|b| b.id < from) => {
+                    return self.entries.len();
+                }
+                _ => {}
+            }
+        }
         self.entries.partition_point(|e| e.id < from)
     }
 
@@ -482,6 +496,32 @@ mod tests {
         push(&mut l, MAX_ID, 1);
         assert_eq!(l.next_id(), None);
         assert!(!l.accepts(u64::MAX));
+    }
+
+    #[test]
+    fn index_agrees_with_a_search_with_and_without_holes() {
+        for ids in [
+            vec![0, 1, 2, 3, 4, 5],
+            vec![3, 4, 9, 10, 11, 20],
+            vec![7],
+            vec![u64::MAX - 3, MAX_ID],
+        ] {
+            let mut l = log(4);
+            for &id in &ids {
+                push(&mut l, id, 1);
+            }
+            let search = |from: u64| l.entries.partition_point(|e| e.id < from);
+            let probes = (0..25).chain(
+                ids.iter()
+                    .flat_map(|&id| [id.saturating_sub(1), id, id.saturating_add(1)]),
+            );
+            for next in probes {
+                if next == Cursor::START.next {
+                    continue;
+                }
+                assert_eq!(l.index(next), search(next), "ids {ids:?}, next {next}");
+            }
+        }
     }
 
     #[test]

@@ -198,7 +198,11 @@ mod tests {
         for _ in 0..10 {
             tokio::time::sleep(SWEEP_PERIOD).await;
         }
-        assert_eq!(a.looks.load(Ordering::Relaxed), 3, "not looked at once closed");
+        assert_eq!(
+            a.looks.load(Ordering::Relaxed),
+            3,
+            "not looked at once closed"
+        );
         assert!(!sweeper.running.load(Ordering::Acquire), "the task stopped");
         let b = counted(SWEEP_PERIOD, usize::MAX);
         sweeper.attach(Arc::downgrade(&b) as Weak<dyn Sweep>);
@@ -210,6 +214,9 @@ mod tests {
         for _ in 0..3 {
             tokio::time::sleep(SWEEP_PERIOD).await;
         }
-        assert!(!sweeper.running.load(Ordering::Acquire), "a dropped client is let go");
+        assert!(
+            !sweeper.running.load(Ordering::Acquire),
+            "a dropped client is let go"
+        );
     }
 }

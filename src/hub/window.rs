@@ -54,6 +54,8 @@ pub(crate) struct Window<T, W> {
     /// A resumed client replays what it missed, whatever its limits: it is
     /// not slow. Its window bounds it once it has caught up to within it.
     catching_up: bool,
+    /// Parked by the last `refresh`, for the consumer's `park` right after.
+    parked_now: bool,
     closed: bool,
     sent: u64,
     dropped: u64,
@@ -76,6 +78,7 @@ impl<T, W> Window<T, W> {
         Self {
             trailers,
             catching_up: resumed,
+            parked_now: false,
             shared,
             cursor,
             parked: Parked::default(),
@@ -147,12 +150,21 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
         true
     }
 
-    fn refresh(&mut self) -> Result<Dropped, EvictReason> {
+    fn refresh(&mut self, park: Option<&Waker>) -> Result<Dropped, EvictReason> {
+        self.parked_now = false;
         if self.closed || self.ended() {
             return Ok(Dropped::default());
         }
-        let log = self.shared.lock();
+        let mut log = self.shared.lock();
         let (frames, bytes) = log.backlog(self.cursor.next);
+        if let Some(waker) = park.filter(|_| frames == 0 && self.kept.is_empty()) {
+            // Nothing waits: park under this lock, not another one.
+            self.frames = 0;
+            self.bytes = 0;
+            self.catching_up = false;
+            self.parked_now = log.park(self.cursor.next, waker, &mut self.parked);
+            return Ok(Dropped::default());
+        }
         let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
         let capacity = self.config.capacity();
         let max_bytes = self.max_bytes();
@@ -251,6 +263,10 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
     }
 
     fn park(&mut self, waker: &Waker) -> bool {
+        if std::mem::take(&mut self.parked_now) {
+            // Parked by the look just before, under the same client lock.
+            return true;
+        }
         if self.closed || !self.kept.is_empty() {
             return false;
         }
