@@ -304,6 +304,7 @@ fn metrics_observer_records_drops_pressure_and_closes() {
         .build()
         .unwrap();
     metrics::with_local_recorder(&recorder, || {
+        MetricsObserver::describe();
         rt.block_on(async {
             let (observer, mut events) = recorder_events();
             let layer = BackpressureLayer::new(BufferConfig::new(10).with_threshold(0.5))
@@ -328,10 +329,17 @@ fn metrics_observer_records_drops_pressure_and_closes() {
             .await;
         })
     });
+    let snapshot = snapshotter.snapshot().into_vec();
+    // Prometheus conventions: counters, and only they, end in `_total`;
+    // every series is described (its `# HELP` line).
+    for (key, _, description, value) in &snapshot {
+        let name = key.key().name();
+        let counter = matches!(value, DebugValue::Counter(_));
+        assert_eq!(counter, name.ends_with("_total"), "{name}: {value:?}");
+        assert!(description.is_some(), "{name} has no description");
+    }
     let values: std::collections::HashMap<String, (Vec<(String, String)>, DebugValue)> =
-        snapshotter
-            .snapshot()
-            .into_vec()
+        snapshot
             .into_iter()
             .map(|(key, _, _, value)| {
                 let k = key.key();
