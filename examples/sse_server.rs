@@ -87,12 +87,16 @@ use tower::util::MapResponseLayer;
 use tower_backpressure::hub::{HubBody, sse};
 use tower_backpressure::{
     BackpressureLayer, BufferConfig, ClientRegistry, Eviction, Hub, HubConfig, MemoryBudget,
-    NdjsonGapMarker, SseGapMarker, TracingObserver,
+    MetricsObserver, NdjsonGapMarker, SseGapMarker, TracingObserver,
 };
 
 #[path = "common/flags.rs"]
 mod flags;
 use flags::{Policy, on_off};
+#[path = "common/dashboard.rs"]
+mod dashboard;
+#[path = "common/metrics.rs"]
+mod metrics;
 #[path = "common/serve.rs"]
 mod serve;
 
@@ -270,13 +274,24 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // `GET /metrics`: the layer's series as they happen, the sources' at
+    // each scrape.
+    let metrics = match metrics::Metrics::install() {
+        Ok(metrics) => metrics,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let budget = args.budget_bytes.map(MemoryBudget::new);
     let registry = match &budget {
         Some(budget) => ClientRegistry::new().with_budget(budget.clone()),
         None => ClientRegistry::new(),
     };
-    let mut layer =
-        BackpressureLayer::new(config).observer((registry.clone(), TracingObserver::new()));
+    let mut layer = BackpressureLayer::new(config).observer((
+        registry.clone(),
+        (TracingObserver::new(), MetricsObserver::new()),
+    ));
     if let Some(budget) = budget {
         layer = layer.memory_budget(budget);
     }
@@ -289,12 +304,18 @@ async fn main() -> ExitCode {
 
     let (stop, shutdown) = watch::channel(false);
     let payload: Arc<str> = "x".repeat(args.size).into();
+    // The hubs, by route, for `/metrics`, `/health/hub` and `/dashboard`.
+    let mut hubs: Vec<(&'static str, Hub)> = Vec::new();
     let (events, ndjson) = if let Some(hub_config) = hub_config {
         let state = HubState {
             sse: Hub::new(hub_config),
             ndjson: Hub::new(hub_config),
             close_after: args.close_after,
         };
+        hubs.extend([
+            ("/events", state.sse.clone()),
+            ("/stream.ndjson", state.ndjson.clone()),
+        ]);
         tokio::spawn(produce(args.rate, publish_into(&state, payload)));
         // A hub's subscription never ends by itself: end the responses on
         // shutdown, outside the layer (which serves them from the hub).
@@ -335,10 +356,19 @@ async fn main() -> ExitCode {
         };
         (events.with_state(state.clone()), ndjson.with_state(state))
     };
+    let metrics = hubs
+        .iter()
+        .fold(metrics, |m, (route, hub)| {
+            m.on_scrape(metrics::hub_series(route, hub.clone()))
+        })
+        .on_scrape(metrics::registry_series(registry.clone()));
     let app = Router::new()
         .route("/events", events)
         .route("/stream.ndjson", ndjson)
-        .route_service("/health/clients", registry.service());
+        .route_service("/health/clients", registry.service())
+        .route("/health/hub", dashboard::hub_health(hubs))
+        .route("/metrics", metrics.route())
+        .route("/dashboard", dashboard::page());
 
     let listener = match TcpListener::bind(&args.addr).await {
         Ok(listener) => listener,
@@ -363,7 +393,7 @@ async fn main() -> ExitCode {
         hub = args.hub,
         retain = args.hub.then(|| args.retain.unwrap_or(DEFAULT_RETAIN)),
         close_after = args.close_after,
-        "serving GET /events, GET /stream.ndjson and GET /health/clients over HTTP/1.1 and HTTP/2"
+        "serving GET /events, GET /stream.ndjson, GET /health/clients, GET /health/hub, GET /metrics and GET /dashboard over HTTP/1.1 and HTTP/2"
     );
 
     let mut stopped = shutdown;

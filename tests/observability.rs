@@ -338,18 +338,17 @@ fn metrics_observer_records_drops_pressure_and_closes() {
         assert_eq!(counter, name.ends_with("_total"), "{name}: {value:?}");
         assert!(description.is_some(), "{name} has no description");
     }
-    let values: std::collections::HashMap<String, (Vec<(String, String)>, DebugValue)> =
-        snapshot
-            .into_iter()
-            .map(|(key, _, _, value)| {
-                let k = key.key();
-                let labels = k
-                    .labels()
-                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                    .collect();
-                (k.name().to_owned(), (labels, value))
-            })
-            .collect();
+    let values: std::collections::HashMap<String, (Vec<(String, String)>, DebugValue)> = snapshot
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let k = key.key();
+            let labels = k
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            (k.name().to_owned(), (labels, value))
+        })
+        .collect();
     let get = |name: &str| {
         values
             .get(name)

@@ -427,7 +427,9 @@ mod tests {
         let hub: Hub = Hub::default();
         assert_eq!(hub.subscribers(), 0);
         let a = hub.subscribe();
-        let b = hub.subscribe_after(3).with_gap_marker(crate::SseGapMarker::new());
+        let b = hub
+            .subscribe_after(3)
+            .with_gap_marker(crate::SseGapMarker::new());
         assert_eq!(hub.subscribers(), 2);
         // A client's window, as the layer makes it, counts too.
         let (window, _) = hub
