@@ -18,9 +18,6 @@ use std::time::Duration;
 use binaries::*;
 use http::{StatusCode, header};
 use http_body_util::BodyExt as _;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio::task::JoinHandle;
 
 /// How long a condition on the scraped values may take (a stalled client
 /// fills hyper's and the kernel's buffers before its first drop).
@@ -146,43 +143,6 @@ async fn scrape_until(addr: SocketAddr, what: &str, ready: impl Fn(&Scrape) -> b
     .await
 }
 
-/// A client of `/events` that reads everything; aborted on drop.
-struct Reader(JoinHandle<()>);
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-async fn reader(addr: SocketAddr) -> Reader {
-    let response = get_h1(addr, "/events").await;
-    assert_eq!(response.status(), StatusCode::OK);
-    let mut body = response.into_body();
-    Reader(tokio::spawn(async move {
-        while let Some(Ok(_)) = body.frame().await {}
-    }))
-}
-
-/// A client of `/events` that reads the response headers, then nothing.
-async fn stalled(addr: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = within(STEP, "a connection", socket.connect(addr))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /events HTTP/1.1\r\nhost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = [0u8; 512];
-    let n = within(STEP, "response headers", stream.read(&mut head))
-        .await
-        .unwrap();
-    assert!(head[..n].starts_with(b"HTTP/1.1 200 OK\r\n"));
-    stream
-}
-
 const EVENTS: &[(&str, &str)] = &[("route", "/events")];
 const NDJSON: &[(&str, &str)] = &[("route", "/stream.ndjson")];
 
@@ -197,8 +157,8 @@ async fn metrics_per_client_path() {
     assert_eq!(s.value("backpressure_clients_open", &[]), 0.0);
     assert!(!s.text.contains("backpressure_hub_"), "{}", s.text);
 
-    let fast = reader(addr).await;
-    let slow = stalled(addr).await;
+    let fast = reader(addr, "/events").await;
+    let slow = stalled(addr, "/events").await;
     let s = scrape_until(addr, "the stalled client's drops", |s| {
         s.get("backpressure_frames_dropped_total", EVENTS)
             .is_some_and(|n| n > 0.0)
@@ -249,8 +209,8 @@ async fn metrics_with_hub() {
         assert_eq!(s.value("backpressure_hub_subscribers", route), 0.0);
     }
 
-    let fast = reader(addr).await;
-    let slow = stalled(addr).await;
+    let fast = reader(addr, "/events").await;
+    let slow = stalled(addr, "/events").await;
     let s = scrape_until(addr, "the hub to let frames go, and drops", |s| {
         s.get("backpressure_hub_frames_dropped_total", EVENTS)
             .is_some_and(|n| n > 0.0)

@@ -17,8 +17,8 @@ use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
 
@@ -372,4 +372,50 @@ pub fn listed(health: &serde_json::Value) -> Vec<String> {
         .iter()
         .map(|c| c["path"].as_str().unwrap().to_owned())
         .collect()
+}
+
+// --- Streaming clients --------------------------------------------------------
+
+/// A client that reads a stream as fast as it comes; aborted on drop.
+pub struct Reader(JoinHandle<()>);
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `GET path` over HTTP/1.1, read to the end by a task of its own.
+pub async fn reader(addr: SocketAddr, path: &str) -> Reader {
+    let response = get_h1(addr, path).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    Reader(tokio::spawn(async move {
+        while let Some(Ok(_)) = body.frame().await {}
+    }))
+}
+
+/// `GET path` over HTTP/1.1 from a socket with a 4 KiB receive buffer
+/// that reads the response headers, then nothing: a client the server
+/// cannot send to once the buffers on the way are full.
+pub async fn stalled(addr: SocketAddr, path: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = within(STEP, "a connection", socket.connect(addr))
+        .await
+        .unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 512];
+    let n = within(STEP, "response headers", stream.read(&mut head))
+        .await
+        .unwrap();
+    assert!(
+        head[..n].starts_with(b"HTTP/1.1 200 OK\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&head[..n])
+    );
+    stream
 }
