@@ -9,14 +9,14 @@
 //! oldest events, and `TracingObserver` logs the episode on stderr.
 //!
 //! ```text
-//! cargo run --release --example sse_server --features axum -- --rate 5000
+//! cargo run --release --example sse_server --features axum,metrics -- --rate 5000
 //! curl -N http://127.0.0.1:3000/events
 //! ```
 //!
 //! It needs the crate's `axum` feature, with which the layer reads each
 //! client's address from axum's `ConnectInfo` (set by the accept loop in
 //! `examples/common/serve.rs`): the logs and `/health/clients` name clients
-//! by it.
+//! by it; and its `metrics` feature, for `GET /metrics`.
 //!
 //! To see a slow client lose events, throttle curl:
 //! `curl -N --limit-rate 20k http://127.0.0.1:3000/events`; the stream marks
@@ -56,6 +56,25 @@
 //! `--close-after N` ends every `/events` response after N events, so that
 //! clients reconnect (an `EventSource` does, sending `Last-Event-ID`): try
 //! it with `--hub` to see resumption without loss.
+//!
+//! Routes:
+//! - `GET /events`: SSE, `id: <seq>` (with `--hub`, `Last-Event-ID` resumes).
+//! - `GET /stream.ndjson`: the same events as NDJSON.
+//! - `GET /health/clients`: every open client's buffer, as JSON
+//!   ([`ClientRegistry`]).
+//! - `GET /health/hub`: each hub's numbers as JSON: frames published, let
+//!   go of by the retention, retained (and bytes) against the retention's
+//!   limits, oldest and newest ids, subscribers (`{"hubs":[]}` without
+//!   `--hub`); see `examples/common/dashboard.rs`.
+//! - `GET /metrics`: Prometheus text exposition (`metrics-exporter-prometheus`):
+//!   the layer's `backpressure_*` series ([`MetricsObserver`]),
+//!   `backpressure_clients_open`, and with `--hub` each hub's
+//!   `backpressure_hub_*` series, labelled by `route`; see
+//!   `examples/common/metrics.rs`.
+//! - `GET /dashboard`: one self-contained page that shows every client live
+//!   (buffer fill against its limits, drops, health, idle time) and, with
+//!   `--hub`, the hubs' retention, refreshed every second from the two
+//!   `/health` routes.
 //!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
