@@ -159,9 +159,14 @@ async fn metrics_per_client_path() {
 
     let fast = reader(addr, "/events").await;
     let slow = stalled(addr, "/events").await;
+    // Until the stalled client is under pressure and dropping: hyper's and
+    // the kernel's buffers fill first, and a frame they take may let it
+    // recover for a moment.
     let s = scrape_until(addr, "the stalled client's drops", |s| {
         s.get("backpressure_frames_dropped_total", EVENTS)
             .is_some_and(|n| n > 0.0)
+            && s.get("backpressure_clients_under_pressure", EVENTS)
+                .is_some_and(|n| n >= 1.0)
     })
     .await;
     s.check_conventions();
@@ -176,9 +181,9 @@ async fn metrics_per_client_path() {
         bytes >= frames * 1024.0,
         "{bytes} bytes for {frames} frames"
     );
-    // The stalled client at least (a scheduling hiccup may put the reading
-    // one there for a moment).
-    assert!(s.value("backpressure_clients_under_pressure", EVENTS) >= 1.0);
+    // The stalled client, and the reading one for a moment at most.
+    let pressure = s.value("backpressure_clients_under_pressure", EVENTS);
+    assert!((1.0..=2.0).contains(&pressure), "{pressure}");
     assert!(!s.text.contains("backpressure_hub_"), "{}", s.text);
 
     drop((fast, slow));

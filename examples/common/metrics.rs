@@ -69,6 +69,9 @@ impl Metrics {
         for source in &self.sources {
             source();
         }
+        // The recorder's periodic maintenance (it drains histograms, which
+        // none of these series is); at each scrape instead of on a timer.
+        self.handle.run_upkeep();
         self.handle.render()
     }
 
