@@ -16,7 +16,7 @@ and prints, on the last line, one JSON object:
 then stops the server with SIGTERM and waits for it (bounded).
 
     pip install h2
-    cargo build --release --example sse_server --features axum
+    cargo build --release --example sse_server --features axum,metrics
     python3 benches/h2_stall.py --streams 100 --seconds 15 -- \\
         target/release/examples/sse_server --rate 10000 --size 256 --capacity 1000
 

@@ -9,14 +9,14 @@
 //! oldest events, and `TracingObserver` logs the episode on stderr.
 //!
 //! ```text
-//! cargo run --release --example sse_server --features axum -- --rate 5000
+//! cargo run --release --example sse_server --features axum,metrics -- --rate 5000
 //! curl -N http://127.0.0.1:3000/events
 //! ```
 //!
 //! It needs the crate's `axum` feature, with which the layer reads each
 //! client's address from axum's `ConnectInfo` (set by the accept loop in
 //! `examples/common/serve.rs`): the logs and `/health/clients` name clients
-//! by it.
+//! by it; and its `metrics` feature, for `GET /metrics`.
 //!
 //! To see a slow client lose events, throttle curl:
 //! `curl -N --limit-rate 20k http://127.0.0.1:3000/events`; the stream marks
@@ -57,6 +57,25 @@
 //! clients reconnect (an `EventSource` does, sending `Last-Event-ID`): try
 //! it with `--hub` to see resumption without loss.
 //!
+//! Routes:
+//! - `GET /events`: SSE, `id: <seq>` (with `--hub`, `Last-Event-ID` resumes).
+//! - `GET /stream.ndjson`: the same events as NDJSON.
+//! - `GET /health/clients`: every open client's buffer, as JSON
+//!   ([`ClientRegistry`]).
+//! - `GET /health/hub`: each hub's numbers as JSON: frames published, let
+//!   go of by the retention, retained (and bytes) against the retention's
+//!   limits, oldest and newest ids, subscribers (`{"hubs":[]}` without
+//!   `--hub`); see `examples/common/dashboard.rs`.
+//! - `GET /metrics`: Prometheus text exposition (`metrics-exporter-prometheus`):
+//!   the layer's `backpressure_*` series ([`MetricsObserver`]),
+//!   `backpressure_clients_open`, and with `--hub` each hub's
+//!   `backpressure_hub_*` series, labelled by `route`; see
+//!   `examples/common/metrics.rs`.
+//! - `GET /dashboard`: one self-contained page that shows every client live
+//!   (buffer fill against its limits, drops, health, idle time) and, with
+//!   `--hub`, the hubs' retention, refreshed every second from the two
+//!   `/health` routes.
+//!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
 //! `listening on http://HOST:PORT` is printed on stdout; SIGINT and SIGTERM
@@ -87,12 +106,16 @@ use tower::util::MapResponseLayer;
 use tower_backpressure::hub::{HubBody, sse};
 use tower_backpressure::{
     BackpressureLayer, BufferConfig, ClientRegistry, Eviction, Hub, HubConfig, MemoryBudget,
-    NdjsonGapMarker, SseGapMarker, TracingObserver,
+    MetricsObserver, NdjsonGapMarker, SseGapMarker, TracingObserver,
 };
 
 #[path = "common/flags.rs"]
 mod flags;
 use flags::{Policy, on_off};
+#[path = "common/dashboard.rs"]
+mod dashboard;
+#[path = "common/metrics.rs"]
+mod metrics;
 #[path = "common/serve.rs"]
 mod serve;
 
@@ -270,13 +293,24 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // `GET /metrics`: the layer's series as they happen, the sources' at
+    // each scrape.
+    let metrics = match metrics::Metrics::install() {
+        Ok(metrics) => metrics,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let budget = args.budget_bytes.map(MemoryBudget::new);
     let registry = match &budget {
         Some(budget) => ClientRegistry::new().with_budget(budget.clone()),
         None => ClientRegistry::new(),
     };
-    let mut layer =
-        BackpressureLayer::new(config).observer((registry.clone(), TracingObserver::new()));
+    let mut layer = BackpressureLayer::new(config).observer((
+        registry.clone(),
+        (TracingObserver::new(), MetricsObserver::new()),
+    ));
     if let Some(budget) = budget {
         layer = layer.memory_budget(budget);
     }
@@ -289,12 +323,18 @@ async fn main() -> ExitCode {
 
     let (stop, shutdown) = watch::channel(false);
     let payload: Arc<str> = "x".repeat(args.size).into();
+    // The hubs, by route, for `/metrics`, `/health/hub` and `/dashboard`.
+    let mut hubs: Vec<(&'static str, Hub)> = Vec::new();
     let (events, ndjson) = if let Some(hub_config) = hub_config {
         let state = HubState {
             sse: Hub::new(hub_config),
             ndjson: Hub::new(hub_config),
             close_after: args.close_after,
         };
+        hubs.extend([
+            ("/events", state.sse.clone()),
+            ("/stream.ndjson", state.ndjson.clone()),
+        ]);
         tokio::spawn(produce(args.rate, publish_into(&state, payload)));
         // A hub's subscription never ends by itself: end the responses on
         // shutdown, outside the layer (which serves them from the hub).
@@ -335,10 +375,19 @@ async fn main() -> ExitCode {
         };
         (events.with_state(state.clone()), ndjson.with_state(state))
     };
+    let metrics = hubs
+        .iter()
+        .fold(metrics, |m, (route, hub)| {
+            m.on_scrape(metrics::hub_series(route, hub.clone()))
+        })
+        .on_scrape(metrics::registry_series(registry.clone()));
     let app = Router::new()
         .route("/events", events)
         .route("/stream.ndjson", ndjson)
-        .route_service("/health/clients", registry.service());
+        .route_service("/health/clients", registry.service())
+        .route("/health/hub", dashboard::hub_health(hubs))
+        .route("/metrics", metrics.route())
+        .route("/dashboard", dashboard::page());
 
     let listener = match TcpListener::bind(&args.addr).await {
         Ok(listener) => listener,
@@ -363,7 +412,7 @@ async fn main() -> ExitCode {
         hub = args.hub,
         retain = args.hub.then(|| args.retain.unwrap_or(DEFAULT_RETAIN)),
         close_after = args.close_after,
-        "serving GET /events, GET /stream.ndjson and GET /health/clients over HTTP/1.1 and HTTP/2"
+        "serving GET /events, GET /stream.ndjson, GET /health/clients, GET /health/hub, GET /metrics and GET /dashboard over HTTP/1.1 and HTTP/2"
     );
 
     let mut stopped = shutdown;

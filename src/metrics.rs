@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use metrics::{counter, gauge};
+use metrics::{Unit, counter, describe_counter, describe_gauge, gauge};
 
 use crate::client::ClientId;
 use crate::observer::{BackpressureEvent, BackpressureObserver, EventKind};
@@ -29,12 +29,15 @@ use crate::observer::{BackpressureEvent, BackpressureObserver, EventKind};
 /// crossing, a close), so between events they show the last reported level.
 ///
 /// To export to Prometheus, install a recorder such as
-/// `metrics-exporter-prometheus`'s at startup:
+/// `metrics-exporter-prometheus`'s at startup, and
+/// [`describe`](MetricsObserver::describe) the series for its `# HELP`
+/// lines (the `sse_server` example serves them at `GET /metrics`):
 ///
 /// ```text
 /// let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
 ///     .install_recorder()
 ///     .unwrap();
+/// MetricsObserver::describe();
 /// // ... serve `handle.render()` at GET /metrics
 /// ```
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
@@ -61,6 +64,43 @@ impl MetricsObserver {
     pub fn route_label(mut self, route: impl Into<String>) -> Self {
         self.route = Some(route.into());
         self
+    }
+
+    /// Describes every series this observer records (help text and unit)
+    /// to the installed recorder: call it once, after installing one.
+    /// Exporters show it (Prometheus's `# HELP` lines); recording works
+    /// without it.
+    pub fn describe() {
+        describe_counter!(
+            "backpressure_streams_opened_total",
+            Unit::Count,
+            "Responses wrapped by the backpressure layer."
+        );
+        describe_counter!(
+            "backpressure_streams_closed_total",
+            Unit::Count,
+            "Wrapped responses that ended, by reason."
+        );
+        describe_counter!(
+            "backpressure_frames_dropped_total",
+            Unit::Count,
+            "Frames dropped for slow clients."
+        );
+        describe_gauge!(
+            "backpressure_clients_under_pressure",
+            Unit::Count,
+            "Open clients whose buffer is past the pressure threshold."
+        );
+        describe_gauge!(
+            "backpressure_buffered_frames",
+            Unit::Count,
+            "Frames waiting in the open clients' buffers, as last reported."
+        );
+        describe_gauge!(
+            "backpressure_buffered_bytes",
+            Unit::Bytes,
+            "Bytes waiting in the open clients' buffers, as last reported."
+        );
     }
 }
 

@@ -304,6 +304,7 @@ fn metrics_observer_records_drops_pressure_and_closes() {
         .build()
         .unwrap();
     metrics::with_local_recorder(&recorder, || {
+        MetricsObserver::describe();
         rt.block_on(async {
             let (observer, mut events) = recorder_events();
             let layer = BackpressureLayer::new(BufferConfig::new(10).with_threshold(0.5))
@@ -328,20 +329,26 @@ fn metrics_observer_records_drops_pressure_and_closes() {
             .await;
         })
     });
-    let values: std::collections::HashMap<String, (Vec<(String, String)>, DebugValue)> =
-        snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .map(|(key, _, _, value)| {
-                let k = key.key();
-                let labels = k
-                    .labels()
-                    .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                    .collect();
-                (k.name().to_owned(), (labels, value))
-            })
-            .collect();
+    let snapshot = snapshotter.snapshot().into_vec();
+    // Prometheus conventions: counters, and only they, end in `_total`;
+    // every series is described (its `# HELP` line).
+    for (key, _, description, value) in &snapshot {
+        let name = key.key().name();
+        let counter = matches!(value, DebugValue::Counter(_));
+        assert_eq!(counter, name.ends_with("_total"), "{name}: {value:?}");
+        assert!(description.is_some(), "{name} has no description");
+    }
+    let values: std::collections::HashMap<String, (Vec<(String, String)>, DebugValue)> = snapshot
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let k = key.key();
+            let labels = k
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            (k.name().to_owned(), (labels, value))
+        })
+        .collect();
     let get = |name: &str| {
         values
             .get(name)

@@ -93,6 +93,7 @@ mod sweep;
 mod window;
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
@@ -127,6 +128,8 @@ pub(crate) struct Shared<T, W> {
     pub(crate) sweeper: Arc<Sweeper>,
     weigher: W,
     config: HubConfig,
+    /// Live subscriptions and windows: [`Hub::subscribers`].
+    subscribers: Arc<AtomicUsize>,
 }
 
 impl<T, W> Shared<T, W> {
@@ -134,6 +137,27 @@ impl<T, W> Shared<T, W> {
     /// weigher) leaves the log as it was, so a poisoned lock is used as is.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Log<T>> {
         self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Counts a new subscriber until the returned guard is dropped.
+    pub(crate) fn subscriber(&self) -> Subscriber {
+        self.subscribers.fetch_add(1, Ordering::Relaxed);
+        Subscriber(Some(self.subscribers.clone()))
+    }
+}
+
+/// One live subscriber of a hub (a [`Subscription`], or a client's window
+/// over the log), counted in [`Hub::subscribers`] until it is dropped.
+/// `Default` is a guard that counts nothing, to move the count out of a
+/// subscription being rebuilt (`std::mem::take`).
+#[derive(Debug, Default)]
+pub(crate) struct Subscriber(Option<Arc<AtomicUsize>>);
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        if let Some(count) = self.0.take() {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -199,6 +223,7 @@ impl<T, W> Hub<T, W> {
                 sweeper: Arc::default(),
                 weigher,
                 config,
+                subscribers: Arc::default(),
             }),
         })
     }
@@ -260,6 +285,16 @@ impl<T, W> Hub<T, W> {
     /// not read them yet sees them as a gap).
     pub fn dropped(&self) -> u64 {
         self.shared.lock().dropped()
+    }
+
+    /// How many subscribers the hub has now: live [`Subscription`]s, and the
+    /// windows of clients it serves through
+    /// [`BackpressureLayer`](crate::BackpressureLayer) or a
+    /// [`BufferedSink`](crate::BufferedSink) (a [`Hub::response`] counts as
+    /// one, before and after the layer takes it over). Reads one atomic: no
+    /// lock, cheap enough for every scrape of a metrics endpoint.
+    pub fn subscribers(&self) -> usize {
+        self.shared.subscribers.load(Ordering::Relaxed)
     }
 
     /// The retention limits.
@@ -385,6 +420,32 @@ mod tests {
             log.read(&mut cursor, 10, |_, e| assert_eq!(e.item, "12")),
             1
         );
+    }
+
+    #[test]
+    fn subscribers_are_counted_while_they_live() {
+        let hub: Hub = Hub::default();
+        assert_eq!(hub.subscribers(), 0);
+        let a = hub.subscribe();
+        let b = hub
+            .subscribe_after(3)
+            .with_gap_marker(crate::SseGapMarker::new());
+        assert_eq!(hub.subscribers(), 2);
+        // A client's window, as the layer makes it, counts too.
+        let (window, _) = hub
+            .window_source(None, None)
+            .window(crate::BufferConfig::new(10), None);
+        assert_eq!(hub.subscribers(), 3);
+        drop((a, window));
+        assert_eq!(hub.subscribers(), 1);
+        // The response's subscription counts until the layer drops it.
+        let response = hub.response().build();
+        assert_eq!(hub.subscribers(), 2);
+        drop((b, response));
+        assert_eq!(hub.subscribers(), 0);
+        // Clones share the count.
+        let _c = hub.clone().subscribe();
+        assert_eq!(hub.subscribers(), 1);
     }
 
     #[test]

@@ -11,8 +11,8 @@ use bytes::{Buf, Bytes};
 use futures_core::Stream;
 use http_body::{Body, Frame};
 
-use super::Shared;
 use super::log::{Cursor, Parked};
+use super::{Shared, Subscriber};
 use crate::buffer::{ByWeigh, Gap};
 use crate::policy::{GapAction, GapMarker};
 
@@ -71,6 +71,8 @@ pub struct Subscription<T = Bytes, W = ByWeigh, M = ()> {
     marker: M,
     /// The gap marker ended the body.
     ended: bool,
+    /// Counted in [`Hub::subscribers`](super::Hub::subscribers).
+    _counted: Subscriber,
 }
 
 // No field is pinned.
@@ -89,6 +91,7 @@ impl<T, W, M> fmt::Debug for Subscription<T, W, M> {
 impl<T, W> Subscription<T, W> {
     pub(crate) fn new(shared: Arc<Shared<T, W>>, cursor: Cursor) -> Self {
         Self {
+            _counted: shared.subscriber(),
             shared,
             cursor,
             parked: Parked::default(),
@@ -115,6 +118,7 @@ impl<T, W, M> Subscription<T, W, M> {
             ready: std::mem::take(&mut self.ready),
             marker,
             ended: self.ended,
+            _counted: std::mem::take(&mut self._counted),
         }
     }
 

@@ -22,7 +22,7 @@ use std::task::Waker;
 use http::HeaderMap;
 
 use super::log::{Cursor, Parked};
-use super::{Shared, Sweeper};
+use super::{Shared, Subscriber, Sweeper};
 use crate::buffer::{BufferStats, Dropped, FrameClass, Gap};
 use crate::client::Storage;
 use crate::config::{BufferConfig, Overflow};
@@ -63,6 +63,8 @@ pub(crate) struct Window<T, W> {
     replaced: u64,
     high_water: usize,
     high_water_bytes: usize,
+    /// Counted in [`Hub::subscribers`](super::Hub::subscribers).
+    _counted: Subscriber,
 }
 
 impl<T, W> Window<T, W> {
@@ -76,6 +78,7 @@ impl<T, W> Window<T, W> {
         trailers: Option<HeaderMap>,
     ) -> Self {
         Self {
+            _counted: shared.subscriber(),
             trailers,
             catching_up: resumed,
             parked_now: false,
