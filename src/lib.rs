@@ -82,6 +82,7 @@ mod budget;
 mod buffer;
 pub(crate) mod client;
 mod config;
+pub mod bus;
 pub mod conn;
 mod error;
 mod handle;
