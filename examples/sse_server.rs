@@ -583,6 +583,9 @@ mod scale_out {
     /// default.
     const STREAM_RETAIN: i64 = 10_000;
 
+    /// How far past the SSE hub's oldest frame a resume reads the stream.
+    const OVERLAP: u64 = 1_000;
+
     /// How long connecting to NATS may take at start.
     const CONNECT: Duration = Duration::from_secs(10);
 
@@ -623,14 +626,17 @@ mod scale_out {
         /// never had), from the stream; empty if the hub holds them all,
         /// or on an error (the client then gets an exact gap marker).
         pub(super) async fn missed(&self, hub: &Hub, last: u64) -> Vec<(u64, Bytes)> {
-            let Some(oldest) = hub.oldest_id() else {
+            let (Some(oldest), Some(newest)) = (hub.oldest_id(), hub.newest_id()) else {
                 return Vec::new();
             };
             if last.saturating_add(1) >= oldest {
                 return Vec::new();
             }
-            let max = hub.config().retain_frames();
-            match nats::history(&self.stream, &self.subject, last, oldest, max).await {
+            // A little past the hub's oldest: the hub lets frames go while
+            // this reads, and the client would see those as a gap.
+            let before = oldest.saturating_add(OVERLAP).min(newest + 1);
+            let max = hub.config().retain_frames().saturating_add(OVERLAP as usize);
+            match nats::history(&self.stream, &self.subject, last, before, max).await {
                 Ok(events) => events
                     .into_iter()
                     .map(|(id, payload)| (id, sse::frame(id, None, &String::from_utf8_lossy(&payload))))
