@@ -330,3 +330,93 @@ impl fmt::Debug for FeedStats {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use futures_util::StreamExt as _;
+
+    use super::*;
+    use crate::hub::{HubConfig, HubEvent};
+
+    fn frames(ids: &[u64]) -> impl Stream<Item = (u64, Bytes)> + use<> {
+        let items: Vec<_> = ids.iter().map(|&id| (id, Bytes::from(id.to_string()))).collect();
+        futures_util::stream::iter(items)
+    }
+
+    fn frame(id: u64) -> Option<HubEvent<Bytes>> {
+        Some(HubEvent::Frame {
+            id,
+            item: Bytes::from(id.to_string()),
+        })
+    }
+
+    #[test]
+    fn holes_are_one_exact_gap_each() {
+        futures_executor_block_on(async {
+            let hub: Hub = Hub::default();
+            let mut sub = hub.subscribe();
+            let stats = FeedStats::new();
+            let report = feed(&hub, &stats, frames(&[100, 101, 105, 106, 200])).await;
+            assert_eq!(report, FeedReport { fed: 5, duplicates: 0, missed: 3 + 93 });
+            assert_eq!(sub.next().await, frame(100));
+            assert_eq!(sub.next().await, frame(101));
+            assert_eq!(sub.next().await, Some(HubEvent::Gap { missed: 3 }));
+            assert_eq!(sub.next().await, frame(105));
+            assert_eq!(sub.next().await, frame(106));
+            assert_eq!(sub.next().await, Some(HubEvent::Gap { missed: 93 }));
+            assert_eq!(sub.next().await, frame(200));
+            assert_eq!(stats.newest_id(), Some(200));
+        });
+    }
+
+    #[test]
+    fn duplicates_are_skipped_and_counted_and_the_feed_goes_on() {
+        futures_executor_block_on(async {
+            let hub: Hub = Hub::new(HubConfig::new(100));
+            let stats = FeedStats::new();
+            // A redelivery after a reconnect, then the live messages.
+            let first = feed(&hub, &stats, frames(&[0, 1, 2])).await;
+            let second = feed(&hub, &stats, frames(&[1, 2, 3, 3, u64::MAX, 4])).await;
+            assert_eq!(first, FeedReport { fed: 3, duplicates: 0, missed: 0 });
+            assert_eq!(second, FeedReport { fed: 2, duplicates: 4, missed: 0 });
+            assert_eq!((stats.fed(), stats.duplicates(), stats.missed()), (5, 4, 0));
+            let mut sub = hub.subscribe_after(0);
+            for id in 1..=4 {
+                assert_eq!(sub.next().await, frame(id));
+            }
+            // The stream ended; the hub still serves what it holds.
+            assert_eq!((hub.retained(), hub.newest_id()), (5, Some(4)));
+        });
+    }
+
+    #[test]
+    fn an_empty_stream_feeds_nothing_and_stats_are_shared() {
+        futures_executor_block_on(async {
+            let hub: Hub = Hub::default();
+            let stats = FeedStats::new();
+            let seen = stats.clone();
+            assert_eq!(feed(&hub, &stats, frames(&[])).await, FeedReport::default());
+            assert_eq!((seen.newest_id(), seen.reconnects()), (None, 0));
+            seen.record_connected();
+            seen.record_invalid();
+            assert!(stats.is_connected());
+            assert_eq!((stats.invalid(), stats.reconnects()), (1, 0));
+            stats.record_disconnected();
+            assert!(!seen.is_connected());
+            assert!(format!("{seen:?}").contains("disconnects: 1"));
+        });
+    }
+
+    /// A tiny executor: the feeds above never wait.
+    fn futures_executor_block_on<F: std::future::Future>(f: F) -> F::Output {
+        let mut f = std::pin::pin!(f);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for _ in 0..1000 {
+            if let std::task::Poll::Ready(out) = f.as_mut().poll(&mut cx) {
+                return out;
+            }
+        }
+        panic!("the feed waited");
+    }
+}
