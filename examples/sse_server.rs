@@ -512,11 +512,7 @@ async fn ndjson_events(State(app): State<AppState>) -> Response {
 /// subscription in the response and serves it (no task, no copy).
 async fn hub_sse_events(State(app): State<HubState>, headers: HeaderMap) -> Response<HubBody> {
     let last = sse::last_event_id_from(&headers);
-    let response = app
-        .sse
-        .response()
-        .resume_after(last)
-        .limit(app.close_after);
+    let response = app.sse.response().resume_after(last).limit(app.close_after);
     #[cfg(feature = "nats")]
     let response = match (&app.history, last) {
         // `--jetstream`: what the hub no longer holds, from the stream.
@@ -598,12 +594,18 @@ mod scale_out {
 
         fn publish_with_id(&self, id: u64, payload: Bytes) -> Result<(), Bytes> {
             let data = String::from_utf8_lossy(&payload);
-            if self.sse.publish_with_id(id, sse::frame(id, None, &data)).is_err() {
+            if self
+                .sse
+                .publish_with_id(id, sse::frame(id, None, &data))
+                .is_err()
+            {
                 return Err(payload);
             }
             // The two hubs are fed together: if the SSE hub took the id, so
             // does this one.
-            let _ = self.ndjson.publish_with_id(id, ndjson_line(id, &json_text(&data)));
+            let _ = self
+                .ndjson
+                .publish_with_id(id, ndjson_line(id, &json_text(&data)));
             Ok(())
         }
     }
@@ -635,11 +637,16 @@ mod scale_out {
             // A little past the hub's oldest: the hub lets frames go while
             // this reads, and the client would see those as a gap.
             let before = oldest.saturating_add(OVERLAP).min(newest + 1);
-            let max = hub.config().retain_frames().saturating_add(OVERLAP as usize);
+            let max = hub
+                .config()
+                .retain_frames()
+                .saturating_add(OVERLAP as usize);
             match nats::history(&self.stream, &self.subject, last, before, max).await {
                 Ok(events) => events
                     .into_iter()
-                    .map(|(id, payload)| (id, sse::frame(id, None, &String::from_utf8_lossy(&payload))))
+                    .map(|(id, payload)| {
+                        (id, sse::frame(id, None, &String::from_utf8_lossy(&payload)))
+                    })
                     .collect(),
                 Err(e) => {
                     tracing::warn!(last, "cannot read the JetStream history: {e}");

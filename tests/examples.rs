@@ -118,10 +118,18 @@ fn build_examples() -> PathBuf {
     // and rebuild every crate above them, at each test run.
     for (name, _) in std::env::vars_os() {
         let set_for_tests = name.to_str().is_some_and(|n| {
-            ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_"]
-                .iter()
-                .any(|p| n.starts_with(p))
-                || matches!(n, "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR" | "OUT_DIR")
+            [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|p| n.starts_with(p))
+                || matches!(
+                    n,
+                    "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR" | "OUT_DIR"
+                )
         });
         if set_for_tests {
             cargo.env_remove(name);

@@ -251,7 +251,15 @@ impl Process {
 /// its address.
 async fn server(url: &str, extra: &[&str]) -> (Process, SocketAddr) {
     let size = SIZE.to_string();
-    let mut args = vec!["--addr", "127.0.0.1:0", "--hub", "--nats", url, "--size", &size];
+    let mut args = vec![
+        "--addr",
+        "127.0.0.1:0",
+        "--hub",
+        "--nats",
+        url,
+        "--size",
+        &size,
+    ];
     args.extend_from_slice(extra);
     let p = spawn("sse_server", &args).await;
     let addr = p
@@ -321,7 +329,10 @@ impl Client {
             if enough(&items) {
                 return items;
             }
-            assert!(self.data.len() < 16 << 20, "16 MiB without what was expected");
+            assert!(
+                self.data.len() < 16 << 20,
+                "16 MiB without what was expected"
+            );
             let frame = within(STEP, "the next event", self.body.frame())
                 .await
                 .expect("the stream goes on")
@@ -416,10 +427,18 @@ fn build_examples() -> PathBuf {
     // and rebuild every crate above them, at each test run.
     for (name, _) in std::env::vars_os() {
         let set_for_tests = name.to_str().is_some_and(|n| {
-            ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_"]
-                .iter()
-                .any(|p| n.starts_with(p))
-                || matches!(n, "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR" | "OUT_DIR")
+            [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|p| n.starts_with(p))
+                || matches!(
+                    n,
+                    "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR" | "OUT_DIR"
+                )
         });
         if set_for_tests {
             cargo.env_remove(name);
@@ -450,7 +469,6 @@ fn build_examples() -> PathBuf {
     }
     examples
 }
-
 
 /// One item of an SSE stream.
 #[derive(Debug, PartialEq)]
@@ -489,7 +507,6 @@ fn sse(data: &[u8]) -> Vec<Sse> {
         .collect()
 }
 
-
 // --- The tests --------------------------------------------------------------------
 
 /// Two servers fed from one subject: clients on both get the same ids in
@@ -506,7 +523,11 @@ async fn two_servers_serve_the_same_ids_and_a_client_moves_between_them() {
 
     let (items_a, items_b) = tokio::join!(on_a.events(100), on_b.events(100));
     let (ids_a, ids_b) = (ids(&items_a), ids(&items_b));
-    assert_eq!(ids_a[..100], (0..100).collect::<Vec<_>>()[..], "{items_a:?}");
+    assert_eq!(
+        ids_a[..100],
+        (0..100).collect::<Vec<_>>()[..],
+        "{items_a:?}"
+    );
     assert_eq!(ids_a[..100], ids_b[..100], "the same ids on both servers");
     assert_eq!(items_a.len(), ids_a.len(), "no gap marker: {items_a:?}");
 
@@ -517,7 +538,11 @@ async fn two_servers_serve_the_same_ids_and_a_client_moves_between_them() {
         let mut moved = Client::connect(to, Some(last)).await;
         let items = moved.events(40).await;
         let got = ids(&items);
-        assert_eq!(items.len(), got.len(), "on {name}: no gap marker: {items:?}");
+        assert_eq!(
+            items.len(),
+            got.len(),
+            "on {name}: no gap marker: {items:?}"
+        );
         assert_eq!(got[0], last + 1, "on {name}: right after {last}");
         consecutive(&got, name);
         last = *got.last().unwrap();
@@ -638,14 +663,26 @@ async fn nats_flags_are_refused_when_they_cannot_be_honoured() {
         ("sse_server", vec!["--nats", &closed], "--hub"),
         ("sse_server", vec!["--hub", "--subject", "x"], "--nats"),
         ("sse_server", vec!["--hub", "--jetstream"], "--nats"),
-        ("sse_server", vec!["--hub", "--nats", &closed], "cannot connect to NATS"),
-        ("nats_publisher", vec!["--nats", &closed], "cannot connect to NATS"),
+        (
+            "sse_server",
+            vec!["--hub", "--nats", &closed],
+            "cannot connect to NATS",
+        ),
+        (
+            "nats_publisher",
+            vec!["--nats", &closed],
+            "cannot connect to NATS",
+        ),
         ("nats_publisher", vec!["--retain", "5"], "--jetstream"),
         ("nats_publisher", vec!["--rate", "0"], "--rate"),
     ];
     for (name, args, says) in cases {
         let output = Command::new(example(name))
-            .args(["--addr", "127.0.0.1:0"].iter().filter(|_| name == "sse_server"))
+            .args(
+                ["--addr", "127.0.0.1:0"]
+                    .iter()
+                    .filter(|_| name == "sse_server"),
+            )
             .args(&args)
             .stdin(Stdio::null())
             .kill_on_drop(true)

@@ -32,7 +32,7 @@
 //! downs through [`FeedStats::record_connected`] and
 //! [`FeedStats::record_disconnected`].
 //!
-//! With the `nats` feature, [`nats`](self::nats) feeds a hub from a NATS
+//! With the `nats` feature, [`nats`] feeds a hub from a NATS
 //! subject, or from a JetStream stream that also warms a new server's hub
 //! and serves clients from its history.
 //!
@@ -284,7 +284,10 @@ impl FeedStats {
     /// Connections to the bus made after the first: reconnects after an
     /// outage.
     pub fn reconnects(&self) -> u64 {
-        self.inner.connects.load(Ordering::Relaxed).saturating_sub(1)
+        self.inner
+            .connects
+            .load(Ordering::Relaxed)
+            .saturating_sub(1)
     }
 
     /// Times the connection to the bus was lost.
@@ -340,7 +343,10 @@ mod tests {
     use crate::hub::{HubConfig, HubEvent};
 
     fn frames(ids: &[u64]) -> impl Stream<Item = (u64, Bytes)> + use<> {
-        let items: Vec<_> = ids.iter().map(|&id| (id, Bytes::from(id.to_string()))).collect();
+        let items: Vec<_> = ids
+            .iter()
+            .map(|&id| (id, Bytes::from(id.to_string())))
+            .collect();
         futures_util::stream::iter(items)
     }
 
@@ -358,7 +364,14 @@ mod tests {
             let mut sub = hub.subscribe();
             let stats = FeedStats::new();
             let report = feed(&hub, &stats, frames(&[100, 101, 105, 106, 200])).await;
-            assert_eq!(report, FeedReport { fed: 5, duplicates: 0, missed: 3 + 93 });
+            assert_eq!(
+                report,
+                FeedReport {
+                    fed: 5,
+                    duplicates: 0,
+                    missed: 3 + 93
+                }
+            );
             assert_eq!(sub.next().await, frame(100));
             assert_eq!(sub.next().await, frame(101));
             assert_eq!(sub.next().await, Some(HubEvent::Gap { missed: 3 }));
@@ -378,8 +391,22 @@ mod tests {
             // A redelivery after a reconnect, then the live messages.
             let first = feed(&hub, &stats, frames(&[0, 1, 2])).await;
             let second = feed(&hub, &stats, frames(&[1, 2, 3, 3, u64::MAX, 4])).await;
-            assert_eq!(first, FeedReport { fed: 3, duplicates: 0, missed: 0 });
-            assert_eq!(second, FeedReport { fed: 2, duplicates: 4, missed: 0 });
+            assert_eq!(
+                first,
+                FeedReport {
+                    fed: 3,
+                    duplicates: 0,
+                    missed: 0
+                }
+            );
+            assert_eq!(
+                second,
+                FeedReport {
+                    fed: 2,
+                    duplicates: 4,
+                    missed: 0
+                }
+            );
             assert_eq!((stats.fed(), stats.duplicates(), stats.missed()), (5, 4, 0));
             let mut sub = hub.subscribe_after(0);
             for id in 1..=4 {

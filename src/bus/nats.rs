@@ -191,10 +191,7 @@ pub async fn stream_of(
 /// The id of the newest message of `subject` in `stream`, if any: where a
 /// publisher that restarts continues.
 pub async fn last_id(stream: &stream::Stream, subject: &str) -> Option<u64> {
-    let message = stream
-        .get_last_raw_message_by_subject(subject)
-        .await
-        .ok()?;
+    let message = stream.get_last_raw_message_by_subject(subject).await.ok()?;
     event_id(Some(&message.headers))
 }
 

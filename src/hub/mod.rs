@@ -98,9 +98,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 
+use self::backfill::Backfill;
 pub use self::config::HubConfig;
 pub use self::error::PublishError;
-use self::backfill::Backfill;
 use self::log::{Log, MAX_ID};
 pub use self::response::{HubBody, HubResponse};
 pub use self::subscription::{HubEvent, Subscription};
