@@ -75,7 +75,10 @@ mod tests {
         assert_eq!((ids(&b), b.gap), (vec![5, 6, 7], 1));
         let b = Backfill::new(None, weighed(frames));
         assert_eq!((ids(&b), b.gap), (vec![3], 0));
+        // At or before the resume id: left out; out of order: the end.
         let b = Backfill::new(Some(4), weighed([(5, "e"), (4, "d"), (6, "f")]));
+        assert_eq!((ids(&b), b.gap), (vec![5, 6], 0));
+        let b = Backfill::new(Some(4), weighed([(5, "e"), (5, "e"), (6, "f")]));
         assert_eq!((ids(&b), b.gap), (vec![5], 0));
         let b = Backfill::new(Some(10), weighed(frames));
         assert!(b.frames.is_empty());
