@@ -76,6 +76,30 @@
 //!   `--hub`, the hubs' retention, refreshed every second from the two
 //!   `/health` routes.
 //!
+//! # Scale out over NATS
+//!
+//! `--hub --nats URL [--subject S] [--jetstream]` runs no producer: both
+//! hubs are fed from the NATS subject `S` (default `ticks`), where
+//! `nats_publisher` (or any publisher that puts the event's id in an
+//! `Event-Id` header and its data in the payload) publishes. Every server
+//! fed from the subject holds the same events under the publisher's ids,
+//! so a client can resume with `Last-Event-ID` on any of them. Events
+//! published while a server is cut off from NATS never reach it: its
+//! clients see them as one gap marker with the exact count. The server
+//! connects before it listens (and exits non-zero if it cannot), then
+//! keeps serving its clients through NATS outages (async-nats
+//! reconnects by itself; the outages are logged).
+//!
+//! With `--jetstream` the subject's JetStream stream (see
+//! `nats_publisher --jetstream`; made here with its default retention if
+//! there is none yet) warms the hubs at start (the events it
+//! retains, then the live ones, through one ordered consumer), and a
+//! client whose `Last-Event-ID` is older than the SSE hub's oldest event
+//! gets the events it missed from the stream first, so that it can resume
+//! on a server that started after it left. `--nats` needs `--hub`, and
+//! the binary built with the crate's `nats` feature
+//! (`cargo run --example sse_server --features axum,nats -- --hub --nats nats://127.0.0.1:4222`).
+//!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
 //! `listening on http://HOST:PORT` is printed on stdout; SIGINT and SIGTERM
@@ -201,6 +225,17 @@ struct Args {
     /// reconnect (with `Last-Event-ID`).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     close_after: Option<u64>,
+    /// Feed the hubs from this NATS server instead of a producer of their
+    /// own (needs `--hub`, and the `nats` feature).
+    #[arg(long, value_name = "URL", requires = "hub")]
+    nats: Option<String>,
+    /// With `--nats`: the subject the events come from.
+    #[arg(long, value_name = "S", default_value = "ticks", requires = "nats")]
+    subject: String,
+    /// With `--nats`: warm the hubs from the subject's JetStream stream,
+    /// and serve resumes older than the hub from it.
+    #[arg(long, requires = "nats")]
+    jetstream: bool,
 }
 
 /// The buffer configuration the flags describe.
@@ -267,7 +302,13 @@ struct HubState {
     /// NDJSON lines, `{"seq":N,…}`.
     ndjson: Hub,
     close_after: Option<u64>,
+    /// `--jetstream`: where resumes older than the SSE hub are served from.
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    history: Option<History>,
 }
+
+#[cfg(not(feature = "nats"))]
+type History = std::convert::Infallible;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -302,6 +343,14 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    #[cfg(not(feature = "nats"))]
+    if args.nats.is_some() {
+        eprintln!(
+            "error: --nats needs sse_server built with the crate's `nats` feature \
+             (cargo run --example sse_server --features axum,nats)"
+        );
+        return ExitCode::from(2);
+    }
     let budget = args.budget_bytes.map(MemoryBudget::new);
     let registry = match &budget {
         Some(budget) => ClientRegistry::new().with_budget(budget.clone()),
@@ -325,17 +374,40 @@ async fn main() -> ExitCode {
     let payload: Arc<str> = "x".repeat(args.size).into();
     // The hubs, by route, for `/metrics`, `/health/hub` and `/dashboard`.
     let mut hubs: Vec<(&'static str, Hub)> = Vec::new();
+    // The NATS feed's counters, for `/metrics` (`--nats`).
+    #[allow(unused_mut)]
+    let mut bus_stats: Option<tower_backpressure::bus::FeedStats> = None;
     let (events, ndjson) = if let Some(hub_config) = hub_config {
         let state = HubState {
             sse: Hub::new(hub_config),
             ndjson: Hub::new(hub_config),
             close_after: args.close_after,
+            history: None,
         };
         hubs.extend([
             ("/events", state.sse.clone()),
             ("/stream.ndjson", state.ndjson.clone()),
         ]);
-        tokio::spawn(produce(args.rate, publish_into(&state, payload)));
+        let history = match &args.nats {
+            None => {
+                tokio::spawn(produce(args.rate, publish_into(&state, payload)));
+                None
+            }
+            #[cfg(feature = "nats")]
+            Some(url) => match scale_out::start(&state, url, &args.subject, args.jetstream).await {
+                Ok((history, stats)) => {
+                    bus_stats = Some(stats);
+                    history
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            #[cfg(not(feature = "nats"))]
+            Some(_) => unreachable!("refused above"),
+        };
+        let state = HubState { history, ..state };
         // A hub's subscription never ends by itself: end the responses on
         // shutdown, outside the layer (which serves them from the hub).
         let ending = MapResponseLayer::new(end_on(shutdown.clone()));
@@ -375,12 +447,15 @@ async fn main() -> ExitCode {
         };
         (events.with_state(state.clone()), ndjson.with_state(state))
     };
-    let metrics = hubs
+    let mut metrics = hubs
         .iter()
         .fold(metrics, |m, (route, hub)| {
             m.on_scrape(metrics::hub_series(route, hub.clone()))
         })
         .on_scrape(metrics::registry_series(registry.clone()));
+    if let Some(stats) = bus_stats {
+        metrics = metrics.on_scrape(metrics::bus_series(stats));
+    }
     let app = Router::new()
         .route("/events", events)
         .route("/stream.ndjson", ndjson)
@@ -494,11 +569,15 @@ async fn ndjson_events(State(app): State<AppState>) -> Response {
 /// the request's `Last-Event-ID` if it has one. The layer finds the
 /// subscription in the response and serves it (no task, no copy).
 async fn hub_sse_events(State(app): State<HubState>, headers: HeaderMap) -> Response<HubBody> {
-    app.sse
-        .response()
-        .resume_after(sse::last_event_id_from(&headers))
-        .limit(app.close_after)
-        .build()
+    let last = sse::last_event_id_from(&headers);
+    let response = app.sse.response().resume_after(last).limit(app.close_after);
+    #[cfg(feature = "nats")]
+    let response = match (&app.history, last) {
+        // `--jetstream`: what the hub no longer holds, from the stream.
+        (Some(history), Some(last)) => response.backfill(history.missed(&app.sse, last).await),
+        _ => response,
+    };
+    response.build()
 }
 
 /// `GET /stream.ndjson` with `--hub`: a window over the NDJSON hub's log.
@@ -540,6 +619,161 @@ fn publish_into(hubs: &HubState, payload: Arc<str>) -> impl FnMut(u64) + Send + 
             .expect("the producer's ids increase");
     }
 }
+
+/// `--nats`: the hubs fed from a NATS subject instead of the producer.
+#[cfg(feature = "nats")]
+mod scale_out {
+    use std::time::Duration;
+
+    use async_nats::jetstream;
+    use bytes::Bytes;
+    use tower_backpressure::Hub;
+    use tower_backpressure::bus::{self, FeedStats, Publish, nats};
+    use tower_backpressure::hub::sse;
+
+    use super::{HubState, ndjson_line};
+
+    /// The retention of a JetStream stream made here: `nats_publisher`'s
+    /// default.
+    const STREAM_RETAIN: i64 = 10_000;
+
+    /// How far past the SSE hub's oldest frame a resume reads the stream.
+    const OVERLAP: u64 = 1_000;
+
+    /// How long connecting to NATS may take at start.
+    const CONNECT: Duration = Duration::from_secs(10);
+
+    /// Both hubs take each event: `Event-Id` as the id, the payload as the
+    /// `data:` of the SSE event and the `payload` of the NDJSON line.
+    impl Publish<Bytes> for HubState {
+        fn newest_id(&self) -> Option<u64> {
+            self.sse.newest_id()
+        }
+
+        fn publish_with_id(&self, id: u64, payload: Bytes) -> Result<(), Bytes> {
+            let data = String::from_utf8_lossy(&payload);
+            if self
+                .sse
+                .publish_with_id(id, sse::frame(id, None, &data))
+                .is_err()
+            {
+                return Err(payload);
+            }
+            // The two hubs are fed together: if the SSE hub took the id, so
+            // does this one.
+            let _ = self
+                .ndjson
+                .publish_with_id(id, ndjson_line(id, &json_text(&data)));
+            Ok(())
+        }
+    }
+
+    /// `data` as the inside of a JSON string.
+    fn json_text(data: &str) -> String {
+        let quoted = serde_json::to_string(data).expect("a string serializes");
+        quoted[1..quoted.len() - 1].to_owned()
+    }
+
+    /// `--jetstream`: the subject's stream, for resumes older than the hub.
+    #[derive(Clone)]
+    pub(super) struct History {
+        stream: jetstream::stream::Stream,
+        subject: String,
+    }
+
+    impl History {
+        /// The SSE frames after `last` that `hub` no longer holds (or
+        /// never had), from the stream; empty if the hub holds them all,
+        /// or on an error (the client then gets an exact gap marker).
+        pub(super) async fn missed(&self, hub: &Hub, last: u64) -> Vec<(u64, Bytes)> {
+            let (Some(oldest), Some(newest)) = (hub.oldest_id(), hub.newest_id()) else {
+                return Vec::new();
+            };
+            if last.saturating_add(1) >= oldest {
+                return Vec::new();
+            }
+            // A little past the hub's oldest: the hub lets frames go while
+            // this reads, and the client would see those as a gap.
+            let before = oldest.saturating_add(OVERLAP).min(newest + 1);
+            let max = hub
+                .config()
+                .retain_frames()
+                .saturating_add(OVERLAP as usize);
+            match nats::history(&self.stream, &self.subject, last, before, max).await {
+                Ok(events) => events
+                    .into_iter()
+                    .map(|(id, payload)| {
+                        (id, sse::frame(id, None, &String::from_utf8_lossy(&payload)))
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::warn!(last, "cannot read the JetStream history: {e}");
+                    Vec::new()
+                }
+            }
+        }
+    }
+
+    /// Connects, subscribes, and feeds `state`'s hubs from `subject` in a
+    /// task of its own. Returns the history with `jetstream`.
+    pub(super) async fn start(
+        state: &HubState,
+        url: &str,
+        subject: &str,
+        jetstream: bool,
+    ) -> Result<(Option<History>, FeedStats), String> {
+        let stats = FeedStats::new();
+        let scraped = stats.clone();
+        let cannot = |e: &dyn std::fmt::Display| format!("cannot connect to NATS at {url}: {e}");
+        let client = tokio::time::timeout(CONNECT, nats::connect_options(&stats).connect(url))
+            .await
+            .map_err(|_| cannot(&format!("timed out after {CONNECT:?}")))?
+            .map_err(|e| cannot(&e))?;
+        let hubs = state.clone();
+        let stats_log = stats.clone();
+        let subject_log = subject.to_owned();
+        let ended = move |report: bus::FeedReport| {
+            tracing::warn!(subject = %subject_log, ?report, stats = ?stats_log, "the NATS feed ended");
+        };
+        if jetstream {
+            let context = jetstream::new(client);
+            // Made here too if the publisher has not made it yet, as it would.
+            let stream = nats::create_stream(&context, subject, STREAM_RETAIN)
+                .await
+                .map_err(|e| format!("--jetstream (is nats-server running with -js?): {e}"))?;
+            let events = nats::follow(&stream, subject, stats.clone())
+                .await
+                .map_err(|e| format!("--jetstream: cannot follow the stream: {e}"))?;
+            tokio::spawn(async move { ended(bus::feed(&hubs, &stats, events).await) });
+            Ok((
+                Some(History {
+                    stream,
+                    subject: subject.to_owned(),
+                }),
+                scraped,
+            ))
+        } else {
+            let subscriber = client
+                .subscribe(subject.to_owned())
+                .await
+                .map_err(|e| format!("cannot subscribe to {subject:?}: {e}"))?;
+            // The server has the subscription before this one listens.
+            client
+                .flush()
+                .await
+                .map_err(|e| format!("cannot subscribe to {subject:?}: {e}"))?;
+            let events = nats::messages(subscriber, stats.clone());
+            tokio::spawn(async move {
+                // The client must live as long as its subscription.
+                let _client = client;
+                ended(bus::feed(&hubs, &stats, events).await)
+            });
+            Ok((None, scraped))
+        }
+    }
+}
+#[cfg(feature = "nats")]
+use scale_out::History;
 
 /// The one producer: `rate` events per second, ids 0, 1, 2, ..., each
 /// handed to `emit`.

@@ -68,6 +68,14 @@
 //!   the route from `MatchedPath`.
 //! - `metrics`: `MetricsObserver`, through the `metrics` facade.
 //! - `serde`: `Serialize` for stats and registry snapshots.
+//! - `nats`: [`bus::nats`](crate::bus), feeding a [`Hub`] from a NATS subject
+//!   or a JetStream stream with `async-nats`.
+//!
+//! # Scale out
+//!
+//! Several servers, one stream: each feeds its own [`Hub`] from a bus with
+//! [`bus::feed`], under the publisher's ids, so a client resumes with its
+//! `Last-Event-ID` on any of them. See the [`bus`] module.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
@@ -80,6 +88,7 @@
 
 mod budget;
 mod buffer;
+pub mod bus;
 pub(crate) mod client;
 mod config;
 pub mod conn;

@@ -147,3 +147,64 @@ pub(crate) fn registry_series(registry: ClientRegistry) -> impl Fn() + Send + Sy
     );
     move || gauge!("backpressure_clients_open").set(registry.len() as f64)
 }
+
+/// The bus feed's series (`sse_server --hub --nats`), read at each scrape
+/// from its [`FeedStats`](tower_backpressure::bus::FeedStats):
+///
+/// | metric | kind |
+/// |---|---|
+/// | `backpressure_bus_frames_fed_total` | counter: events published into the hubs |
+/// | `backpressure_bus_frames_missed_total` | counter: ids that never arrived (the gaps subscribers see) |
+/// | `backpressure_bus_duplicates_total` | counter: redeliveries skipped |
+/// | `backpressure_bus_invalid_total` | counter: messages without a valid `Event-Id` |
+/// | `backpressure_bus_reconnects_total` | counter |
+/// | `backpressure_bus_disconnects_total` | counter |
+/// | `backpressure_bus_connected` | gauge: 1 while connected |
+#[allow(dead_code)] // Used only when built with the `nats` feature.
+pub(crate) fn bus_series(
+    stats: tower_backpressure::bus::FeedStats,
+) -> impl Fn() + Send + Sync + 'static {
+    let counters = [
+        (
+            "backpressure_bus_frames_fed_total",
+            "Events from the bus published into the hubs.",
+        ),
+        (
+            "backpressure_bus_frames_missed_total",
+            "Event ids that never arrived from the bus: gaps that subscribers see with their exact count.",
+        ),
+        (
+            "backpressure_bus_duplicates_total",
+            "Redelivered events skipped.",
+        ),
+        (
+            "backpressure_bus_invalid_total",
+            "Bus messages without a valid Event-Id header.",
+        ),
+        (
+            "backpressure_bus_reconnects_total",
+            "Reconnections to the bus after an outage.",
+        ),
+        (
+            "backpressure_bus_disconnects_total",
+            "Outages: the connection to the bus lost.",
+        ),
+    ];
+    for (name, help) in counters {
+        describe_counter!(name, Unit::Count, help);
+    }
+    describe_gauge!(
+        "backpressure_bus_connected",
+        Unit::Count,
+        "1 while the connection to the bus is up, else 0."
+    );
+    move || {
+        counter!("backpressure_bus_frames_fed_total").absolute(stats.fed());
+        counter!("backpressure_bus_frames_missed_total").absolute(stats.missed());
+        counter!("backpressure_bus_duplicates_total").absolute(stats.duplicates());
+        counter!("backpressure_bus_invalid_total").absolute(stats.invalid());
+        counter!("backpressure_bus_reconnects_total").absolute(stats.reconnects());
+        counter!("backpressure_bus_disconnects_total").absolute(stats.disconnects());
+        gauge!("backpressure_bus_connected").set(if stats.is_connected() { 1.0 } else { 0.0 });
+    }
+}

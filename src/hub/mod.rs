@@ -83,6 +83,7 @@
 //! has no limit of its own: it can fall behind by as much as the hub
 //! retains, then skips to the oldest retained frame.
 
+mod backfill;
 mod config;
 mod error;
 pub(crate) mod log;
@@ -98,6 +99,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 
+use self::backfill::Backfill;
 pub use self::config::HubConfig;
 pub use self::error::PublishError;
 use self::log::{Log, MAX_ID};
@@ -253,6 +255,76 @@ impl<T, W> Hub<T, W> {
     pub fn subscribe_after(&self, id: u64) -> Subscription<T, W> {
         let cursor = self.shared.lock().after(id);
         Subscription::new(self.shared.clone(), cursor)
+    }
+
+    /// A subscription that first yields `frames`, fetched from elsewhere
+    /// (a bus's history: frames this hub no longer retains, or never had),
+    /// then the hub's frames after the last of them: for a client whose
+    /// `Last-Event-ID` (`after`) is older than the hub's oldest frame.
+    ///
+    /// `frames` are `(id, item)`, oldest first. Those at or before `after`
+    /// are left out; the rest must be one run of consecutive ids: from the
+    /// first hole (or id out of order) on, the frames are left out too, and
+    /// the hub's frames follow the run. Every id skipped is reported as a
+    /// [`HubEvent::Gap`], exactly counted, as for any other gap: between
+    /// `after` and the first frame, and between the run and the hub's
+    /// frames (ids that were in neither, or that the run left out). With no
+    /// frames left, this is [`subscribe_after`](Self::subscribe_after)
+    /// (or [`subscribe`](Self::subscribe) without `after`).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use futures::StreamExt;
+    /// use tower_backpressure::hub::{Hub, HubConfig, HubEvent};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let hub: Hub = Hub::new(HubConfig::new(2));
+    /// for id in 10..15 {
+    ///     hub.publish_with_id(id, Bytes::from(id.to_string())).unwrap();
+    /// }
+    /// // The hub retains 13 and 14; the client saw 9; the bus still has 10 and 11.
+    /// let history = [(10, Bytes::from("10")), (11, Bytes::from("11"))];
+    /// let mut sub = hub.subscribe_with_backfill(Some(9), history);
+    /// assert_eq!(sub.next().await, Some(HubEvent::Frame { id: 10, item: Bytes::from("10") }));
+    /// assert_eq!(sub.next().await, Some(HubEvent::Frame { id: 11, item: Bytes::from("11") }));
+    /// assert_eq!(sub.next().await, Some(HubEvent::Gap { missed: 1 })); // 12: in neither
+    /// assert_eq!(sub.next().await, Some(HubEvent::Frame { id: 13, item: Bytes::from("13") }));
+    /// # });
+    /// ```
+    pub fn subscribe_with_backfill(
+        &self,
+        after: Option<u64>,
+        frames: impl IntoIterator<Item = (u64, T)>,
+    ) -> Subscription<T, W>
+    where
+        W: Weigher<T>,
+    {
+        let weigher = &self.shared.weigher;
+        let frames = frames.into_iter().map(|(id, item)| {
+            let weight = weigher.weigh(&item);
+            (id, item, weight)
+        });
+        let backfill = Backfill::new(after, frames);
+        self.subscribe_backfilled(after, backfill)
+    }
+
+    /// A subscription that starts with `backfill`.
+    pub(crate) fn subscribe_backfilled(
+        &self,
+        after: Option<u64>,
+        backfill: Backfill<T>,
+    ) -> Subscription<T, W> {
+        let cursor = {
+            let log = self.shared.lock();
+            match (backfill.cursor(&log), after) {
+                (Some(cursor), _) => cursor,
+                (None, Some(id)) => log.after(id),
+                (None, None) => log.tail(),
+            }
+        };
+        let mut subscription = Subscription::new(self.shared.clone(), cursor);
+        subscription.seed(backfill);
+        subscription
     }
 
     /// The id of the newest frame, if any was published.

@@ -10,9 +10,10 @@ use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderValue, Response};
 use http_body::{Body, Frame};
 
+use super::backfill::Backfill;
 use super::window::{MakeWindow, Source, Tap};
 use super::{Hub, Subscription};
-use crate::buffer::ByWeigh;
+use crate::buffer::{ByWeigh, Weigher};
 
 /// Builds the streaming response of one client of a hub; from
 /// [`Hub::response`].
@@ -30,6 +31,8 @@ pub struct HubResponse<'a, T, W> {
     limit: Option<u64>,
     content_type: HeaderValue,
     trailers: Option<HeaderMap>,
+    /// Frames fetched from elsewhere, weighed, to start with.
+    backfill: Vec<(u64, T, usize)>,
 }
 
 impl<T, W> Hub<T, W>
@@ -58,6 +61,7 @@ where
             limit: None,
             content_type: HeaderValue::from_static("text/event-stream"),
             trailers: None,
+            backfill: Vec::new(),
         }
     }
 }
@@ -87,6 +91,7 @@ where
             limit,
             resumed: after.is_some(),
             trailers: None,
+            backfill: None,
         })
     }
 }
@@ -125,16 +130,24 @@ where
 
     /// The response.
     pub fn build(self) -> Response<HubBody<T, W>> {
-        let subscription = match self.after {
-            Some(id) => self.hub.subscribe_after(id),
-            None => self.hub.subscribe(),
-        };
+        let backfill = Backfill::new(self.after, self.backfill);
+        let resumed = self.after.is_some() || !backfill.frames.is_empty();
+        let window_backfill = (!backfill.frames.is_empty()).then(|| {
+            let kept = backfill
+                .frames
+                .iter()
+                .map(|(_, item, weight)| (item.clone(), *weight))
+                .collect();
+            (kept, backfill.gap)
+        });
+        let subscription = self.hub.subscribe_backfilled(self.after, backfill);
         let source: Arc<dyn MakeWindow<T>> = Arc::new(Source {
             shared: self.hub.shared().clone(),
             cursor: subscription.cursor(),
             limit: self.limit,
-            resumed: self.after.is_some(),
+            resumed,
             trailers: self.trailers.clone(),
+            backfill: window_backfill,
         });
         let mut response = Response::new(HubBody {
             subscription,
@@ -150,6 +163,51 @@ where
         );
         response.extensions_mut().insert(Tap::new(source));
         response
+    }
+}
+
+impl<T, W> HubResponse<'_, T, W>
+where
+    T: Clone + Send + Sync + 'static,
+    W: Weigher<T> + Send + Sync + 'static,
+{
+    /// Starts the response with `frames` fetched from elsewhere (a bus's
+    /// history), then the hub's frames after the last of them: for a
+    /// client whose [`resume_after`](Self::resume_after) id is older than
+    /// the hub's oldest frame, e.g. on a server that started after the
+    /// client left.
+    ///
+    /// `frames` are `(id, item)`, oldest first, as the hub would have held
+    /// them (an SSE frame with its `id:` line, say). As for
+    /// [`Hub::subscribe_with_backfill`]: frames at or before the resume id
+    /// are left out, and so is everything from the first hole in their ids
+    /// on; every id skipped (before the first frame, between the frames and
+    /// the hub's) is reported as one exactly counted gap, as any other (the
+    /// layer's gap marker shows it). Through the layer, the frames are
+    /// delivered before the hub's whatever the client's limits, as a
+    /// resumed client's replay is.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tower_backpressure::hub::{Hub, HubConfig, sse};
+    ///
+    /// let hub: Hub = Hub::new(HubConfig::new(100));
+    /// hub.publish_with_id(50, sse::frame(50, None, "x")).unwrap();
+    /// // The client saw 47; the hub starts at 50; the bus still has 48 and 49.
+    /// let history = (48..50).map(|id| (id, sse::frame(id, None, "x")));
+    /// let response = hub.response().resume_after(Some(47)).backfill(history).build();
+    /// # let _ = response;
+    /// ```
+    pub fn backfill(mut self, frames: impl IntoIterator<Item = (u64, T)>) -> Self {
+        let weigher = &self.hub.shared().weigher;
+        self.backfill = frames
+            .into_iter()
+            .map(|(id, item)| {
+                let weight = weigher.weigh(&item);
+                (id, item, weight)
+            })
+            .collect();
+        self
     }
 }
 

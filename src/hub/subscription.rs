@@ -133,6 +133,18 @@ impl<T, W, M> Subscription<T, W, M> {
         self.ready.len() + self.shared.lock().backlog(self.cursor.next).0
     }
 
+    /// Frames to hand out before the log's (a backfill), and the gap before
+    /// the first of them.
+    pub(crate) fn seed(&mut self, backfill: super::backfill::Backfill<T>) {
+        let mut gap = Gap {
+            frames: backfill.gap,
+            bytes: 0,
+        };
+        for (id, item, _) in backfill.frames {
+            self.ready.push_back((std::mem::take(&mut gap), id, item));
+        }
+    }
+
     /// The cursor in the log (past the frames taken and not handed out).
     #[allow(dead_code)]
     pub(crate) fn cursor(&self) -> Cursor {

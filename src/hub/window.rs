@@ -102,6 +102,17 @@ impl<T, W> Window<T, W> {
         }
     }
 
+    /// Starts the window with frames delivered before the one at its
+    /// cursor (a backfill), after a gap of `gap` ids.
+    pub(crate) fn with_backfill(mut self, kept: VecDeque<(T, usize)>, gap: u64) -> Self {
+        self.kept = kept;
+        self.gap = Gap {
+            frames: gap,
+            bytes: 0,
+        };
+        self
+    }
+
     fn max_bytes(&self) -> usize {
         self.config.max_bytes().unwrap_or(usize::MAX)
     }
@@ -416,6 +427,8 @@ pub(crate) struct Source<T, W> {
     pub(crate) limit: Option<u64>,
     pub(crate) resumed: bool,
     pub(crate) trailers: Option<HeaderMap>,
+    /// Frames to deliver before the cursor's, and the gap before them.
+    pub(crate) backfill: Option<(VecDeque<(T, usize)>, u64)>,
 }
 
 impl<T, W> MakeWindow<T> for Source<T, W>
@@ -437,6 +450,10 @@ where
             self.resumed,
             self.trailers.clone(),
         );
+        let window = match &self.backfill {
+            Some((kept, gap)) => window.with_backfill(kept.clone(), *gap),
+            None => window,
+        };
         (Box::new(window), self.shared.sweeper.clone())
     }
 }

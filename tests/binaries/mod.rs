@@ -95,6 +95,28 @@ pub fn build_examples() -> PathBuf {
     if let Some(triple) = triple {
         cargo.args(["--target", &triple]);
     }
+    // What cargo set for this test, not for a build: build scripts that
+    // watch these (ring's watches `CARGO_PKG_NAME`) would otherwise rerun,
+    // and rebuild every crate above them, at each test run.
+    for (name, _) in std::env::vars_os() {
+        let set_for_tests = name.to_str().is_some_and(|n| {
+            [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|p| n.starts_with(p))
+                || matches!(
+                    n,
+                    "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR" | "OUT_DIR"
+                )
+        });
+        if set_for_tests {
+            cargo.env_remove(name);
+        }
+    }
     let mut child = cargo.spawn().expect("cargo runs");
     // Read stderr as it comes: a full pipe would stall cargo.
     let mut err = child.stderr.take().unwrap();

