@@ -126,7 +126,7 @@ impl Sweep for Closed {
 
 /// Clients looked at between two yields of the sweep task (or sixteen
 /// times as many passed over).
-const SWEEP_CHUNK: usize = 64;
+const SWEEP_CHUNK: usize = 16;
 
 impl<D, O, S> Sweep for crate::client::Client<D, O, S>
 where
