@@ -98,7 +98,7 @@
 //! gets the events it missed from the stream first, so that it can resume
 //! on a server that started after it left. `--nats` needs `--hub`, and
 //! the binary built with the crate's `nats` feature
-//! (`cargo run --example sse_server --features axum,nats -- --hub --nats nats://127.0.0.1:4222`).
+//! (`cargo run --example sse_server --features axum,metrics,nats -- --hub --nats nats://127.0.0.1:4222`).
 //!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
@@ -347,7 +347,7 @@ async fn main() -> ExitCode {
     if args.nats.is_some() {
         eprintln!(
             "error: --nats needs sse_server built with the crate's `nats` feature \
-             (cargo run --example sse_server --features axum,nats)"
+             (cargo run --example sse_server --features axum,metrics,nats)"
         );
         return ExitCode::from(2);
     }
