@@ -624,9 +624,16 @@ async fn nats_flags_are_refused_when_they_cannot_be_honoured() {
             "{name} {args:?}: stderr should say {says:?}:\n{stderr}"
         );
     }
+    // `--subject` on both sides: a server on another subject gets the
+    // publisher's events, in order.
     let nats = Nats::start(false).await;
-    publisher(&nats.url(), &["--subject", "other"])
-        .await
-        .stop_cleanly()
-        .await;
+    let (server, addr) = server(&nats.url(), &["--subject", "other"]).await;
+    let mut client = Client::connect(addr, None).await;
+    let publisher = publisher(&nats.url(), &["--subject", "other"]).await;
+    let got = ids(&client.events(10).await);
+    assert_eq!(got.len(), 10, "{got:?}");
+    consecutive(&got, "on subject other");
+    publisher.stop_cleanly().await;
+    drop(client);
+    server.stop_cleanly().await;
 }
