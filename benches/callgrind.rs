@@ -61,6 +61,14 @@ const OPS: &[(&str, &str)] = &[
     ("body/passthrough", "one frame, not selected"),
     ("body/buffered", "one frame through pump and ring"),
     ("body/stalled", "one frame pumped into a full ring"),
+    (
+        "body/paced/unwrapped",
+        "one frame sent, then read, a StreamBody",
+    ),
+    (
+        "body/paced/buffered",
+        "one frame sent, then read, through the layer",
+    ),
 ];
 
 fn frame() -> Bytes {
@@ -146,6 +154,8 @@ fn run(op: &str, n: u64) {
         "body/passthrough" => body(n, Some("text/plain")),
         "body/buffered" => body(n, Some("text/event-stream")),
         "body/stalled" => stalled(n),
+        "body/paced/unwrapped" => paced(n, false),
+        "body/paced/buffered" => paced(n, true),
         _ => panic!("unknown operation {op:?}"),
     }
 }
@@ -199,6 +209,65 @@ fn body(n: u64, content_type: Option<&'static str>) {
                 tokio::spawn(drain(body)).await.unwrap()
             }
         }
+    });
+    assert_eq!(got, n);
+}
+
+/// A client that keeps up with a paced producer: each frame is sent when
+/// the reader has taken the one before (one frame in flight at a time, the
+/// wake-ups of a live stream), through the layer if `layer`.
+fn paced(n: u64, layer: bool) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let got = rt.block_on(async move {
+        let (tx, rx) = mpsc::channel::<Bytes>(1);
+        let (ack_tx, mut ack) = mpsc::channel::<()>(1);
+        let inner = StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx)
+                .map(|b| Ok::<_, Infallible>(Frame::data(b))),
+        );
+        let body: std::pin::Pin<
+            Box<dyn http_body::Body<Data = Bytes, Error = tower_backpressure::BoxError> + Send>,
+        > = if layer {
+            let inner = std::sync::Mutex::new(Some(inner));
+            let svc = Backpressure::new(
+                service_fn(move |_req: Request<()>| {
+                    let body = inner.lock().unwrap().take().unwrap();
+                    async move {
+                        Ok::<_, Infallible>(
+                            Response::builder()
+                                .header(header::CONTENT_TYPE, "text/event-stream")
+                                .body(body)
+                                .unwrap(),
+                        )
+                    }
+                }),
+                BufferConfig::default(),
+            );
+            Box::pin(svc.oneshot(Request::new(())).await.unwrap().into_body())
+        } else {
+            Box::pin(inner.map_err(|e: Infallible| match e {}))
+        };
+        let reading = tokio::spawn(async move {
+            let mut body = body;
+            let mut frames = 0u64;
+            while let Some(frame) = body.frame().await {
+                if frame.unwrap().is_data() {
+                    frames += 1;
+                    let _ = ack_tx.send(()).await;
+                }
+            }
+            frames
+        });
+        let f = frame();
+        for _ in 0..n {
+            tx.send(f.clone()).await.unwrap();
+            ack.recv().await.unwrap();
+        }
+        drop(tx);
+        reading.await.unwrap()
     });
     assert_eq!(got, n);
 }
