@@ -74,43 +74,6 @@ async fn read_to_end(body: &mut Incoming) {
     .await;
 }
 
-/// One item of an SSE stream.
-#[derive(Debug, PartialEq)]
-enum Sse {
-    /// `id: N` and a `data:` of this many bytes.
-    Event(u64, usize),
-    /// `event: lagged` with `data: {"dropped":N}`.
-    Lagged(u64),
-}
-
-/// The complete SSE events in `data`.
-fn sse(data: &[u8]) -> Vec<Sse> {
-    let text = std::str::from_utf8(data).unwrap();
-    let complete = &text[..text.rfind("\n\n").map_or(0, |i| i + 2)];
-    complete
-        .split("\n\n")
-        .filter(|e| !e.is_empty())
-        .map(|e| {
-            let lines: Vec<&str> = e.lines().collect();
-            match lines.as_slice() {
-                [id, data] if id.starts_with("id: ") => Sse::Event(
-                    id["id: ".len()..].parse().expect("a numeric id"),
-                    data.strip_prefix("data: ")
-                        .or(data.strip_prefix("data:"))
-                        .expect("data")
-                        .len(),
-                ),
-                ["event: lagged", data] => {
-                    let json: serde_json::Value =
-                        serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
-                    Sse::Lagged(json["dropped"].as_u64().unwrap())
-                }
-                _ => panic!("not an SSE event of the example: {e:?}"),
-            }
-        })
-        .collect()
-}
-
 /// Checks a stream of SSE items: ids strictly increase, payloads are `size`
 /// bytes, a marker counts a gap exactly. Returns the number of events.
 fn check_sse(items: &[Sse], size: usize) -> usize {

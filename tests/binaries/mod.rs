@@ -1,5 +1,5 @@
 //! Helpers shared by the tests that run the examples as built binaries
-//! (`tests/examples.rs`, `tests/dashboard.rs`, `tests/prometheus.rs`):
+//! (`tests/examples.rs`, `tests/dashboard.rs`, `tests/prometheus.rs`, `tests/nats.rs`):
 //! build them once, start one and wait for its `listening on` line, stop it
 //! cleanly, and a few clients. Every wait is bounded, and every child is
 //! killed on drop.
@@ -440,4 +440,41 @@ pub async fn stalled(addr: SocketAddr, path: &str) -> TcpStream {
         String::from_utf8_lossy(&head[..n])
     );
     stream
+}
+
+/// One item of an SSE stream.
+#[derive(Debug, PartialEq)]
+pub enum Sse {
+    /// `id: N` and a `data:` of this many bytes.
+    Event(u64, usize),
+    /// `event: lagged` with `data: {"dropped":N}`.
+    Lagged(u64),
+}
+
+/// The complete SSE events in `data`.
+pub fn sse(data: &[u8]) -> Vec<Sse> {
+    let text = std::str::from_utf8(data).unwrap();
+    let complete = &text[..text.rfind("\n\n").map_or(0, |i| i + 2)];
+    complete
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            let lines: Vec<&str> = e.lines().collect();
+            match lines.as_slice() {
+                [id, data] if id.starts_with("id: ") => Sse::Event(
+                    id["id: ".len()..].parse().expect("a numeric id"),
+                    data.strip_prefix("data: ")
+                        .or(data.strip_prefix("data:"))
+                        .expect("data")
+                        .len(),
+                ),
+                ["event: lagged", data] => {
+                    let json: serde_json::Value =
+                        serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+                    Sse::Lagged(json["dropped"].as_u64().unwrap())
+                }
+                _ => panic!("not an SSE event of the example: {e:?}"),
+            }
+        })
+        .collect()
 }
