@@ -30,14 +30,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use binaries::*;
-use bytes::Bytes;
 use futures::StreamExt as _;
-use http::{Request, StatusCode, header};
-use http_body_util::{BodyExt as _, Empty};
+use http::{StatusCode, header};
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio::process::Command;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -262,31 +260,6 @@ async fn sse_server_gap_marker_on_and_off() {
     check_sse(&off, 200);
     assert!(on.iter().any(|e| matches!(e, Sse::Lagged(_))), "{on:?}");
     assert!(!off.iter().any(|e| matches!(e, Sse::Lagged(_))), "{off:?}");
-}
-
-/// `GET /events` over HTTP/1.1, with `Last-Event-ID: last` if given.
-async fn events_after(addr: SocketAddr, last: Option<u64>) -> Incoming {
-    let stream = within(STEP, "a connection", TcpStream::connect(addr))
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = Request::get("/events").header(header::HOST, addr.to_string());
-    if let Some(last) = last {
-        req = req.header("last-event-id", last.to_string());
-    }
-    let req = req.body(Empty::<Bytes>::new()).unwrap();
-    let response = within(STEP, "response headers", sender.send_request(req))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.headers()[header::CONTENT_TYPE],
-        "text/event-stream"
-    );
-    response.into_body()
 }
 
 /// The SSE items of `body` until `enough` holds for them.

@@ -24,11 +24,8 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, StatusCode, header};
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
@@ -36,7 +33,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 mod binaries;
-use binaries::{EXIT, STARTUP, STEP, Sse, example, sse, within};
+use binaries::{EXIT, STARTUP, STEP, Sse, events_after, example, sse, within};
 
 /// The publishers' rate: events per second.
 const RATE: u64 = 200;
@@ -276,27 +273,6 @@ async fn publisher(url: &str, extra: &[&str]) -> Process {
 }
 
 // --- Clients ----------------------------------------------------------------------
-
-/// `GET /events` over HTTP/1.1, with `Last-Event-ID: last` if given.
-async fn events_after(addr: SocketAddr, last: Option<u64>) -> Incoming {
-    let stream = within(STEP, "a connection", TcpStream::connect(addr))
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = Request::get("/events").header(header::HOST, addr.to_string());
-    if let Some(last) = last {
-        req = req.header("last-event-id", last.to_string());
-    }
-    let req = req.body(Empty::<Bytes>::new()).unwrap();
-    let response = within(STEP, "response headers", sender.send_request(req))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    response.into_body()
-}
 
 /// One client's SSE stream, read as it comes.
 struct Client {

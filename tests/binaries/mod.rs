@@ -478,3 +478,28 @@ pub fn sse(data: &[u8]) -> Vec<Sse> {
         })
         .collect()
 }
+
+/// `GET /events` over HTTP/1.1, with `Last-Event-ID: last` if given.
+pub async fn events_after(addr: SocketAddr, last: Option<u64>) -> Incoming {
+    let stream = within(STEP, "a connection", TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::get("/events").header(header::HOST, addr.to_string());
+    if let Some(last) = last {
+        req = req.header("last-event-id", last.to_string());
+    }
+    let req = req.body(Empty::<Bytes>::new()).unwrap();
+    let response = within(STEP, "response headers", sender.send_request(req))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "text/event-stream"
+    );
+    response.into_body()
+}
