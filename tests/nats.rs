@@ -483,7 +483,7 @@ async fn scrape(addr: SocketAddr) -> String {
 async fn jetstream_a_client_resumes_on_a_server_started_after_it_left() {
     let nats = Nats::start(true).await;
     let url = nats.url();
-    let publisher = publisher(&url, &["--jetstream"]).await;
+    let publisher = publisher(&url, &["--jetstream", "--retain", "5000"]).await;
     let (a_server, a) = server(&url, &["--jetstream"]).await;
     let mut on_a = Client::connect(a, None).await;
     let items = on_a.events(10).await;
