@@ -69,6 +69,14 @@ const OPS: &[(&str, &str)] = &[
         "body/paced/buffered",
         "one frame sent, then read, through the layer",
     ),
+    (
+        "body/paced/drained",
+        "one frame sent, taken and dropped by a task (no layer)",
+    ),
+    (
+        "body/paced/stalled",
+        "one frame sent, pumped into a full ring (a stalled client)",
+    ),
 ];
 
 fn frame() -> Bytes {
@@ -156,6 +164,8 @@ fn run(op: &str, n: u64) {
         "body/stalled" => stalled(n),
         "body/paced/unwrapped" => paced(n, false),
         "body/paced/buffered" => paced(n, true),
+        "body/paced/drained" => paced_drained(n),
+        "body/paced/stalled" => paced_stalled(n),
         _ => panic!("unknown operation {op:?}"),
     }
 }
@@ -270,6 +280,77 @@ fn paced(n: u64, layer: bool) {
         reading.await.unwrap()
     });
     assert_eq!(got, n);
+}
+
+/// What `paced_stalled` costs without the layer: a task that takes each
+/// frame from the same body and drops it (the floor of draining a stream
+/// that nobody reads).
+fn paced_drained(n: u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let (tx, rx) = mpsc::channel::<Bytes>(1);
+        let body = StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx)
+                .map(|b| Ok::<_, Infallible>(Frame::data(b))),
+        );
+        let draining = tokio::spawn(drain(body));
+        let f = frame();
+        for _ in 0..128 {
+            tx.send(f.clone()).await.unwrap();
+        }
+        for _ in 0..n {
+            tx.send(f.clone()).await.unwrap();
+        }
+        drop(tx);
+        assert_eq!(draining.await.unwrap(), n + 128);
+    });
+}
+
+/// A stalled client of a live stream: nothing reads the body, and each of
+/// `n` frames is sent when the pump has taken the one before (a channel of
+/// one), so every frame costs the pump's wake-up and its push into a full
+/// ring, dropping the oldest: what one more stalled client costs per event.
+fn paced_stalled(n: u64) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let (tx, rx) = mpsc::channel::<Bytes>(1);
+        let inner = std::sync::Mutex::new(Some(StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx)
+                .map(|b| Ok::<_, Infallible>(Frame::data(b))),
+        )));
+        let svc = Backpressure::new(
+            service_fn(move |_req: Request<()>| {
+                let body = inner.lock().unwrap().take().unwrap();
+                async move {
+                    Ok::<_, Infallible>(
+                        Response::builder()
+                            .header(header::CONTENT_TYPE, "text/event-stream")
+                            .body(body)
+                            .unwrap(),
+                    )
+                }
+            }),
+            BufferConfig::new(64),
+        );
+        let body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+        let f = frame();
+        // Fill the ring first (setup, the same for N = 0).
+        for _ in 0..128 {
+            tx.send(f.clone()).await.unwrap();
+        }
+        for _ in 0..n {
+            tx.send(f.clone()).await.unwrap();
+        }
+        // The last frame taken: a permit is back once the pump took it.
+        let _ = tx.reserve().await.unwrap();
+        drop(body);
+    });
 }
 
 /// A stalled client: nothing takes frames, the pump pushes `n` frames into a

@@ -40,23 +40,33 @@ impl Outbox {
         Some(std::mem::take(&mut self.queue))
     }
 
-    /// Like [`take`](Self::take) for the thread that is delivering already.
-    pub(super) fn take_more(&mut self) -> Option<Vec<(EventKind, BufferStats)>> {
+    /// Like [`take`](Self::take) for the thread that is delivering
+    /// already: swaps the delivered (now empty) `batch` for the events
+    /// queued since, or, when there are none, gives its allocation back to
+    /// the queue (a client that reports on every wake-up then allocates
+    /// nothing per report) and returns `false`.
+    pub(super) fn take_more(&mut self, batch: &mut Vec<(EventKind, BufferStats)>) -> bool {
+        debug_assert!(batch.is_empty());
         if self.queue.is_empty() {
             self.delivering = false;
-            return None;
+            if self.queue.capacity() < batch.capacity() {
+                std::mem::swap(&mut self.queue, batch);
+            }
+            return false;
         }
-        Some(std::mem::take(&mut self.queue))
+        std::mem::swap(&mut self.queue, batch);
+        true
     }
 }
 
-/// Calls `f` for every event, containing panics; returns the first panic.
+/// Calls `f` for every event, containing panics; leaves `events` empty (its
+/// allocation kept) and returns the first panic in `panic`.
 pub(super) fn deliver(
-    events: Vec<(EventKind, BufferStats)>,
+    events: &mut Vec<(EventKind, BufferStats)>,
     mut f: impl FnMut(EventKind, BufferStats),
     panic: &mut Option<Box<dyn Any + Send>>,
 ) {
-    for (kind, stats) in events {
+    for (kind, stats) in events.drain(..) {
         if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(kind, stats))) {
             panic.get_or_insert(p);
         }

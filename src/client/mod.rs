@@ -126,6 +126,10 @@ pub(crate) struct Client<D, O, S> {
     /// Nothing more will come out: `is_end_stream` reads this without the
     /// lock (hyper asks after every frame).
     done: AtomicBool,
+    /// Drops wait to be reported (`State::unreported` is not empty): the
+    /// pump reads this without the lock, so that a run that dropped
+    /// nothing takes no lock to report nothing.
+    drops_pending: AtomicBool,
 }
 
 struct State<D, S> {
@@ -244,10 +248,9 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Drop for Locked<'_, D, O, S> {
         let client = self.client;
         let mut panic: Option<Box<dyn Any + Send>> = None;
         loop {
-            events::deliver(batch, |kind, stats| client.emit(kind, stats), &mut panic);
-            match client.raw_lock().outbox.take_more() {
-                Some(more) => batch = more,
-                None => break,
+            events::deliver(&mut batch, |kind, stats| client.emit(kind, stats), &mut panic);
+            if !client.raw_lock().outbox.take_more(&mut batch) {
+                break;
             }
         }
         events::resume(panic);
@@ -302,6 +305,7 @@ where
             reporter,
             budget_bytes: AtomicUsize::new(0),
             done: AtomicBool::new(false),
+            drops_pending: AtomicBool::new(false),
         });
         let state: Arc<dyn ClientState> = client.clone();
         client.handle.attach(Arc::downgrade(&state));

@@ -60,14 +60,18 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
     }
 
     /// Reports the drops gathered since the last report: at most once per
-    /// run of the reporting side's task.
+    /// run of the reporting side's task. Takes no lock when there are none.
     pub(crate) fn report_drops(&self) {
+        if !self.drops_pending.load(Ordering::Acquire) {
+            return;
+        }
         let mut st = self.lock();
         self.report_drops_locked(&mut st);
     }
 
     pub(super) fn report_drops_locked(&self, st: &mut State<D, S>) {
         if st.unreported.frames > 0 && !st.closed {
+            self.drops_pending.store(false, Ordering::Release);
             let Dropped { frames, bytes } = std::mem::take(&mut st.unreported);
             st.event(EventKind::Dropped {
                 count: frames as u64,

@@ -1,6 +1,8 @@
 //! The eviction rules: drop counts, drop windows, stalls and pressure that
 //! lasts.
 
+use std::sync::atomic::Ordering;
+
 use tokio::time::Instant;
 
 use super::{Client, State, Storage, after, now};
@@ -36,6 +38,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         }
         st.unreported.frames += dropped.frames;
         st.unreported.bytes += dropped.bytes;
+        self.drops_pending.store(true, Ordering::Release);
         if let Some(max) = rules.dropped {
             if st.storage.stats().dropped > max {
                 return Some(EvictReason::DroppedTotal);

@@ -35,8 +35,8 @@ pub(crate) struct Pump<B: Body, O: BackpressureObserver, C> {
     shared: Arc<Shared<B::Data, O>>,
     classify: C,
     timer: Timer,
-    /// A pending `yield_now`: see `Pump::poll`.
-    deferral: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Yielded once before draining: see `Pump::poll`.
+    yielded: bool,
     finished: bool,
 }
 
@@ -47,7 +47,7 @@ impl<B: Body, O: BackpressureObserver, C> Pump<B, O, C> {
             shared,
             classify,
             timer: Timer::default(),
-            deferral: None,
+            yielded: false,
             finished: false,
         }
     }
@@ -78,16 +78,17 @@ where
                     // does not wait for what comes next: let the tasks of
                     // clients that do go first, and drain once the worker
                     // has run them. Stalled clients then add work, but not
-                    // delay, to fast ones.
-                    if behind {
-                        let deferral = this
-                            .deferral
-                            .get_or_insert_with(|| Box::pin(tokio::task::yield_now()));
-                        if deferral.as_mut().poll(cx).is_pending() {
-                            return Poll::Pending;
-                        }
+                    // delay, to fast ones. A task that wakes itself while it
+                    // runs goes to the back of its worker's queue (tokio
+                    // treats it as a yield), with no allocation and no turn
+                    // of the I/O driver, which `tokio::task::yield_now`
+                    // costs on every call.
+                    if behind && !*this.yielded {
+                        *this.yielded = true;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
                     }
-                    *this.deferral = None;
+                    *this.yielded = false;
                     drain(this.inner.as_mut(), shared, this.classify, cx);
                 }
             }

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""What the layer costs a client that keeps up: `sse_server` against
+`sse_server --passthrough`, same clients, same rate, alternating runs.
+
+    cargo build --release --example sse_server --features axum,metrics
+    python3 benches/ratio.py --clients 4 --rate 20000 --size 512 --seconds 8 --pairs 5
+
+Each run starts the server on a free loopback port, connects `--clients`
+`curl -N` readers to `/events`, waits `--warmup` seconds, then measures for
+`--seconds`:
+
+- the server's CPU seconds (user + system, /proc/PID/stat);
+- the events delivered, from the bytes the readers downloaded in the
+  window divided by the bytes of one event.
+
+It prints one line per run, then per pair the ratio layer / passthrough of
+CPU per delivered event, and their median. (This VM has no hardware
+counters for `perf stat`; `cargo bench --bench callgrind paced` counts the
+layer's instructions instead.) With --json the last line is one JSON object with every run.
+Everything listens on 127.0.0.1 and every process is killed at the end.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "examples", "sse_server")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def wait_ready(port, timeout=15):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"sse_server did not listen on {port} within {timeout} s")
+
+
+def event_bytes(size):
+    # `id: N\ndata: <size bytes>\n\n`: ids are a few digits; the exact
+    # figure is the same for both variants, so the ratio does not depend on
+    # it.
+    return size + len("id: 1000000\ndata: \n\n")
+
+
+def run(args, passthrough):
+    port = free_port()
+    cmd = [
+        args.bin,
+        "--addr",
+        f"127.0.0.1:{port}",
+        "--rate",
+        str(args.rate),
+        "--size",
+        str(args.size),
+    ]
+    if passthrough:
+        cmd.append("--passthrough")
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = tempfile.mkdtemp()
+    readers = []
+    try:
+        wait_ready(port)
+        for i in range(args.clients):
+            out = os.path.join(tmp, f"c{i}")
+            readers.append(
+                (
+                    out,
+                    subprocess.Popen(
+                        ["curl", "-sN", "-o", out, f"http://127.0.0.1:{port}/events"],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    ),
+                )
+            )
+        time.sleep(args.warmup)
+        size0 = sum(os.path.getsize(o) for o, _ in readers if os.path.exists(o))
+        cpu0 = cpu_seconds(server.pid)
+        time.sleep(args.seconds)
+        cpu1 = cpu_seconds(server.pid)
+        size1 = sum(os.path.getsize(o) for o, _ in readers if os.path.exists(o))
+        events = (size1 - size0) / event_bytes(args.size)
+        result = {
+            "variant": "passthrough" if passthrough else "layer",
+            "cpu_s": cpu1 - cpu0,
+            "events": events,
+            "cpu_us_per_event": (cpu1 - cpu0) / events * 1e6 if events else None,
+        }
+        return result
+    finally:
+        for _, r in readers:
+            r.kill()
+            r.wait()
+        server.kill()
+        server.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bin", default=BIN)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--rate", type=int, default=20000)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--warmup", type=float, default=2)
+    p.add_argument("--seconds", type=float, default=8)
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    if not (1 <= args.clients <= 64 and 1 <= args.pairs <= 50 and 0 < args.seconds <= 600):
+        sys.exit("error: --clients in 1..=64, --pairs in 1..=50, --seconds in (0, 600]")
+    runs = []
+    keys = ["cpu_us_per_event"]
+    ratios = {k: [] for k in keys}
+    for i in range(args.pairs):
+        # Alternate which goes first, so that a drift of the machine does
+        # not always favour one.
+        order = [False, True] if i % 2 == 0 else [True, False]
+        pair = {}
+        for passthrough in order:
+            r = run(args, passthrough)
+            runs.append(r)
+            pair[r["variant"]] = r
+            print(
+                f"pair {i + 1} {r['variant']:<11} {r['events']:>9.0f} events"
+                f"  {r['cpu_us_per_event']:.3f} us/event",
+                flush=True,
+            )
+        for k in keys:
+            if k in pair["layer"] and k in pair["passthrough"] and pair["passthrough"][k]:
+                ratios[k].append(pair["layer"][k] / pair["passthrough"][k])
+    print()
+    summary = {}
+    for k in keys:
+        if ratios[k]:
+            med = statistics.median(ratios[k])
+            summary[k] = {"median": med, "pairs": ratios[k]}
+            print(f"layer / passthrough, {k}: median {med:.3f}, pairs " + ", ".join(f"{x:.3f}" for x in ratios[k]))
+    if args.json:
+        print(json.dumps({"args": vars(args), "runs": runs, "ratios": summary}))
+
+
+if __name__ == "__main__":
+    main()
