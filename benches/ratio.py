@@ -9,6 +9,8 @@ Each run starts the server on a free loopback port, connects `--clients`
 `curl -N` readers to `/events`, waits `--warmup` seconds, then measures for
 `--seconds`:
 
+- with `--stalled N`, N more clients that send their request and never
+  read (a 4 KiB receive buffer), held open for the whole run;
 - the server's CPU seconds (user + system, /proc/PID/stat);
 - the events delivered, from the bytes the readers downloaded in the
   window divided by the bytes of one event.
@@ -66,6 +68,16 @@ def event_bytes(size):
     return size + len("id: 1000000\ndata: \n\n")
 
 
+def stalled_client(port):
+    """A client that sends its request and never reads: a 4 KiB receive
+    buffer, so that the server's writes back up at once."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    return s
+
+
 def run(args, passthrough):
     port = free_port()
     cmd = [
@@ -82,8 +94,10 @@ def run(args, passthrough):
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp = tempfile.mkdtemp()
     readers = []
+    stalled = []
     try:
         wait_ready(port)
+        stalled = [stalled_client(port) for _ in range(args.stalled)]
         for i in range(args.clients):
             out = os.path.join(tmp, f"c{i}")
             readers.append(
@@ -111,6 +125,8 @@ def run(args, passthrough):
         }
         return result
     finally:
+        for s in stalled:
+            s.close()
         for _, r in readers:
             r.kill()
             r.wait()
@@ -128,10 +144,30 @@ def main():
     p.add_argument("--warmup", type=float, default=2)
     p.add_argument("--seconds", type=float, default=8)
     p.add_argument("--pairs", type=int, default=5)
+    p.add_argument(
+        "--stalled",
+        type=int,
+        default=0,
+        help="clients that never read, besides the --clients readers",
+    )
+    p.add_argument(
+        "--layer-only",
+        action="store_true",
+        help="run only the layer (with --stalled: the per-stalled-client cost, "
+        "compared across builds with --bin)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    if not (1 <= args.clients <= 64 and 1 <= args.pairs <= 50 and 0 < args.seconds <= 600):
-        sys.exit("error: --clients in 1..=64, --pairs in 1..=50, --seconds in (0, 600]")
+    if not (
+        1 <= args.clients <= 64
+        and 1 <= args.pairs <= 50
+        and 0 < args.seconds <= 600
+        and 0 <= args.stalled <= 4096
+    ):
+        sys.exit(
+            "error: --clients in 1..=64, --pairs in 1..=50, --seconds in (0, 600], "
+            "--stalled in 0..=4096"
+        )
     runs = []
     keys = ["cpu_us_per_event"]
     ratios = {k: [] for k in keys}
@@ -139,6 +175,8 @@ def main():
         # Alternate which goes first, so that a drift of the machine does
         # not always favour one.
         order = [False, True] if i % 2 == 0 else [True, False]
+        if args.layer_only:
+            order = [False]
         pair = {}
         for passthrough in order:
             r = run(args, passthrough)
@@ -150,9 +188,11 @@ def main():
                 flush=True,
             )
         for k in keys:
-            if k in pair["layer"] and k in pair["passthrough"] and pair["passthrough"][k]:
+            if "passthrough" in pair and pair["passthrough"].get(k):
                 ratios[k].append(pair["layer"][k] / pair["passthrough"][k])
     print()
+    layer = [r["cpu_us_per_event"] for r in runs if r["variant"] == "layer"]
+    print(f"layer CPU per delivered event: median {statistics.median(layer):.3f} us")
     summary = {}
     for k in keys:
         if ratios[k]:
