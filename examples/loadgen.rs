@@ -27,6 +27,7 @@
 //! | `layer` | the `broadcast` stream behind `BackpressureLayer` | its ring drops its oldest events |
 //! | `layer-no-slow` | `layer` with S = 0 | (the baseline) |
 //! | `broadcast-no-slow` | `broadcast` with S = 0 | (what a stalled connection costs by itself) |
+//! | `drained` | `broadcast`, no layer; a slow client's stream is drained by a task of its own that drops every event, and its response never sends | (the floor of taking every client's events as they come: the per-client stream's own work, no queue) |
 //! | `hub` | one shared `Hub` log behind `BackpressureLayer`, each client a window over it | its window skips its oldest events, counted |
 //! | `hub-no-slow` | `hub` with S = 0 | (the baseline) |
 //!
@@ -256,10 +257,14 @@ enum Variant {
     Hub,
     /// `hub` without slow clients.
     HubNoSlow,
+    /// `broadcast`, no layer, and each slow client's stream drained by a
+    /// task that drops every event: what taking a stalled client's events
+    /// as they come costs without any queue (the floor under `layer`).
+    Drained,
 }
 
 impl Variant {
-    const ALL: [Variant; 8] = [
+    const ALL: [Variant; 9] = [
         Variant::Broadcast,
         Variant::MpscBounded,
         Variant::MpscUnbounded,
@@ -268,6 +273,7 @@ impl Variant {
         Variant::BroadcastNoSlow,
         Variant::Hub,
         Variant::HubNoSlow,
+        Variant::Drained,
     ];
 
     fn name(self) -> &'static str {
@@ -280,6 +286,7 @@ impl Variant {
             Variant::BroadcastNoSlow => "broadcast-no-slow",
             Variant::Hub => "hub",
             Variant::HubNoSlow => "hub-no-slow",
+            Variant::Drained => "drained",
         }
     }
 
@@ -460,7 +467,8 @@ mod server {
                 Variant::Broadcast
                 | Variant::BroadcastNoSlow
                 | Variant::Layer
-                | Variant::LayerNoSlow => {
+                | Variant::LayerNoSlow
+                | Variant::Drained => {
                     let receiver = self.events.subscribe();
                     let position = Arc::new(Position {
                         class,
@@ -499,6 +507,15 @@ mod server {
                     unreachable!("hub clients are answered with `Hub::response`")
                 }
             }
+        }
+    }
+
+    /// Ends a `drained` client's draining task with its response.
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
         }
     }
 
@@ -555,7 +572,8 @@ mod server {
                     Variant::Broadcast
                     | Variant::BroadcastNoSlow
                     | Variant::Layer
-                    | Variant::LayerNoSlow => {
+                    | Variant::LayerNoSlow
+                    | Variant::Drained => {
                         // An error only means that no client is connected.
                         let _ = hub.events.send(event);
                     }
@@ -654,7 +672,8 @@ mod server {
                 Variant::Broadcast
                 | Variant::BroadcastNoSlow
                 | Variant::MpscBounded
-                | Variant::MpscUnbounded => accept(listener, app, max_buf_size, copy_uri).await,
+                | Variant::MpscUnbounded
+                | Variant::Drained => accept(listener, app, max_buf_size, copy_uri).await,
                 Variant::Layer | Variant::LayerNoSlow | Variant::Hub | Variant::HubNoSlow => {
                     let counts = hub.clone();
                     let layer = BackpressureLayer::new(
@@ -690,6 +709,21 @@ mod server {
                     .response()
                     .build()
                     .map(|b| Either::Right(Either::Right(b)))
+            }
+            "/events" if hub.variant == Variant::Drained && Class::of(req.uri()) == Class::Slow => {
+                // Take every event as it comes and drop it, for as long as
+                // the response lives; the response itself never sends.
+                let mut stream = hub.subscribe(Class::Slow);
+                let task = tokio::spawn(async move { while stream.next().await.is_some() {} });
+                let guard = AbortOnDrop(task);
+                let body: EventStream = Box::pin(futures::stream::poll_fn(move |_| {
+                    let _alive = &guard;
+                    std::task::Poll::Pending
+                }));
+                Response::builder()
+                    .header(header::CONTENT_TYPE, "text/event-stream")
+                    .body(Either::Left(StreamBody::new(body)))
+                    .expect("a valid response")
             }
             "/events" => {
                 let stream = hub.subscribe(Class::of(req.uri()));

@@ -832,7 +832,7 @@ async fn demo_adaptive_and_loadgen_run_briefly_and_succeed() {
     let adaptive = runs_to_success("adaptive", "--seconds 1 --rate 1000", limit).await;
     let loadgen = runs_to_success(
         "loadgen",
-        "--fast 1 --slow 0,1 --seconds 1 --warmup 0 --runs 1 --variant layer --variant hub --skip layer@0 --rate 2000 --json",
+        "--fast 1 --slow 0,1 --seconds 1 --warmup 0 --runs 1 --variant layer --variant hub --variant drained --skip layer@0 --rate 2000 --capacity 100000 --json",
         limit,
     )
     .await;
@@ -862,12 +862,27 @@ async fn demo_adaptive_and_loadgen_run_briefly_and_succeed() {
     let json: serde_json::Value =
         serde_json::from_str(loadgen.lines().last().expect("a JSON line")).unwrap();
     let variants = json["variants"].as_array().unwrap();
-    // hub at 0 and 1 slow clients, layer at 1 (skipped at 0).
+    // hub and drained at 0 and 1 slow clients, layer at 1 (skipped at 0).
     let runs: Vec<(&str, u64)> = variants
         .iter()
         .map(|v| (v["name"].as_str().unwrap(), v["slow"].as_u64().unwrap()))
         .collect();
-    assert_eq!(runs, [("hub", 0), ("layer", 1), ("hub", 1)], "{json}");
+    assert_eq!(
+        runs,
+        [
+            ("hub", 0),
+            ("drained", 0),
+            ("layer", 1),
+            ("hub", 1),
+            ("drained", 1)
+        ],
+        "{json}"
+    );
+    // `drained` takes every event of its slow client and queues none (the
+    // broadcast channel holds 100,000: a busy machine cannot make it lag).
+    let drained = &variants[4];
+    assert_eq!(drained["slow_dropped"].as_u64(), Some(0), "{json}");
+    assert!(drained["peak_rss_bytes"].as_u64().unwrap() > 0, "{json}");
     for variant in variants {
         for key in "fast_events_per_sec fast_p50_ms fast_p99_ms producer_events_per_sec peak_rss_bytes cpu_s_per_million slow_dropped fast_dropped".split(' ')
         {

@@ -248,7 +248,11 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Drop for Locked<'_, D, O, S> {
         let client = self.client;
         let mut panic: Option<Box<dyn Any + Send>> = None;
         loop {
-            events::deliver(&mut batch, |kind, stats| client.emit(kind, stats), &mut panic);
+            events::deliver(
+                &mut batch,
+                |kind, stats| client.emit(kind, stats),
+                &mut panic,
+            );
             if !client.raw_lock().outbox.take_more(&mut batch) {
                 break;
             }
