@@ -83,7 +83,7 @@ where
                     // treats it as a yield), with no allocation and no turn
                     // of the I/O driver, which `tokio::task::yield_now`
                     // costs on every call.
-                    if behind && !*this.yielded {
+                    if behind && !*this.yielded && !*NOYIELD {
                         *this.yielded = true;
                         cx.waker().wake_by_ref();
                         return Poll::Pending;
@@ -112,6 +112,9 @@ where
         Poll::Pending
     }
 }
+
+static NOYIELD: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var("BP_NOYIELD").is_ok());
 
 /// Takes frames from the inner body until it is pending, has ended, the
 /// producer must wait, or the budget of one poll is spent.
