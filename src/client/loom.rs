@@ -44,6 +44,17 @@ impl Recorder {
         self.0.lock().unwrap().clone()
     }
 
+    /// The frames that `Dropped` events reported, in all.
+    fn dropped(&self) -> u64 {
+        self.events()
+            .iter()
+            .map(|kind| match kind {
+                EventKind::Dropped { count, .. } => *count,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// `Opened` first, `Pressure`/`Recovered` alternating, one `Closed`,
     /// last; returns its reason.
     fn check_order(&self) -> CloseReason {
@@ -211,6 +222,9 @@ fn every_kept_frame_then_the_end() {
         let stats = client.stats();
         assert_eq!(stats.pushed, stats.sent + stats.dropped + stats.replaced);
         assert_eq!(stats.sent as usize, got.len());
+        // The reports add up (a run with nothing to report reads an atomic
+        // instead of the state: it must never skip a drop).
+        assert_eq!(recorder.dropped(), stats.dropped);
     });
 }
 
