@@ -303,3 +303,72 @@ async fn dropping_the_body_early_fires_closed_client_gone_exactly_once() {
     assert_eq!(closed.stats.sent, 1);
     assert!(events.try_recv().is_err());
 }
+
+/// A pump whose client is behind lets the clients that keep up go first:
+/// when one producer tick reaches a stalled client and a fast one (the
+/// stalled one first), the fast client has its frame before the stalled
+/// client's pump takes its own. (On one thread, so that the order is the
+/// runtime's, not a race.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_behind_pump_lets_the_fast_clients_go_first() {
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    type Inner = StreamBody<
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<Frame<Bytes>, io::Error>> + Send>>,
+    >;
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    // The stalled client's inner body logs each frame its pump takes.
+    let (s_tx, s_rx) = mpsc::channel::<u64>(8);
+    let (a_tx, a_rx) = mpsc::channel::<u64>(8);
+    let (took_tx, mut took) = mpsc::unbounded_channel::<()>();
+    let stalled: Inner = StreamBody::new(Box::pin({
+        let log = log.clone();
+        ReceiverStream::new(s_rx).map(move |i| {
+            log.lock().unwrap().push(format!("S:{i}"));
+            let _ = took_tx.send(());
+            Ok(Frame::data(sse_event(i, 40)))
+        })
+    }));
+    let fast: Inner = StreamBody::new(Box::pin(
+        ReceiverStream::new(a_rx).map(|i| Ok(Frame::data(sse_event(i, 40)))),
+    ));
+    let bodies = Arc::new(Mutex::new(vec![fast, stalled]));
+    let svc = ServiceBuilder::new()
+        .layer(BackpressureLayer::new(BufferConfig::new(16)))
+        .service(service_fn(move |_: Request<()>| {
+            let body = bodies.lock().unwrap().pop().expect("two requests");
+            async move { Ok::<_, Infallible>(response("text/event-stream", body)) }
+        }));
+    // Never read.
+    let _stalled = svc.clone().oneshot(Request::new(())).await.unwrap();
+    let mut fast = svc.oneshot(Request::new(())).await.unwrap().into_body();
+    let (got_tx, mut got) = mpsc::unbounded_channel::<u64>();
+    let reader = tokio::spawn({
+        let log = log.clone();
+        async move {
+            while let Some(Ok(frame)) = fast.frame().await {
+                for id in sse_ids(frame.data_ref().unwrap()) {
+                    log.lock().unwrap().push(format!("A:{id}"));
+                    let _ = got_tx.send(id);
+                }
+            }
+        }
+    });
+
+    // Tick 0: after it, the stalled client is behind (its frame waits).
+    s_tx.send(0).await.unwrap();
+    a_tx.send(0).await.unwrap();
+    assert_eq!(guard("A:0", got.recv()).await, Some(0));
+    guard("S:0", took.recv()).await.unwrap();
+    log.lock().unwrap().clear();
+
+    // Tick 1 reaches the stalled client first.
+    s_tx.try_send(1).unwrap();
+    a_tx.try_send(1).unwrap();
+    assert_eq!(guard("A:1", got.recv()).await, Some(1));
+    guard("S:1", took.recv()).await.unwrap();
+    assert_eq!(*log.lock().unwrap(), ["A:1", "S:1"]);
+    reader.abort();
+}

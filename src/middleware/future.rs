@@ -102,7 +102,12 @@ where
             Reporter::Producer,
         );
         shared.open();
-        runtime.spawn(Pump::new(inner, shared.clone(), wrap.classify));
+        runtime.spawn(Pump::new(
+            inner,
+            shared.clone(),
+            wrap.classify,
+            tokio::task::yield_now,
+        ));
         Poll::Ready(Ok(Response::from_parts(
             parts,
             BackpressureBody::buffered(shared, wrap.marker),

@@ -27,39 +27,54 @@ const PUMP_BUDGET: usize = 128;
 /// It ends when the client's stream closes, or when the inner body has ended
 /// and no timed eviction rule is left to watch over the frames that still
 /// wait. The inner body is dropped as soon as it ends.
+///
+/// `Y` is the future of `tokio::task::yield_now` (`make` makes one), kept in
+/// place: see `Pump::poll`.
 #[pin_project(PinnedDrop)]
-pub(crate) struct Pump<B: Body, O: BackpressureObserver, C> {
+pub(crate) struct Pump<B: Body, O: BackpressureObserver, C, Y> {
     /// `None` once it has ended.
     #[pin]
     inner: Option<B>,
     shared: Arc<Shared<B::Data, O>>,
     classify: C,
     timer: Timer,
-    /// Yielded once before draining: see `Pump::poll`.
-    yielded: bool,
+    /// A pending yield: see `Pump::poll`.
+    #[pin]
+    deferral: Option<Y>,
+    make: fn() -> Y,
     finished: bool,
 }
 
-impl<B: Body, O: BackpressureObserver, C> Pump<B, O, C> {
-    pub(crate) fn new(inner: B, shared: Arc<Shared<B::Data, O>>, classify: C) -> Self {
+impl<B: Body, O: BackpressureObserver, C, Y> Pump<B, O, C, Y> {
+    /// `make` is `tokio::task::yield_now` (a parameter, so that its future,
+    /// whose type has no name, lives in the pump and not in a `Box` per
+    /// yield).
+    pub(crate) fn new(
+        inner: B,
+        shared: Arc<Shared<B::Data, O>>,
+        classify: C,
+        make: fn() -> Y,
+    ) -> Self {
         Self {
             inner: Some(inner),
             shared,
             classify,
             timer: Timer::default(),
-            yielded: false,
+            deferral: None,
+            make,
             finished: false,
         }
     }
 }
 
-impl<B, O, C> Future for Pump<B, O, C>
+impl<B, O, C, Y> Future for Pump<B, O, C, Y>
 where
     B: Body,
     B::Data: Send + 'static,
     B::Error: Into<BoxError>,
     O: BackpressureObserver,
     C: Classify<B::Data>,
+    Y: Future<Output = ()>,
 {
     type Output = ();
 
@@ -78,17 +93,20 @@ where
                     // does not wait for what comes next: let the tasks of
                     // clients that do go first, and drain once the worker
                     // has run them. Stalled clients then add work, but not
-                    // delay, to fast ones. A task that wakes itself while it
-                    // runs goes to the back of its worker's queue (tokio
-                    // treats it as a yield), with no allocation and no turn
-                    // of the I/O driver, which `tokio::task::yield_now`
-                    // costs on every call.
-                    if behind && !*this.yielded && !*NOYIELD {
-                        *this.yielded = true;
-                        cx.waker().wake_by_ref();
-                        return Poll::Pending;
+                    // delay, to fast ones. `yield_now` defers the pump until
+                    // the worker has run every task that is ready and those
+                    // they wake (a waker that wakes its own task would only
+                    // put it behind the tasks queued at the time).
+                    if behind {
+                        if this.deferral.is_none() {
+                            this.deferral.set(Some((this.make)()));
+                        }
+                        let deferral = this.deferral.as_mut().as_pin_mut().expect("set");
+                        if deferral.poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
                     }
-                    *this.yielded = false;
+                    this.deferral.set(None);
                     drain(this.inner.as_mut(), shared, this.classify, cx);
                 }
             }
@@ -112,9 +130,6 @@ where
         Poll::Pending
     }
 }
-
-static NOYIELD: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::env::var("BP_NOYIELD").is_ok());
 
 /// Takes frames from the inner body until it is pending, has ended, the
 /// producer must wait, or the budget of one poll is spent.
@@ -165,7 +180,7 @@ fn drain<B, O, C>(
 }
 
 #[pin_project::pinned_drop]
-impl<B: Body, O: BackpressureObserver, C> PinnedDrop for Pump<B, O, C> {
+impl<B: Body, O: BackpressureObserver, C, Y> PinnedDrop for Pump<B, O, C, Y> {
     fn drop(self: Pin<&mut Self>) {
         if !self.finished {
             // Stopped before the end: the task panicked or its runtime shut
