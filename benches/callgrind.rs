@@ -223,6 +223,31 @@ fn body(n: u64, content_type: Option<&'static str>) {
     assert_eq!(got, n);
 }
 
+/// `inner` through the layer (served as `text/event-stream`), with
+/// `config`: the body a client of the layer reads.
+async fn layered<B>(inner: B, config: BufferConfig) -> tower_backpressure::BackpressureBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tower_backpressure::BoxError>,
+{
+    let inner = std::sync::Mutex::new(Some(inner));
+    let svc = Backpressure::new(
+        service_fn(move |_req: Request<()>| {
+            let body = inner.lock().unwrap().take().unwrap();
+            async move {
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .header(header::CONTENT_TYPE, "text/event-stream")
+                        .body(body)
+                        .unwrap(),
+                )
+            }
+        }),
+        config,
+    );
+    svc.oneshot(Request::new(())).await.unwrap().into_body()
+}
+
 /// A client that keeps up with a paced producer: each frame is sent when
 /// the reader has taken the one before (one frame in flight at a time, the
 /// wake-ups of a live stream), through the layer if `layer`.
@@ -241,22 +266,7 @@ fn paced(n: u64, layer: bool) {
         let body: std::pin::Pin<
             Box<dyn http_body::Body<Data = Bytes, Error = tower_backpressure::BoxError> + Send>,
         > = if layer {
-            let inner = std::sync::Mutex::new(Some(inner));
-            let svc = Backpressure::new(
-                service_fn(move |_req: Request<()>| {
-                    let body = inner.lock().unwrap().take().unwrap();
-                    async move {
-                        Ok::<_, Infallible>(
-                            Response::builder()
-                                .header(header::CONTENT_TYPE, "text/event-stream")
-                                .body(body)
-                                .unwrap(),
-                        )
-                    }
-                }),
-                BufferConfig::default(),
-            );
-            Box::pin(svc.oneshot(Request::new(())).await.unwrap().into_body())
+            Box::pin(layered(inner, BufferConfig::default()).await)
         } else {
             Box::pin(inner.map_err(|e: Infallible| match e {}))
         };
@@ -320,25 +330,11 @@ fn paced_stalled(n: u64) {
         .unwrap();
     rt.block_on(async move {
         let (tx, rx) = mpsc::channel::<Bytes>(1);
-        let inner = std::sync::Mutex::new(Some(StreamBody::new(
+        let inner = StreamBody::new(
             tokio_stream::wrappers::ReceiverStream::new(rx)
                 .map(|b| Ok::<_, Infallible>(Frame::data(b))),
-        )));
-        let svc = Backpressure::new(
-            service_fn(move |_req: Request<()>| {
-                let body = inner.lock().unwrap().take().unwrap();
-                async move {
-                    Ok::<_, Infallible>(
-                        Response::builder()
-                            .header(header::CONTENT_TYPE, "text/event-stream")
-                            .body(body)
-                            .unwrap(),
-                    )
-                }
-            }),
-            BufferConfig::new(64),
         );
-        let body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+        let body = layered(inner, BufferConfig::new(64)).await;
         let f = frame();
         // Fill the ring first (setup, the same for N = 0).
         for _ in 0..128 {

@@ -33,21 +33,12 @@ import sys
 import tempfile
 import time
 
+# Helpers shared with the fleet benchmark (this directory).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fleet import cpu_seconds, free_port  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "examples", "sse_server")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def wait_ready(port, timeout=15):
