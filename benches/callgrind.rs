@@ -164,8 +164,8 @@ fn run(op: &str, n: u64) {
         "body/stalled" => stalled(n),
         "body/paced/unwrapped" => paced(n, false),
         "body/paced/buffered" => paced(n, true),
-        "body/paced/drained" => paced_drained(n),
-        "body/paced/stalled" => paced_stalled(n),
+        "body/paced/drained" => paced_unread(n, false),
+        "body/paced/stalled" => paced_unread(n, true),
         _ => panic!("unknown operation {op:?}"),
     }
 }
@@ -292,38 +292,13 @@ fn paced(n: u64, layer: bool) {
     assert_eq!(got, n);
 }
 
-/// What `paced_stalled` costs without the layer: a task that takes each
-/// frame from the same body and drops it (the floor of draining a stream
-/// that nobody reads).
-fn paced_drained(n: u64) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let (tx, rx) = mpsc::channel::<Bytes>(1);
-        let body = StreamBody::new(
-            tokio_stream::wrappers::ReceiverStream::new(rx)
-                .map(|b| Ok::<_, Infallible>(Frame::data(b))),
-        );
-        let draining = tokio::spawn(drain(body));
-        let f = frame();
-        for _ in 0..128 {
-            tx.send(f.clone()).await.unwrap();
-        }
-        for _ in 0..n {
-            tx.send(f.clone()).await.unwrap();
-        }
-        drop(tx);
-        assert_eq!(draining.await.unwrap(), n + 128);
-    });
-}
-
-/// A stalled client of a live stream: nothing reads the body, and each of
-/// `n` frames is sent when the pump has taken the one before (a channel of
-/// one), so every frame costs the pump's wake-up and its push into a full
-/// ring, dropping the oldest: what one more stalled client costs per event.
-fn paced_stalled(n: u64) {
+/// A stalled client of a live stream (`layer`): nothing reads the body, and
+/// each of `n` frames is sent when the pump has taken the one before (a
+/// channel of one), so every frame costs the pump's wake-up and its push
+/// into a full ring, dropping the oldest: what one more stalled client costs
+/// per event. Without `layer`, the floor under it: a task takes each frame
+/// from the same body and drops it.
+fn paced_unread(n: u64, layer: bool) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -334,18 +309,27 @@ fn paced_stalled(n: u64) {
             tokio_stream::wrappers::ReceiverStream::new(rx)
                 .map(|b| Ok::<_, Infallible>(Frame::data(b))),
         );
-        let body = layered(inner, BufferConfig::new(64)).await;
+        let (draining, unread) = if layer {
+            (None, Some(layered(inner, BufferConfig::new(64)).await))
+        } else {
+            (Some(tokio::spawn(drain(inner))), None)
+        };
         let f = frame();
-        // Fill the ring first (setup, the same for N = 0).
-        for _ in 0..128 {
+        // The first 128 fill the ring (setup, the same for N = 0).
+        for _ in 0..128 + n {
             tx.send(f.clone()).await.unwrap();
         }
-        for _ in 0..n {
-            tx.send(f.clone()).await.unwrap();
+        match draining {
+            Some(draining) => {
+                drop(tx);
+                assert_eq!(draining.await.unwrap(), n + 128);
+            }
+            None => {
+                // The last frame taken: a permit is back once the pump took it.
+                let _ = tx.reserve().await.unwrap();
+                drop(unread);
+            }
         }
-        // The last frame taken: a permit is back once the pump took it.
-        let _ = tx.reserve().await.unwrap();
-        drop(body);
     });
 }
 
