@@ -268,17 +268,6 @@ async fn read_sse_until(body: &mut Incoming, enough: impl Fn(&[Sse]) -> bool) ->
     sse(&data)
 }
 
-/// The ids of the events among `items`.
-fn ids(items: &[Sse]) -> Vec<u64> {
-    items
-        .iter()
-        .filter_map(|e| match e {
-            Sse::Event(id, _) => Some(*id),
-            Sse::Lagged(_) => None,
-        })
-        .collect()
-}
-
 /// Waits until the server has published event `id`: a new client reads
 /// until it sees it.
 async fn published(addr: SocketAddr, id: u64) {

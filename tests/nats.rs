@@ -26,14 +26,14 @@ use std::time::Duration;
 
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
-use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
+use tokio::io::AsyncReadExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 mod binaries;
-use binaries::{EXIT, STARTUP, STEP, Sse, events_after, example, sse, within};
+use binaries::{EXIT, STARTUP, STEP, Sse, events_after, example, ids, sse, within};
 
 /// The publishers' rate: events per second.
 const RATE: u64 = 200;
@@ -178,31 +178,14 @@ struct Process {
 
 /// Starts the example `name` with `args`; waits for its first stdout line.
 async fn spawn(name: &str, args: &[&str]) -> Process {
-    let mut child = Command::new(example(name))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-    let mut err = child.stderr.take().unwrap();
-    let stderr = tokio::spawn(async move {
-        let mut text = String::new();
-        let _ = err.read_to_string(&mut text).await;
-        text
-    });
-    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = match tokio::time::timeout(STARTUP, out.next_line()).await {
-        Ok(Ok(Some(line))) => line,
-        other => {
-            let _ = child.kill().await;
-            let stderr = stderr.await.unwrap_or_default();
-            panic!("{name} {args:?} printed no line ({other:?}); stderr:\n{stderr}");
-        }
-    };
+    let binaries::Spawned {
+        child,
+        first: line,
+        mut rest,
+        stderr,
+    } = binaries::spawn(name, args).await;
     // Keep reading stdout: a full pipe would stall it.
-    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+    tokio::spawn(async move { while let Ok(Some(_)) = rest.next_line().await {} });
     Process {
         name: format!("{name} {}", args.join(" ")),
         child,
@@ -313,17 +296,6 @@ impl Client {
     async fn events(&mut self, n: usize) -> Vec<Sse> {
         self.until(|items| ids(items).len() >= n).await
     }
-}
-
-/// The ids of the events among `items`.
-fn ids(items: &[Sse]) -> Vec<u64> {
-    items
-        .iter()
-        .filter_map(|e| match e {
-            Sse::Event(id, _) => Some(*id),
-            Sse::Lagged(_) => None,
-        })
-        .collect()
 }
 
 /// Asserts that `ids` are consecutive.

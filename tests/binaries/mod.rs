@@ -162,35 +162,64 @@ pub struct Stopped {
     pub stderr: String,
 }
 
-/// Starts `name` with `--addr 127.0.0.1:0` and `args` (separated by
-/// spaces); waits for its `listening on http://127.0.0.1:PORT` line.
-pub async fn start(name: &str, args: &str) -> Server {
+/// A started example: its first line of stdout, the rest to read, and its
+/// stderr, read to the end in a task of its own (a full pipe would stall
+/// it).
+pub struct Spawned {
+    pub child: Child,
+    pub first: String,
+    pub rest: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    pub stderr: JoinHandle<String>,
+}
+
+/// Starts the example `name` with `args`; waits for its first line of
+/// stdout (killing it and failing with its stderr if none comes).
+pub async fn spawn(name: &str, args: &[&str]) -> Spawned {
     let mut child = Command::new(example(name))
-        .args(["--addr", "127.0.0.1:0"])
-        .args(args.split_whitespace())
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-    // Logs go to stderr: keep reading it, or a full pipe stalls the server.
+    // Logs go to stderr: keep reading it, or a full pipe stalls the child.
     let mut err = child.stderr.take().unwrap();
     let stderr = tokio::spawn(async move {
         let mut text = String::new();
         let _ = err.read_to_string(&mut text).await;
         text
     });
-    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(STARTUP, out.next_line()).await;
-    let line = match first {
+    let mut rest = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = match tokio::time::timeout(STARTUP, rest.next_line()).await {
         Ok(Ok(Some(line))) => line,
         other => {
             let _ = child.kill().await;
             let stderr = stderr.await.unwrap_or_default();
-            panic!("{name} {args:?} printed no listening line ({other:?}); stderr:\n{stderr}");
+            panic!("{name} {args:?} printed no line ({other:?}); stderr:\n{stderr}");
         }
     };
+    Spawned {
+        child,
+        first,
+        rest,
+        stderr,
+    }
+}
+
+/// Starts `name` with `--addr 127.0.0.1:0` and `args` (separated by
+/// spaces); waits for its `listening on http://127.0.0.1:PORT` line.
+pub async fn start(name: &str, args: &str) -> Server {
+    let argv: Vec<&str> = ["--addr", "127.0.0.1:0"]
+        .into_iter()
+        .chain(args.split_whitespace())
+        .collect();
+    let Spawned {
+        child,
+        first: line,
+        rest: mut out,
+        stderr,
+    } = spawn(name, &argv).await;
     let addr = line
         .strip_prefix("listening on http://")
         .and_then(|a| a.parse::<SocketAddr>().ok())
@@ -475,6 +504,17 @@ pub fn sse(data: &[u8]) -> Vec<Sse> {
                 }
                 _ => panic!("not an SSE event of the example: {e:?}"),
             }
+        })
+        .collect()
+}
+
+/// The ids of the events among `items`.
+pub fn ids(items: &[Sse]) -> Vec<u64> {
+    items
+        .iter()
+        .filter_map(|e| match e {
+            Sse::Event(id, _) => Some(*id),
+            Sse::Lagged(_) => None,
         })
         .collect()
 }
