@@ -175,14 +175,7 @@ pub struct Spawned {
 /// Starts the example `name` with `args`; waits for its first line of
 /// stdout (killing it and failing with its stderr if none comes).
 pub async fn spawn(name: &str, args: &[&str]) -> Spawned {
-    let mut child = Command::new(example(name))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+    let mut child = piped(name, args);
     // Logs go to stderr: keep reading it, or a full pipe stalls the child.
     let mut err = child.stderr.take().unwrap();
     let stderr = tokio::spawn(async move {
@@ -310,44 +303,56 @@ pub async fn refused(name: &str, args: &str, says: &str) {
     } else {
         "--addr 127.0.0.1:0"
     };
-    let child = Command::new(example(name))
-        .args(addr.split_whitespace())
-        .args(args.split_whitespace())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let what = format!("{name} {args:?} to refuse its flags");
+    let argv: Vec<&str> = addr
+        .split_whitespace()
+        .chain(args.split_whitespace())
+        .collect();
+    refused_with(name, &argv, says).await;
+}
+
+/// `name` run with exactly `argv` must exit non-zero at once, with an error
+/// on stderr that contains `says`, and no listening line.
+pub async fn refused_with(name: &str, argv: &[&str], says: &str) {
+    let child = piped(name, argv);
+    let what = format!("{name} {argv:?} to refuse its flags");
     let output = within(STEP, &what, child.wait_with_output()).await.unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         !output.status.success(),
-        "{name} {args:?} must exit non-zero; stdout:\n{stdout}"
+        "{name} {argv:?} must exit non-zero; stdout:\n{stdout}"
     );
     assert!(
         stderr.contains("error") && stderr.contains(says),
-        "{name} {args:?}: stderr should say {says:?}:\n{stderr}"
+        "{name} {argv:?}: stderr should say {says:?}:\n{stderr}"
     );
     assert!(
         !stdout.contains("listening on"),
-        "{name} {args:?}: {stdout}"
+        "{name} {argv:?}: {stdout}"
     );
 }
 
-/// Runs a program that drives itself; it must exit with status 0 within
-/// `limit`. Returns its stdout.
-pub async fn runs_to_success(name: &str, args: &str, limit: Duration) -> String {
-    let child = Command::new(example(name))
-        .args(args.split_whitespace())
+/// Starts the example `name` with `args`, stdin closed, stdout and stderr
+/// piped; killed on drop.
+pub fn piped<I, A>(name: &str, args: I) -> Child
+where
+    I: IntoIterator<Item = A>,
+    A: AsRef<std::ffi::OsStr>,
+{
+    Command::new(example(name))
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"))
+}
+
+/// Runs a program that drives itself; it must exit with status 0 within
+/// `limit`. Returns its stdout.
+pub async fn runs_to_success(name: &str, args: &str, limit: Duration) -> String {
+    let child = piped(name, args.split_whitespace());
     let output = within(
         limit,
         &format!("{name} {args:?} to finish"),
@@ -369,6 +374,12 @@ pub async fn runs_to_success(name: &str, args: &str, limit: Duration) -> String 
 
 /// `GET path` over HTTP/1.1 on a connection of its own.
 pub async fn get_h1(addr: SocketAddr, path: &str) -> http::Response<Incoming> {
+    send_h1(addr, Request::get(path)).await
+}
+
+/// `req` (with a `Host` header and an empty body) over HTTP/1.1 on a
+/// connection of its own; its response's headers.
+pub async fn send_h1(addr: SocketAddr, req: http::request::Builder) -> http::Response<Incoming> {
     let stream = within(STEP, "a connection", TcpStream::connect(addr))
         .await
         .unwrap();
@@ -376,7 +387,7 @@ pub async fn get_h1(addr: SocketAddr, path: &str) -> http::Response<Incoming> {
         .await
         .unwrap();
     tokio::spawn(conn);
-    let req = Request::get(path)
+    let req = req
         .header(header::HOST, addr.to_string())
         .body(Empty::<Bytes>::new())
         .unwrap();
@@ -521,21 +532,11 @@ pub fn ids(items: &[Sse]) -> Vec<u64> {
 
 /// `GET /events` over HTTP/1.1, with `Last-Event-ID: last` if given.
 pub async fn events_after(addr: SocketAddr, last: Option<u64>) -> Incoming {
-    let stream = within(STEP, "a connection", TcpStream::connect(addr))
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = Request::get("/events").header(header::HOST, addr.to_string());
+    let mut req = Request::get("/events");
     if let Some(last) = last {
         req = req.header("last-event-id", last.to_string());
     }
-    let req = req.body(Empty::<Bytes>::new()).unwrap();
-    let response = within(STEP, "response headers", sender.send_request(req))
-        .await
-        .unwrap();
+    let response = send_h1(addr, req).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(
         response.headers()[header::CONTENT_TYPE],
