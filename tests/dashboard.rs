@@ -24,8 +24,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use binaries::*;
-use http::{StatusCode, header};
-use http_body_util::BodyExt as _;
 use tokio::io::AsyncReadExt as _;
 use tokio::process::Command;
 use tokio::task::JoinHandle;
@@ -135,16 +133,7 @@ async fn client_ids(addr: SocketAddr, n: usize) -> Vec<u64> {
 
 /// `GET /dashboard`: one page, nothing outside it.
 async fn page(addr: SocketAddr) -> String {
-    let response = get_h1(addr, "/dashboard").await;
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.headers()[header::CONTENT_TYPE],
-        "text/html; charset=utf-8"
-    );
-    let body = within(STEP, "the page", response.into_body().collect())
-        .await
-        .unwrap()
-        .to_bytes();
+    let body = get_ok(addr, "/dashboard", "text/html; charset=utf-8").await;
     let page = String::from_utf8(body.to_vec()).unwrap();
     // Self-contained: no external script, style sheet, font or image.
     assert!(!page.contains("://"), "the page refers to another site");

@@ -16,8 +16,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use binaries::*;
-use http::{StatusCode, header};
-use http_body_util::BodyExt as _;
 
 /// How long a condition on the scraped values may take (a stalled client
 /// fills hyper's and the kernel's buffers before its first drop).
@@ -116,16 +114,7 @@ impl Scrape {
 
 /// `GET /metrics`.
 async fn scrape(addr: SocketAddr) -> Scrape {
-    let response = get_h1(addr, "/metrics").await;
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.headers()[header::CONTENT_TYPE],
-        "text/plain; version=0.0.4; charset=utf-8"
-    );
-    let body = within(STEP, "the metrics body", response.into_body().collect())
-        .await
-        .unwrap()
-        .to_bytes();
+    let body = get_ok(addr, "/metrics", "text/plain; version=0.0.4; charset=utf-8").await;
     Scrape::parse(String::from_utf8(body.to_vec()).unwrap())
 }
 

@@ -416,14 +416,28 @@ pub async fn get_h2(addr: SocketAddr, path: &str) -> http::Response<Incoming> {
 
 /// `GET /health/clients`: the registry's JSON.
 pub async fn health(addr: SocketAddr) -> serde_json::Value {
-    let response = get_h1(addr, "/health/clients").await;
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
-    let body = within(STEP, "the health body", response.into_body().collect())
-        .await
-        .unwrap()
-        .to_bytes();
+    let body = get_ok(addr, "/health/clients", "application/json").await;
     serde_json::from_slice(&body).unwrap()
+}
+
+/// `GET path` over HTTP/1.1: it must answer 200 with `content_type`; its
+/// whole body.
+pub async fn get_ok(addr: SocketAddr, path: &str, content_type: &str) -> Bytes {
+    let response = get_h1(addr, path).await;
+    assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        content_type,
+        "GET {path}"
+    );
+    within(
+        STEP,
+        &format!("the body of {path}"),
+        response.into_body().collect(),
+    )
+    .await
+    .unwrap()
+    .to_bytes()
 }
 
 /// The paths of the clients `/health/clients` lists.
