@@ -52,6 +52,23 @@ def wait_ready(port, timeout=15):
     raise RuntimeError(f"sse_server did not listen on {port} within {timeout} s")
 
 
+def syscalls_and_switches(pid):
+    """Write syscalls (`syscw` of /proc/PID/io) and context switches
+    (voluntary and not, summed over the process's threads)."""
+    with open(f"/proc/{pid}/io") as f:
+        syscw = next(int(l.split()[1]) for l in f if l.startswith("syscw:"))
+    switches = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                        switches += int(line.split()[1])
+        except FileNotFoundError:
+            pass
+    return syscw, switches
+
+
 def event_bytes(size):
     # `id: N\ndata: <size bytes>\n\n`: ids are a few digits; the exact
     # figure is the same for both variants, so the ratio does not depend on
@@ -104,8 +121,10 @@ def run(args, passthrough):
         time.sleep(args.warmup)
         size0 = sum(os.path.getsize(o) for o, _ in readers if os.path.exists(o))
         cpu0 = cpu_seconds(server.pid)
+        w0, cs0 = syscalls_and_switches(server.pid)
         time.sleep(args.seconds)
         cpu1 = cpu_seconds(server.pid)
+        w1, cs1 = syscalls_and_switches(server.pid)
         size1 = sum(os.path.getsize(o) for o, _ in readers if os.path.exists(o))
         events = (size1 - size0) / event_bytes(args.size)
         result = {
@@ -113,6 +132,8 @@ def run(args, passthrough):
             "cpu_s": cpu1 - cpu0,
             "events": events,
             "cpu_us_per_event": (cpu1 - cpu0) / events * 1e6 if events else None,
+            "writes_per_event": (w1 - w0) / events if events else None,
+            "switches_per_event": (cs1 - cs0) / events if events else None,
         }
         return result
     finally:
@@ -160,7 +181,7 @@ def main():
             "--stalled in 0..=4096"
         )
     runs = []
-    keys = ["cpu_us_per_event"]
+    keys = ["cpu_us_per_event", "writes_per_event", "switches_per_event"]
     ratios = {k: [] for k in keys}
     for i in range(args.pairs):
         # Alternate which goes first, so that a drift of the machine does
@@ -175,7 +196,9 @@ def main():
             pair[r["variant"]] = r
             print(
                 f"pair {i + 1} {r['variant']:<11} {r['events']:>9.0f} events"
-                f"  {r['cpu_us_per_event']:.3f} us/event",
+                f"  {r['cpu_us_per_event']:.3f} us/event"
+                f"  {r['writes_per_event']:.3f} writes/event"
+                f"  {r['switches_per_event']:.3f} switches/event",
                 flush=True,
             )
         for k in keys:
