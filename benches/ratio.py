@@ -52,6 +52,12 @@ def wait_ready(port, timeout=15):
     raise RuntimeError(f"sse_server did not listen on {port} within {timeout} s")
 
 
+def user_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK")
+
+
 def syscalls_and_switches(pid):
     """Write syscalls (`syscw` of /proc/PID/io) and context switches
     (voluntary and not, summed over the process's threads)."""
@@ -121,9 +127,11 @@ def run(args, passthrough):
         time.sleep(args.warmup)
         size0 = sum(os.path.getsize(o) for o, _ in readers if os.path.exists(o))
         cpu0 = cpu_seconds(server.pid)
+        user0 = user_seconds(server.pid)
         w0, cs0 = syscalls_and_switches(server.pid)
         time.sleep(args.seconds)
         cpu1 = cpu_seconds(server.pid)
+        user1 = user_seconds(server.pid)
         w1, cs1 = syscalls_and_switches(server.pid)
         size1 = sum(os.path.getsize(o) for o, _ in readers if os.path.exists(o))
         events = (size1 - size0) / event_bytes(args.size)
@@ -132,6 +140,7 @@ def run(args, passthrough):
             "cpu_s": cpu1 - cpu0,
             "events": events,
             "cpu_us_per_event": (cpu1 - cpu0) / events * 1e6 if events else None,
+            "user_us_per_event": (user1 - user0) / events * 1e6 if events else None,
             "writes_per_event": (w1 - w0) / events if events else None,
             "switches_per_event": (cs1 - cs0) / events if events else None,
         }
@@ -181,7 +190,7 @@ def main():
             "--stalled in 0..=4096"
         )
     runs = []
-    keys = ["cpu_us_per_event", "writes_per_event", "switches_per_event"]
+    keys = ["cpu_us_per_event", "user_us_per_event", "writes_per_event", "switches_per_event"]
     ratios = {k: [] for k in keys}
     for i in range(args.pairs):
         # Alternate which goes first, so that a drift of the machine does
@@ -197,6 +206,7 @@ def main():
             print(
                 f"pair {i + 1} {r['variant']:<11} {r['events']:>9.0f} events"
                 f"  {r['cpu_us_per_event']:.3f} us/event"
+                f" ({r['user_us_per_event']:.3f} user)"
                 f"  {r['writes_per_event']:.3f} writes/event"
                 f"  {r['switches_per_event']:.3f} switches/event",
                 flush=True,

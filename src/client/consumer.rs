@@ -26,6 +26,7 @@ pub(crate) struct Release {
 impl Release {
     /// The frames and bytes that may go out in one batch now, or the moment
     /// of the next release.
+    #[inline]
     fn allow(&mut self, flush: Flush, waiting: usize) -> Result<(usize, usize), Instant> {
         match flush {
             Flush::Immediate => Ok((1, 0)),

@@ -29,11 +29,17 @@ impl Outbox {
         self.queue.push((kind, stats));
     }
 
+    /// Whether [`take`](Self::take) would give a queue.
+    #[inline]
+    pub(super) fn has_work(&self) -> bool {
+        !self.queue.is_empty() && !self.delivering
+    }
+
     /// Takes the queue if this thread should deliver it: events wait and
     /// nobody else is delivering. The caller must call
     /// [`done`](Self::done) or take again until it gets `None`.
     pub(super) fn take(&mut self) -> Option<Vec<(EventKind, BufferStats)>> {
-        if self.queue.is_empty() || self.delivering {
+        if !self.has_work() {
             return None;
         }
         self.delivering = true;

@@ -199,6 +199,7 @@ fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
 }
 
 /// Wakes a waker taken out of the state, after the lock is released.
+#[inline]
 pub(crate) fn wake(waker: Option<Waker>) {
     if let Some(w) = waker {
         w.wake();
@@ -230,6 +231,10 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Drop for Locked<'_, D, O, S> {
         let Some(mut guard) = self.guard.take() else {
             return;
         };
+        // Most steps leave nothing to do after the unlock.
+        if !guard.wake_producer && !guard.wake_consumer && !guard.outbox.has_work() {
+            return;
+        }
         let producer = std::mem::take(&mut guard.wake_producer)
             .then(|| guard.producer.take())
             .flatten();

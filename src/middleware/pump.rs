@@ -45,6 +45,8 @@ pub(crate) struct Pump<B: Body, O: BackpressureObserver, C, Y> {
     /// Frames taken from the inner body in this poll, pushed under one lock
     /// (kept between polls for its allocation; empty between them).
     batch: Vec<(B::Data, FrameClass, usize)>,
+    /// `Client::pushes_in_batches`, fixed for the stream.
+    batched: bool,
     finished: bool,
 }
 
@@ -59,6 +61,7 @@ impl<B: Body, O: BackpressureObserver, C, Y> Pump<B, O, C, Y> {
         make: fn() -> Y,
     ) -> Self {
         Self {
+            batched: shared.pushes_in_batches(),
             inner: Some(inner),
             shared,
             classify,
@@ -111,7 +114,8 @@ where
                         }
                     }
                     this.deferral.set(None);
-                    drain(this.inner.as_mut(), shared, this.classify, this.batch, cx);
+                    let batch = this.batched.then_some(&mut *this.batch);
+                    drain(this.inner.as_mut(), shared, this.classify, batch, cx);
                 }
             }
         } else if !shared.register_producer(cx) {
@@ -146,7 +150,7 @@ fn drain<B, O, C>(
     mut inner: Pin<&mut Option<B>>,
     shared: &Shared<B::Data, O>,
     classify: &C,
-    batch: &mut Vec<(B::Data, FrameClass, usize)>,
+    mut batch: Option<&mut Vec<(B::Data, FrameClass, usize)>>,
     cx: &mut Context<'_>,
 ) where
     B: Body,
@@ -155,7 +159,6 @@ fn drain<B, O, C>(
     O: BackpressureObserver,
     C: Classify<B::Data>,
 {
-    let batched = shared.pushes_in_batches();
     // The newest frame taken, not pushed yet; those before it wait in
     // `batch`. A live stream's usual wake-up brings one frame, which then
     // goes in as it comes, without the batch.
@@ -163,15 +166,16 @@ fn drain<B, O, C>(
     // Pushes what was gathered: `false` if the stream closed (what is left
     // is not taken).
     let flush = |held: &mut Option<(B::Data, FrameClass, usize)>,
-                 batch: &mut Vec<(B::Data, FrameClass, usize)>| {
+                 batch: &mut Option<&mut Vec<(B::Data, FrameClass, usize)>>| {
         let Some((data, class, weight)) = held.take() else {
             return true;
         };
-        let pushed = if batch.is_empty() {
-            shared.push(data, class, weight)
-        } else {
-            batch.push((data, class, weight));
-            shared.push_all(batch)
+        let pushed = match batch {
+            Some(batch) if !batch.is_empty() => {
+                batch.push((data, class, weight));
+                shared.push_all(batch)
+            }
+            _ => shared.push(data, class, weight),
         };
         pushed == Pushed::Taken
     };
@@ -181,14 +185,14 @@ fn drain<B, O, C>(
         };
         let end = match body.poll_frame(cx) {
             Poll::Pending => {
-                flush(&mut held, batch);
+                flush(&mut held, &mut batch);
                 return;
             }
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
                     let class = classify.classify(&data);
                     let weight = crate::buffer::Remaining.weigh(&data);
-                    if batched {
+                    if let Some(batch) = batch.as_mut() {
                         if let Some(before) = held.replace((data, class, weight)) {
                             batch.push(before);
                         }
@@ -211,13 +215,13 @@ fn drain<B, O, C>(
         // The inner body has ended: drop it now, and let the end go after
         // the kept data.
         inner.set(None);
-        if flush(&mut held, batch) {
+        if flush(&mut held, &mut batch) {
             shared.finish(end);
         }
         return;
     }
     // Spent: come back after the other tasks had their turn.
-    if flush(&mut held, batch) {
+    if flush(&mut held, &mut batch) {
         cx.waker().wake_by_ref();
     }
 }
