@@ -178,6 +178,11 @@ impl BufferConfig {
         self.eviction
     }
 
+    /// The eviction rules, by reference (the hot path reads one or two).
+    pub(crate) fn rules(&self) -> &Eviction {
+        &self.eviction
+    }
+
     /// Checks the values; every constructor that takes a config calls this.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.capacity == 0 {

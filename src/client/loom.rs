@@ -229,48 +229,6 @@ fn every_kept_frame_then_the_end() {
 }
 
 #[test]
-fn a_burst_pushed_under_one_lock_keeps_order_and_counts() {
-    model(|| {
-        let (client, recorder) = client(BufferConfig::new(2), None);
-        assert!(client.pushes_in_batches());
-        let producer = {
-            let client = client.clone();
-            loom::thread::spawn(move || {
-                let (_flag, waker) = flag();
-                let cx = Context::from_waker(&waker);
-                // Two bursts, as the pump takes them from a body that has
-                // several frames ready: the second overflows the ring.
-                for burst in [0..2, 2..5] {
-                    if client.poll_produce(&cx) == Produce::Closed {
-                        return;
-                    }
-                    let mut batch: Vec<_> = burst
-                        .map(|seq| (frame(seq), FrameClass::Droppable, 4))
-                        .collect();
-                    if client.push_all(&mut batch) == Pushed::Closed {
-                        return;
-                    }
-                    assert!(batch.is_empty());
-                    client.report_drops();
-                }
-                client.finish(End::Eof);
-            })
-        };
-        let (got, outcome) = consume(&client, None);
-        producer.join().unwrap();
-        assert_eq!(outcome, Some(Outcome::End));
-        assert!(increasing(&got), "{got:?}");
-        assert_eq!(got.last(), Some(&4), "{got:?}");
-        assert_eq!(recorder.check_order(), CloseReason::Completed);
-        let stats = client.stats();
-        assert_eq!(stats.pushed, 5);
-        assert_eq!(stats.pushed, stats.sent + stats.dropped);
-        assert_eq!(stats.sent as usize, got.len());
-        assert_eq!(recorder.dropped(), stats.dropped);
-    });
-}
-
-#[test]
 fn pause_loses_no_frame_and_no_wake_up() {
     model(|| {
         let config = BufferConfig::new(1).with_overflow(Overflow::Pause);

@@ -163,56 +163,11 @@ impl<D, O: BackpressureObserver, S: Admit<D>> Client<D, O, S> {
         let class = self.effective_class(class);
         let reserved = self.reserve(class, weight);
         let mut st = self.lock();
-        self.push_locked(&mut st, item, class, reserved, weight)
-    }
-
-    /// Whether [`push_all`](Self::push_all) may take a batch: a push never
-    /// makes the producer wait (`Overflow::Pause`), never closes the stream
-    /// (`Overflow::Disconnect`, the drop-count rules: the producer takes
-    /// nothing more once its client is evicted), and needs no memory budget
-    /// (reserved before the lock, frame by frame).
-    pub(crate) fn pushes_in_batches(&self) -> bool {
-        let rules = self.config.eviction();
-        self.budget.is_none()
-            && matches!(
-                self.config.overflow(),
-                Overflow::DropOldest | Overflow::DropNewest
-            )
-            && rules.dropped.is_none()
-            && rules.dropped_within.is_none()
-    }
-
-    /// Pushes every frame of `batch` (oldest first) under one lock, as
-    /// [`push`](Self::push) would one by one, and leaves `batch` empty; if
-    /// the stream has closed (its client left meanwhile) the frames are
-    /// discarded. Only when [`pushes_in_batches`](Self::pushes_in_batches).
-    pub(crate) fn push_all(&self, batch: &mut Vec<(D, FrameClass, usize)>) -> Pushed {
-        debug_assert!(self.pushes_in_batches());
-        let mut st = self.lock();
-        let mut pushed = Pushed::Taken;
-        for (item, class, weight) in batch.drain(..) {
-            if pushed == Pushed::Taken {
-                let class = self.effective_class(class);
-                pushed = self.push_locked(&mut st, item, class, Ok(0), weight);
-            }
-        }
-        pushed
-    }
-
-    #[inline(always)]
-    fn push_locked(
-        &self,
-        st: &mut State<D, S>,
-        item: D,
-        class: FrameClass,
-        reserved: Result<usize, usize>,
-        weight: usize,
-    ) -> Pushed {
         let taken = match reserved {
             Ok(n) | Err(n) => n,
         };
         if st.closed || st.end {
-            self.settle(st, taken);
+            self.settle(&st, taken);
             return Pushed::Closed;
         }
         let overflow = self.config.overflow();
@@ -224,7 +179,7 @@ impl<D, O: BackpressureObserver, S: Admit<D>> Client<D, O, S> {
         let evict = if overflow == Overflow::Disconnect
             && (refused || !st.storage.has_room_for_class(weight, class))
         {
-            self.settle(st, taken);
+            self.settle(&st, taken);
             Some(EvictReason::Overflow)
         } else {
             if refused && overflow != Overflow::Pause {
@@ -258,14 +213,14 @@ impl<D, O: BackpressureObserver, S: Admit<D>> Client<D, O, S> {
                         dropped.bytes += weight;
                     }
                 }
-                self.settle(st, taken);
+                self.settle(&st, taken);
                 // A `Pause` client over the budget waits for its client,
                 // if it has frames that its client will take.
                 if refused && !was_empty {
                     st.producer_paused = true;
                 }
             }
-            let rule = self.after_push(st, was_empty, dropped);
+            let rule = self.after_push(&mut st, was_empty, dropped);
             if overflow == Overflow::Disconnect && dropped.frames > 0 {
                 Some(EvictReason::Overflow)
             } else {
@@ -273,7 +228,7 @@ impl<D, O: BackpressureObserver, S: Admit<D>> Client<D, O, S> {
             }
         };
         if let Some(reason) = evict {
-            self.evict(st, reason);
+            self.evict(&mut st, reason);
             st.wake_consumer = true;
             return Pushed::Closed;
         }
@@ -284,6 +239,7 @@ impl<D, O: BackpressureObserver, S: Admit<D>> Client<D, O, S> {
         if was_empty || (dropped.frames > 0 && self.reporter == Reporter::Consumer) {
             st.wake_consumer = true;
         }
+        drop(st);
         if paused {
             Pushed::Paused
         } else {

@@ -20,7 +20,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         was_empty: bool,
         dropped: Dropped,
     ) -> Option<EvictReason> {
-        let rules = self.config.eviction();
+        let rules = self.config.rules();
         if was_empty && !st.storage.is_empty() && rules.stall.is_some() {
             st.waiting_since = Some(now().max(st.last_taken));
         }
@@ -69,7 +69,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
 
     /// The next moment a timed rule could fire.
     pub(super) fn next_deadline(&self, st: &State<D, S>) -> Option<Instant> {
-        let rules = self.config.eviction();
+        let rules = self.config.rules();
         let stall = rules
             .stall
             .zip(st.waiting_since)
@@ -87,7 +87,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
 
     /// A timed rule that has fired by `t`.
     pub(super) fn timed_out(&self, st: &State<D, S>, t: Instant) -> Option<EvictReason> {
-        let rules = self.config.eviction();
+        let rules = self.config.rules();
         if let (Some(d), Some(since)) = (rules.stall, st.waiting_since) {
             if !st.storage.is_empty() && t >= after(since, d) {
                 return Some(EvictReason::Stalled);
@@ -103,6 +103,6 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
 }
 
 pub(super) fn has_timed_rule(config: &BufferConfig) -> bool {
-    let rules = config.eviction();
+    let rules = config.rules();
     rules.stall.is_some() || rules.pressure.is_some()
 }

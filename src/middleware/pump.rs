@@ -12,7 +12,7 @@ use pin_project::pin_project;
 
 use super::body::Shared;
 use crate::BoxError;
-use crate::buffer::{FrameClass, Weigher};
+use crate::buffer::Weigher;
 use crate::client::{End, Produce, Pushed, Timer};
 use crate::observer::BackpressureObserver;
 use crate::policy::Classify;
@@ -42,11 +42,6 @@ pub(crate) struct Pump<B: Body, O: BackpressureObserver, C, Y> {
     #[pin]
     deferral: Option<Y>,
     make: fn() -> Y,
-    /// Frames taken from the inner body in this poll, pushed under one lock
-    /// (kept between polls for its allocation; empty between them).
-    batch: Vec<(B::Data, FrameClass, usize)>,
-    /// `Client::pushes_in_batches`, fixed for the stream.
-    batched: bool,
     finished: bool,
 }
 
@@ -61,14 +56,12 @@ impl<B: Body, O: BackpressureObserver, C, Y> Pump<B, O, C, Y> {
         make: fn() -> Y,
     ) -> Self {
         Self {
-            batched: shared.pushes_in_batches(),
             inner: Some(inner),
             shared,
             classify,
             timer: Timer::default(),
             deferral: None,
             make,
-            batch: Vec::new(),
             finished: false,
         }
     }
@@ -114,8 +107,7 @@ where
                         }
                     }
                     this.deferral.set(None);
-                    let batch = this.batched.then_some(&mut *this.batch);
-                    drain(this.inner.as_mut(), shared, this.classify, batch, cx);
+                    drain(this.inner.as_mut(), shared, this.classify, cx);
                 }
             }
         } else if !shared.register_producer(cx) {
@@ -141,16 +133,10 @@ where
 
 /// Takes frames from the inner body until it is pending, has ended, the
 /// producer must wait, or the budget of one poll is spent.
-///
-/// Where the client allows it (see `Client::pushes_in_batches`), the frames
-/// of one poll go into the buffer together, under one lock and with at most
-/// one wake-up of the consumer, before the pump waits or the end goes in:
-/// what a producer sends in a burst costs the hand-off once.
 fn drain<B, O, C>(
     mut inner: Pin<&mut Option<B>>,
     shared: &Shared<B::Data, O>,
     classify: &C,
-    mut batch: Option<&mut Vec<(B::Data, FrameClass, usize)>>,
     cx: &mut Context<'_>,
 ) where
     B: Body,
@@ -159,45 +145,16 @@ fn drain<B, O, C>(
     O: BackpressureObserver,
     C: Classify<B::Data>,
 {
-    // The newest frame taken, not pushed yet; those before it wait in
-    // `batch`. A live stream's usual wake-up brings one frame, which then
-    // goes in as it comes, without the batch.
-    let mut held = None;
-    // Pushes what was gathered: `false` if the stream closed (what is left
-    // is not taken).
-    let flush = |held: &mut Option<(B::Data, FrameClass, usize)>,
-                 batch: &mut Option<&mut Vec<(B::Data, FrameClass, usize)>>| {
-        let Some((data, class, weight)) = held.take() else {
-            return true;
-        };
-        let pushed = match batch {
-            Some(batch) if !batch.is_empty() => {
-                batch.push((data, class, weight));
-                shared.push_all(batch)
-            }
-            _ => shared.push(data, class, weight),
-        };
-        pushed == Pushed::Taken
-    };
     for _ in 0..PUMP_BUDGET {
         let Some(body) = inner.as_mut().as_pin_mut() else {
             return;
         };
         let end = match body.poll_frame(cx) {
-            Poll::Pending => {
-                flush(&mut held, &mut batch);
-                return;
-            }
+            Poll::Pending => return,
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
                     let class = classify.classify(&data);
                     let weight = crate::buffer::Remaining.weigh(&data);
-                    if let Some(batch) = batch.as_mut() {
-                        if let Some(before) = held.replace((data, class, weight)) {
-                            batch.push(before);
-                        }
-                        continue;
-                    }
                     match shared.push(data, class, weight) {
                         Pushed::Taken => continue,
                         Pushed::Paused | Pushed::Closed => return,
@@ -215,15 +172,11 @@ fn drain<B, O, C>(
         // The inner body has ended: drop it now, and let the end go after
         // the kept data.
         inner.set(None);
-        if flush(&mut held, &mut batch) {
-            shared.finish(end);
-        }
+        shared.finish(end);
         return;
     }
     // Spent: come back after the other tasks had their turn.
-    if flush(&mut held, &mut batch) {
-        cx.waker().wake_by_ref();
-    }
+    cx.waker().wake_by_ref();
 }
 
 #[pin_project::pinned_drop]
