@@ -35,7 +35,7 @@ import time
 
 # Helpers shared with the fleet benchmark (this directory).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fleet import cpu_seconds, free_port  # noqa: E402
+from fleet import cpu_times, free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "examples", "sse_server")
@@ -50,12 +50,6 @@ def wait_ready(port, timeout=15):
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"sse_server did not listen on {port} within {timeout} s")
-
-
-def user_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / os.sysconf("SC_CLK_TCK")
 
 
 def syscalls_and_switches(pid):
@@ -126,20 +120,19 @@ def run(args, passthrough):
             )
         time.sleep(args.warmup)
         size0 = sum(os.path.getsize(o) for o, _ in readers if os.path.exists(o))
-        cpu0 = cpu_seconds(server.pid)
-        user0 = user_seconds(server.pid)
+        user0, sys0 = cpu_times(server.pid)
         w0, cs0 = syscalls_and_switches(server.pid)
         time.sleep(args.seconds)
-        cpu1 = cpu_seconds(server.pid)
-        user1 = user_seconds(server.pid)
+        user1, sys1 = cpu_times(server.pid)
         w1, cs1 = syscalls_and_switches(server.pid)
         size1 = sum(os.path.getsize(o) for o, _ in readers if os.path.exists(o))
         events = (size1 - size0) / event_bytes(args.size)
+        cpu = (user1 + sys1) - (user0 + sys0)
         result = {
             "variant": "passthrough" if passthrough else "layer",
-            "cpu_s": cpu1 - cpu0,
+            "cpu_s": cpu,
             "events": events,
-            "cpu_us_per_event": (cpu1 - cpu0) / events * 1e6 if events else None,
+            "cpu_us_per_event": cpu / events * 1e6 if events else None,
             "user_us_per_event": (user1 - user0) / events * 1e6 if events else None,
             "writes_per_event": (w1 - w0) / events if events else None,
             "switches_per_event": (cs1 - cs0) / events if events else None,

@@ -510,15 +510,6 @@ mod server {
         }
     }
 
-    /// Ends a `drained` client's draining task with its response.
-    struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-
     /// Marks a broadcast position gone when its stream is dropped.
     struct Gone(Arc<Position>);
 
@@ -714,8 +705,10 @@ mod server {
                 // Take every event as it comes and drop it, for as long as
                 // the response lives; the response itself never sends.
                 let mut stream = hub.subscribe(Class::Slow);
-                let task = tokio::spawn(async move { while stream.next().await.is_some() {} });
-                let guard = AbortOnDrop(task);
+                // The task ends with the response (its guard lives in the body).
+                let guard = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+                    while stream.next().await.is_some() {}
+                }));
                 let body: EventStream = Box::pin(futures::stream::poll_fn(move |_| {
                     let _alive = &guard;
                     std::task::Poll::Pending
