@@ -93,7 +93,12 @@
 //!   first, and in the latency tail.
 //!
 //! With `--runs N` every variant runs N times (interleaved: run 1 of every
-//! variant, then run 2, …) and the table shows the median of each column.
+//! variant, then run 2, …) and the table shows the median of each column;
+//! the fast p99 of `layer` against `layer-no-slow` is also printed run by
+//! run (run N of each), with how many runs are within the 1.2× target.
+//! `--variant layer --variant layer-no-slow --slow 0,S` also runs `layer`
+//! at 0 slow clients, the same configuration as `layer-no-slow`: how far
+//! two identical runs differ on the machine at hand.
 //! With `--json` the last line printed is one JSON object
 //! `{"variants":[{"name":…,"fast_events_per_sec":…,…}, …]}`.
 //!
@@ -949,7 +954,13 @@ mod driver {
                 println!();
                 println!("With {slow} slow clients:");
             }
-            print_targets(&args, slow, &vs, &rows);
+            // Run by run, for the p99 target.
+            let layer = plan.iter().position(|&p| p == (slow, Variant::Layer));
+            let base = plan.iter().position(|&(_, v)| v == Variant::LayerNoSlow);
+            let by_run = layer
+                .zip(base)
+                .map(|(l, b)| (results[l].as_slice(), results[b].as_slice()));
+            print_targets(&args, slow, &vs, &rows, by_run);
         }
         if args.json {
             let json = serde_json::json!({
@@ -1580,7 +1591,34 @@ mod driver {
 
     /// The performance targets of BENCHMARKS.md, where the variants they
     /// compare were run.
-    fn print_targets(args: &Args, slow: usize, variants: &[Variant], rows: &[Row]) {
+    /// The p99 target run by run (the target asks it of every run, not
+    /// only of the medians): run N of `layer` against run N of
+    /// `layer-no-slow`, which ran just before or after it.
+    fn print_p99_by_run(layer: &[Row], base: &[Row]) {
+        if layer.len() < 2 {
+            return;
+        }
+        let ratios: Vec<f64> = layer
+            .iter()
+            .zip(base)
+            .map(|(l, b)| l.fast_p99_ms / b.fast_p99_ms)
+            .collect();
+        let within = ratios.iter().filter(|&&r| r <= 1.2).count();
+        let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "  run by run:                     {} ({within} of {} within 1.2)",
+            shown.join(", "),
+            ratios.len()
+        );
+    }
+
+    fn print_targets(
+        args: &Args,
+        slow: usize,
+        variants: &[Variant],
+        rows: &[Row],
+        by_run: Option<(&[Row], &[Row])>,
+    ) {
         let get = |v: Variant| variants.iter().position(|&x| x == v).map(|i| rows[i]);
         let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
         if let Some(hub) = get(Variant::Hub) {
@@ -1614,6 +1652,9 @@ mod driver {
                 "layer / layer-no-slow fast p99:   {p:.3} (target <= 1.2: {})",
                 verdict(p <= 1.2)
             );
+            if let Some((layer, base)) = by_run {
+                print_p99_by_run(layer, base);
+            }
             let growth = layer.peak_rss_bytes as f64 - n.peak_rss_bytes as f64;
             let bound = slow as f64 * (args.max_bytes as f64 + 64.0 * 1024.0);
             println!(

@@ -823,10 +823,34 @@ async fn demo_adaptive_and_loadgen_run_briefly_and_succeed() {
         limit,
     )
     .await;
+    // Two runs: the p99 target is also shown run by run.
+    let loadgen_runs = runs_to_success(
+        "loadgen",
+        "--fast 1 --slow 1 --seconds 1 --warmup 0 --runs 2 --variant layer --variant layer-no-slow --rate 2000",
+        limit,
+    )
+    .await;
     assert!(
         demo.contains("fast") && demo_flags.contains("slow"),
         "{demo}"
     );
+    let by_run = loadgen_runs
+        .lines()
+        .find(|l| l.trim_start().starts_with("run by run:"))
+        .unwrap_or_else(|| panic!("a run-by-run line in {loadgen_runs}"));
+    let (ratios, count) = by_run
+        .trim_start()
+        .trim_start_matches("run by run:")
+        .split_once(" (")
+        .expect("ratios, then the count");
+    let ratios: Vec<f64> = ratios
+        .split(", ")
+        .map(|r| r.trim().parse().expect("a ratio"))
+        .collect();
+    assert_eq!(ratios.len(), 2, "{by_run}");
+    assert!(ratios.iter().all(|r| *r > 0.0), "{by_run}");
+    let within = ratios.iter().filter(|r| **r <= 1.2).count();
+    assert_eq!(count, format!("{within} of 2 within 1.2)"), "{by_run}");
     // After the others: its per-client act is meant to load the machine,
     // and the fast clients above must keep up.
     let demo_hub = runs_to_success(
