@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
 use bytes::Bytes;
+use crossbeam_queue::ArrayQueue;
 use futures::StreamExt as _;
 use http::{Request, Response, header};
 use http_body::Frame;
@@ -48,6 +49,14 @@ const OPS: &[(&str, &str)] = &[
     ),
     ("push_pop/not_full/tokio_mpsc", "try_send + try_recv"),
     (
+        "push_pop/not_full/Mutex_VecDeque",
+        "lock, push_back; lock, pop_front",
+    ),
+    (
+        "push_pop/not_full/crossbeam_ArrayQueue",
+        "push + pop, lock-free",
+    ),
+    (
         "push_pop/full/ClientBuffer",
         "push into a full ring, oldest out",
     ),
@@ -57,6 +66,10 @@ const OPS: &[(&str, &str)] = &[
         "send overwriting the oldest",
     ),
     ("push_pop/full/tokio_mpsc", "try_recv + try_send at 1024"),
+    (
+        "push_pop/full/crossbeam_ArrayQueue",
+        "force_push at 1024, oldest out",
+    ),
     ("body/unwrapped", "one frame of a StreamBody"),
     ("body/passthrough", "one frame, not selected"),
     ("body/buffered", "one frame through pump and ring"),
@@ -115,6 +128,34 @@ fn run(op: &str, n: u64) {
             for _ in 0..n {
                 tx.try_send(f.take().unwrap()).unwrap();
                 f = black_box(rx.try_recv().ok());
+            }
+        }
+        "push_pop/not_full/Mutex_VecDeque" => {
+            // What the client's state costs before any of its accounting:
+            // a lock per push and per pop around a queue.
+            let ring = std::sync::Mutex::new(VecDeque::with_capacity(CAPACITY));
+            let mut f = Some(frame());
+            for _ in 0..n {
+                ring.lock().unwrap().push_back(f.take().unwrap());
+                f = black_box(ring.lock().unwrap().pop_front());
+            }
+        }
+        "push_pop/not_full/crossbeam_ArrayQueue" => {
+            let ring = ArrayQueue::new(CAPACITY);
+            let mut f = Some(frame());
+            for _ in 0..n {
+                ring.push(f.take().unwrap()).unwrap();
+                f = black_box(ring.pop());
+            }
+        }
+        "push_pop/full/crossbeam_ArrayQueue" => {
+            let ring = ArrayQueue::new(CAPACITY);
+            for _ in 0..CAPACITY {
+                ring.push(frame()).unwrap();
+            }
+            let mut f = Some(frame());
+            for _ in 0..n {
+                f = black_box(ring.force_push(f.take().unwrap()));
             }
         }
         "push_pop/full/ClientBuffer" => {
