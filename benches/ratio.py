@@ -7,7 +7,8 @@
 
 Each run starts the server on a free loopback port, connects `--clients`
 `curl -N` readers to `/events`, waits `--warmup` seconds, then measures for
-`--seconds`:
+`--seconds` (`--server-arg` passes more arguments to both runs, e.g.
+`--server-arg=--flush --server-arg=coalesce`):
 
 - with `--stalled N`, N more clients that send their request and never
   read (a 4 KiB receive buffer), held open for the whole run;
@@ -97,6 +98,7 @@ def run(args, passthrough):
         "--size",
         str(args.size),
     ]
+    cmd += args.server_arg
     if passthrough:
         cmd.append("--passthrough")
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -169,6 +171,14 @@ def main():
         action="store_true",
         help="run only the layer (with --stalled: the per-stalled-client cost, "
         "compared across builds with --bin)",
+    )
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for sse_server, both runs (repeat for several; "
+        "e.g. --server-arg=--flush --server-arg=coalesce)",
     )
     p.add_argument("--json", action="store_true")
     args = p.parse_args()

@@ -26,6 +26,7 @@ mod common;
 mod grpc_server;
 
 use std::net::SocketAddr;
+use std::process::Stdio;
 use std::time::Duration;
 
 use binaries::*;
@@ -35,6 +36,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpSocket;
+use tokio::process::Command;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -138,6 +140,8 @@ const SSE_RUNS: &[&str] = &[
     "--evict-after-dropped 0 --evict-after-stall-ms 5000",
     "--evict-after-dropped 100000 --budget-bytes 65536",
     "--passthrough --rate 2000 --size 16",
+    "--flush immediate --rate 5000",
+    "--flush coalesce --rate 20000 --size 16",
     "--hub",
     "--hub --retain 100 --rate 5000 --size 1 --capacity 1 --threshold 1",
     "--hub --retain 20000 --size 1024 --max-bytes 4096 --threshold 0.5 --gap-marker off",
@@ -145,6 +149,7 @@ const SSE_RUNS: &[&str] = &[
     "--hub --policy disconnect --evict-after-dropped 0 --evict-after-stall-ms 5000",
     "--hub --evict-after-dropped 100000 --budget-bytes 65536",
     "--hub --passthrough --rate 2000 --size 16",
+    "--hub --flush coalesce --rate 20000 --size 16",
 ];
 
 /// SSE on HTTP/1.1, NDJSON on HTTP/2, `/health/clients`; SIGTERM ends both
@@ -418,6 +423,7 @@ async fn sse_server_refuses_what_it_cannot_honour() {
         ("--gap-marker maybe", "--gap-marker"),
         ("--gap-marker", "--gap-marker"),
         ("--policy nope", "--policy"),
+        ("--flush later", "--flush"),
         ("--capacity 0", "capacity"),
         ("--max-bytes 0", "max_bytes"),
         ("--threshold 0", "threshold"),
@@ -823,16 +829,21 @@ async fn demo_adaptive_and_loadgen_run_briefly_and_succeed() {
         limit,
     )
     .await;
-    // Two runs: the p99 target is also shown run by run.
+    // Two runs: the p99 target is also shown run by run. `--pin` puts the
+    // server on CPU 0 and the load generator on the others.
     let loadgen_runs = runs_to_success(
         "loadgen",
-        "--fast 1 --slow 1 --seconds 1 --warmup 0 --runs 2 --variant layer --variant layer-no-slow --rate 2000",
+        "--fast 1 --slow 1 --seconds 1 --warmup 0 --runs 2 --variant layer --variant layer-no-slow --rate 2000 --pin",
         limit,
     )
     .await;
     assert!(
         demo.contains("fast") && demo_flags.contains("slow"),
         "{demo}"
+    );
+    assert!(
+        loadgen_runs.contains("server on CPU 0, load generator on the other CPUs (--pin)"),
+        "{loadgen_runs}"
     );
     let by_run = loadgen_runs
         .lines()
@@ -923,7 +934,30 @@ async fn demo_adaptive_and_loadgen_refuse_bad_values() {
         refused_at_once("adaptive", "--rate 5000000000", "--rate"),
         refused_at_once("loadgen", "--runs 0", "--runs"),
         refused_at_once("loadgen", "--variant nope", "--variant"),
+        pin_needs_two_cpus(),
     );
+}
+
+/// `loadgen --pin` with one CPU has none to give the load generator: it
+/// says so and runs nothing.
+async fn pin_needs_two_cpus() {
+    let output = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(example("loadgen"))
+        .args(["--pin", "--seconds", "1", "--warmup", "0"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = within(STEP, "loadgen --pin on one CPU to refuse", output)
+        .await
+        .expect("taskset (util-linux) runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("error: --pin: needs at least 2 CPUs"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty(), "{output:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
