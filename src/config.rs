@@ -318,6 +318,13 @@ pub enum Flush {
     Immediate,
     /// When several data frames wait, hand them out as one frame of up to
     /// `max_frames` frames or `max_bytes` bytes: fewer writes at high rates.
+    ///
+    /// Nothing waits for frames that have not come; a join copies the
+    /// waiting frames into one buffer. For a stream of many small frames
+    /// this costs less than the frames' own writes: with 512-byte SSE
+    /// events, a client that keeps up costs about 5 % less server CPU
+    /// through the layer than without it, against about 5 % more with
+    /// [`Immediate`](Self::Immediate) (`BENCHMARKS.md`).
     Coalesce {
         /// Most frames joined into one.
         max_frames: usize,
