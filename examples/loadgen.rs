@@ -101,9 +101,8 @@
 //! two identical runs differ on the machine at hand.
 //!
 //! `--pin` runs the server on CPU 0 and the load generator on the other
-//! CPUs (with `taskset`), so that the two do not preempt each other. On a
-//! machine of 2 CPUs each then has one, and the load generator's one CPU
-//! sets the latency: the p99 is higher, but steadier from run to run.
+//! CPUs (with `taskset`), so that the two do not preempt each other; on a
+//! machine of 2 CPUs each then has one, and the server's runtime one worker.
 //! With `--json` the last line printed is one JSON object
 //! `{"variants":[{"name":…,"fast_events_per_sec":…,…}, …]}`.
 //!
@@ -1641,8 +1640,6 @@ mod driver {
         }
     }
 
-    /// The performance targets of BENCHMARKS.md, where the variants they
-    /// compare were run.
     /// The p99 target run by run (the target asks it of every run, not
     /// only of the medians): run N of `layer` against run N of
     /// `layer-no-slow`, which ran just before or after it.
@@ -1664,6 +1661,8 @@ mod driver {
         );
     }
 
+    /// The performance targets of BENCHMARKS.md, where the variants they
+    /// compare were run.
     fn print_targets(
         args: &Args,
         slow: usize,
