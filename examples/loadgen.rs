@@ -100,9 +100,10 @@
 //! at 0 slow clients, the same configuration as `layer-no-slow`: how far
 //! two identical runs differ on the machine at hand.
 //!
-//! `--pin` runs the server on CPU 0 and the load generator on the other
-//! CPUs (with `taskset`), so that the two do not preempt each other; on a
-//! machine of 2 CPUs each then has one, and the server's runtime one worker.
+//! `--pin` splits the CPUs (with `taskset`): the first half for the
+//! server, the rest for the load generator, so that the two do not preempt
+//! each other. On a machine of 2 CPUs each gets one, and the server's
+//! runtime one worker.
 //! With `--json` the last line printed is one JSON object
 //! `{"variants":[{"name":…,"fast_events_per_sec":…,…}, …]}`.
 //!
@@ -222,11 +223,16 @@ struct Args {
     /// client is connected (in its `ClientInfo`): that pins the buffer.
     #[arg(long)]
     copy_uri: bool,
-    /// Run the server on CPU 0 and the load generator on the other CPUs
-    /// (with `taskset`), so that neither takes the other's time: on two
-    /// CPUs, one each. Needs at least 2 CPUs and `taskset` (util-linux).
+    /// Run the server on the first half of the CPUs and the load generator
+    /// on the rest (with `taskset`), so that neither takes the other's
+    /// time: on two CPUs, one each. Needs at least 2 CPUs and `taskset`
+    /// (util-linux).
     #[arg(long)]
     pin: bool,
+    /// `--pin`: the server's CPUs and the load generator's, as `taskset`
+    /// lists them.
+    #[arg(skip)]
+    pinned: Option<(String, String)>,
     /// Print a JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -319,13 +325,16 @@ impl Variant {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
     if args.pin && args.serve.is_none() {
         // Before the runtime starts its workers: they inherit the mask, and
         // size themselves to it.
-        if let Err(e) = pin_self() {
-            eprintln!("error: --pin: {e}");
-            return ExitCode::from(2);
+        match pin_self() {
+            Ok(split) => args.pinned = Some(split),
+            Err(e) => {
+                eprintln!("error: --pin: {e}");
+                return ExitCode::from(2);
+            }
         }
     }
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
@@ -335,16 +344,26 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--pin`: moves this process to every CPU but 0 (the server's).
-fn pin_self() -> Result<(), String> {
+/// `--pin`: moves this process to the second half of the CPUs; returns the
+/// server's CPUs (the first half) and this process's, as `taskset` lists.
+fn pin_self() -> Result<(String, String), String> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cpus < 2 {
         return Err(format!(
             "needs at least 2 CPUs, this process may use {cpus}"
         ));
     }
+    let list = |first: usize, last: usize| {
+        if first == last {
+            first.to_string()
+        } else {
+            format!("{first}-{last}")
+        }
+    };
+    let half = cpus / 2;
+    let (server, driver) = (list(0, half - 1), list(half, cpus - 1));
     let out = std::process::Command::new("taskset")
-        .args(["-a", "-p", "-c", &format!("1-{}", cpus - 1)])
+        .args(["-a", "-p", "-c", &driver])
         .arg(std::process::id().to_string())
         .output()
         .map_err(|e| format!("cannot run taskset (util-linux): {e}"))?;
@@ -354,7 +373,7 @@ fn pin_self() -> Result<(), String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    Ok(())
+    Ok((server, driver))
 }
 
 /// What the server says at `GET /stats`.
@@ -1210,10 +1229,10 @@ mod driver {
             let exe = std::env::current_exe()?;
             let lifetime =
                 args.warmup + args.seconds + SERVER_GRACE + connect_budget(slow).as_secs();
-            // `--pin`: the server on CPU 0 (`taskset` execs it: same PID).
-            let mut command = if args.pin {
+            // `--pin`: the server on its CPUs (`taskset` execs it: same PID).
+            let mut command = if let Some((cpus, _)) = &args.pinned {
                 let mut c = Command::new("taskset");
-                c.args(["-c", "0"]).arg(exe);
+                c.args(["-c", cpus]).arg(exe);
                 c
             } else {
                 Command::new(exe)
@@ -1607,8 +1626,8 @@ mod driver {
         if args.copy_uri {
             println!("request URIs copied before the layer sees them (--copy-uri)");
         }
-        if args.pin {
-            println!("server on CPU 0, load generator on the other CPUs (--pin)");
+        if let Some((server, driver)) = &args.pinned {
+            println!("server on CPUs {server}, load generator on CPUs {driver} (--pin)");
         }
     }
 

@@ -829,8 +829,8 @@ async fn demo_adaptive_and_loadgen_run_briefly_and_succeed() {
         limit,
     )
     .await;
-    // Two runs: the p99 target is also shown run by run. `--pin` puts the
-    // server on CPU 0 and the load generator on the others.
+    // Two runs: the p99 target is also shown run by run. `--pin` splits
+    // the CPUs between the server and the load generator.
     let loadgen_runs = runs_to_success(
         "loadgen",
         "--fast 1 --slow 1 --seconds 1 --warmup 0 --runs 2 --variant layer --variant layer-no-slow --rate 2000 --pin",
@@ -841,10 +841,19 @@ async fn demo_adaptive_and_loadgen_run_briefly_and_succeed() {
         demo.contains("fast") && demo_flags.contains("slow"),
         "{demo}"
     );
-    assert!(
-        loadgen_runs.contains("server on CPU 0, load generator on the other CPUs (--pin)"),
-        "{loadgen_runs}"
+    // The first half of the CPUs for the server, the rest for the load
+    // generator.
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let list = |first: usize, last: usize| match first == last {
+        true => first.to_string(),
+        false => format!("{first}-{last}"),
+    };
+    let split = format!(
+        "server on CPUs {}, load generator on CPUs {} (--pin)",
+        list(0, cpus / 2 - 1),
+        list(cpus / 2, cpus - 1)
     );
+    assert!(loadgen_runs.contains(&split), "{split:?} in {loadgen_runs}");
     let by_run = loadgen_runs
         .lines()
         .find(|l| l.trim_start().starts_with("run by run:"))
