@@ -844,9 +844,12 @@ async fn demo_adaptive_and_loadgen_run_briefly_and_succeed() {
     // The first half of the CPUs for the server, the rest for the load
     // generator.
     let cpus = std::thread::available_parallelism().unwrap().get();
-    let list = |first: usize, last: usize| match first == last {
-        true => first.to_string(),
-        false => format!("{first}-{last}"),
+    let list = |first: usize, last: usize| {
+        if first == last {
+            first.to_string()
+        } else {
+            format!("{first}-{last}")
+        }
     };
     let split = format!(
         "server on CPUs {}, load generator on CPUs {} (--pin)",
