@@ -95,14 +95,19 @@ mod tests {
     fn the_cursor_after_a_backfill_past_the_logs_newest_skips_what_it_had() {
         let mut log: Log<&str> = Log::new(crate::hub::HubConfig::new(10));
         log.push(10, "10", 2).finish();
-        let b = Backfill::new(Some(9), weighed([(10, "a"), (11, "b"), (12, "c"), (13, "d")]));
+        let b = Backfill::new(
+            Some(9),
+            weighed([(10, "a"), (11, "b"), (12, "c"), (13, "d")]),
+        );
         let mut cursor = b.cursor(&log).expect("frames");
         assert_eq!(cursor.next, 14);
         for id in 11..=14 {
             log.push(id, "x", 1).finish();
         }
         let mut read = Vec::new();
-        log.read(&mut cursor, usize::MAX, |gap, e| read.push((gap.frames, e.id)));
+        log.read(&mut cursor, usize::MAX, |gap, e| {
+            read.push((gap.frames, e.id))
+        });
         assert_eq!(read, [(0, 14)], "11..=13 were in the backfill");
         // Within the log: the frame after the backfill's last.
         let b = Backfill::new(Some(9), weighed([(10, "a")]));

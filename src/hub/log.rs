@@ -112,8 +112,9 @@ pub(crate) struct Log<T> {
     retain_frames: usize,
     /// `usize::MAX` for no limit.
     retain_bytes: usize,
-    /// Weight of the retained frames.
-    bytes: usize,
+    /// Weight of the retained frames: wide enough that a weigher's value
+    /// cannot overflow it (each is at most `usize::MAX`).
+    bytes: u128,
     /// Weight of every frame ever published.
     total_bytes: u64,
     /// The id of the first frame ever published.
@@ -163,7 +164,7 @@ impl<T> Log<T> {
 
     /// Bytes retained. O(1).
     pub(crate) fn bytes(&self) -> usize {
-        self.bytes
+        usize::try_from(self.bytes).unwrap_or(usize::MAX)
     }
 
     /// Frames ever published. O(1).
@@ -327,7 +328,7 @@ impl<T> Log<T> {
             }
             f(gap, e);
             expect = e.id + 1;
-            cursor.pos = Some(e.bytes_before + e.weight as u64);
+            cursor.pos = Some(e.bytes_before.saturating_add(e.weight as u64));
             read += 1;
         }
         if read > 0 {
@@ -390,24 +391,31 @@ impl<T> Log<T> {
     /// the oldest past the retention, and takes the parked list. Call
     /// [`Pushed::finish`] once the lock is released. O(1) (amortized), plus
     /// the frames dropped.
+    ///
+    /// A weigher's huge value (up to `usize::MAX`) cannot overflow the byte
+    /// counts (the retained bytes are counted in `u128`, the running total
+    /// saturates), and nothing here can panic once the entry is in: the log
+    /// stays whole.
     pub(crate) fn push(&mut self, id: u64, item: T, weight: usize) -> Pushed<T> {
         debug_assert!(self.accepts(id), "id {id} after {:?}", self.newest_id());
+        let bytes_before = self.total_bytes;
+        let total_bytes = bytes_before.saturating_add(weight as u64);
         self.first_id.get_or_insert(id);
         self.entries.push_back(Entry {
             id,
             item,
             weight,
-            bytes_before: self.total_bytes,
+            bytes_before,
         });
-        self.total_bytes += weight as u64;
-        self.bytes = self.bytes.saturating_add(weight);
+        self.total_bytes = total_bytes;
+        self.bytes += weight as u128;
         self.published += 1;
         let mut evicted = None;
         while self.entries.len() > self.retain_frames
-            || (self.bytes > self.retain_bytes && self.entries.len() > 1)
+            || (self.bytes > self.retain_bytes as u128 && self.entries.len() > 1)
         {
             let old = self.entries.pop_front().expect("more than one frame");
-            self.bytes -= old.weight;
+            self.bytes -= old.weight as u128;
             self.dropped += 1;
             // The first one is dropped after the lock; any more (a heavy
             // frame under a byte limit) here.
@@ -483,6 +491,38 @@ mod tests {
             push(&mut l, id, 1);
         }
         assert_eq!((l.oldest_id(), l.len(), l.published()), (Some(7), 3, 10));
+    }
+
+    /// Issue 20, bug 8: a weigher's huge value overflowed the byte total
+    /// under the lock, after the entry went in.
+    #[test]
+    fn a_huge_weight_saturates_and_leaves_the_log_whole() {
+        let mut l = Log::new(HubConfig::new(3).with_retain_bytes(100));
+        push(&mut l, 0, 10);
+        push(&mut l, 1, usize::MAX);
+        // Heavier than the limit: kept alone, as any heavy frame.
+        assert_eq!(
+            (l.oldest_id(), l.newest_id(), l.len()),
+            (Some(1), Some(1), 1)
+        );
+        assert_eq!((l.bytes(), l.published(), l.dropped()), (usize::MAX, 2, 1));
+        push(&mut l, 2, usize::MAX);
+        push(&mut l, 3, 5);
+        assert_eq!((l.oldest_id(), l.len(), l.bytes()), (Some(3), 1, 5));
+        // Readers still get every frame, in order.
+        let mut c = Cursor::START;
+        let ids: Vec<u64> = read_all(&l, &mut c).iter().map(|r| r.2).collect();
+        assert_eq!(ids, [3]);
+        assert_eq!(
+            l.backlog(3),
+            (1, 0),
+            "saturated: the bytes are no longer told apart"
+        );
+        push(&mut l, 4, 1);
+        assert_eq!(
+            read_all(&l, &mut c).iter().map(|r| r.2).collect::<Vec<_>>(),
+            [4]
+        );
     }
 
     #[test]

@@ -474,6 +474,29 @@ mod tests {
         is_send_sync::<Hub<String, fn(&String) -> usize>>();
     }
 
+    /// Issue 20, bug 8, at the hub: a weigher that answers `usize::MAX`.
+    #[test]
+    fn a_huge_weight_is_published_and_the_hub_goes_on() {
+        let weigher = |b: &Bytes| {
+            if b.as_ref() == b"huge" {
+                usize::MAX
+            } else {
+                b.len()
+            }
+        };
+        let hub = Hub::with_weigher(HubConfig::new(4).with_retain_bytes(1 << 20), weigher);
+        hub.publish(Bytes::from("a"));
+        hub.publish(Bytes::from("huge"));
+        hub.publish(Bytes::from("huge"));
+        assert_eq!((hub.retained(), hub.retained_bytes()), (1, usize::MAX));
+        hub.publish(Bytes::from("bc"));
+        assert_eq!(
+            (hub.published(), hub.newest_id(), hub.retained()),
+            (4, Some(3), 1)
+        );
+        assert_eq!(hub.retained_bytes(), 2);
+    }
+
     #[test]
     fn ids_strictly_increase() {
         let hub: Hub = Hub::default();
