@@ -690,3 +690,65 @@ async fn a_panicking_observer_does_not_stop_stalled_clients_from_being_evicted()
     assert!(panicked.load(Ordering::SeqCst), "the observer did panic");
     drop((first, second));
 }
+
+/// A client of `hub` that never reads, with `config`; its events.
+async fn stalled_client(
+    hub: &Hub,
+    config: BufferConfig,
+) -> (Body, tokio::sync::mpsc::UnboundedReceiver<Seen>) {
+    let (body, events, _registry) = client(hub, config, None).await;
+    (body, events)
+}
+
+/// Publishes `n` frames, `per_ms` every millisecond, in paused time.
+async fn publish_paced(hub: &Hub, n: u64, per_ms: u64) {
+    for i in 0..n {
+        hub.publish(Bytes::from(i.to_string()));
+        if (i + 1) % per_ms == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// Issue 20, bug 4: the sweep looks at a stalled client less and less often
+/// (down to once a second) and counted each look's drops as if they had all
+/// happened at that moment. 1,000 frames/s to a client that never reads,
+/// capacity 10, rule "600 drops within 500 ms": the client's real rate is
+/// about 500 per 500 ms, and it must not be evicted; at 2,000 frames/s
+/// (about 1,000 per 500 ms) it must be.
+#[tokio::test(start_paused = true)]
+async fn a_drop_window_rule_judges_the_rate_the_client_really_had() {
+    use tower_backpressure::{EvictReason, Eviction};
+    let config = BufferConfig::new(10)
+        .with_eviction(Eviction::none().after_dropped_within(600, Duration::from_millis(500)));
+    let hub: Hub = Hub::default();
+    let (body, mut events) = stalled_client(&hub, config).await;
+    publish_paced(&hub, 5_000, 1).await;
+    let mut drops = Vec::new();
+    while let Ok(seen) = events.try_recv() {
+        match seen.kind {
+            EventKind::Dropped { count, .. } => drops.push(count),
+            EventKind::Closed { reason } => {
+                panic!("closed ({reason:?}) at 1,000 frames/s; drop reports {drops:?}")
+            }
+            _ => {}
+        }
+    }
+    assert!(drops.iter().sum::<u64>() > 4_000, "{drops:?}");
+    drop(body);
+
+    let hub: Hub = Hub::default();
+    let (_body, mut events) = stalled_client(&hub, config).await;
+    let publish = publish_paced(&hub, 8_000, 2);
+    let mut seen = Vec::new();
+    let closed = tokio::select! {
+        closed = wait_for(&mut events, &mut seen, |s| matches!(s.kind, EventKind::Closed { .. })) => closed,
+        () = publish => panic!("not evicted at 2,000 frames/s: {seen:?}"),
+    };
+    assert_eq!(
+        closed.kind,
+        EventKind::Closed {
+            reason: CloseReason::Evicted(EvictReason::DroppedWindow)
+        }
+    );
+}

@@ -129,9 +129,15 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
             return;
         }
         let was_empty = st.storage.is_empty();
+        // What this look finds skipped was published since the last one.
+        let since = if self.config.rules().dropped_within.is_some() {
+            st.looked_at.replace(now())
+        } else {
+            None
+        };
         let rule = match st.storage.refresh(park) {
             Ok(dropped) => {
-                let rule = self.after_push(st, was_empty, dropped);
+                let rule = self.after_push(st, was_empty, dropped, since);
                 if dropped.frames > 0 {
                     self.report_drops_locked(st);
                 }

@@ -163,6 +163,10 @@ struct State<D, S> {
     /// their sum: constant work per push whatever the rate.
     drop_window: VecDeque<(Instant, u64)>,
     drop_window_sum: u64,
+    /// When the last look at a window counted its drops (only with an
+    /// `after_dropped_within` rule): the drops the next look finds happened
+    /// since then, not at that look.
+    looked_at: Option<Instant>,
     /// The hub's sweep: when it next looks at this client, and how long it
     /// waits after that if the client stays stalled.
     sweep_next: Option<Instant>,
@@ -302,6 +306,7 @@ where
                 waiting_since: None,
                 drop_window: VecDeque::new(),
                 drop_window_sum: 0,
+                looked_at: None,
                 sweep_next: None,
                 sweep_every: Duration::ZERO,
                 outbox: Outbox::default(),

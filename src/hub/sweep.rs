@@ -72,7 +72,7 @@ impl Sweeper {
                 tick.tick().await;
                 if !task.sweeper.sweep(&mut task.list).await {
                     // `running` is cleared: a new task may run already.
-                    task.finished = true;
+                    task.finish();
                     return;
                 }
             }
@@ -141,6 +141,12 @@ struct Task {
     list: Vec<Entry>,
     /// Ended with no client left (`sweep` cleared `running` itself).
     finished: bool,
+}
+
+impl Task {
+    fn finish(&mut self) {
+        self.finished = true;
+    }
 }
 
 impl Drop for Task {
