@@ -752,3 +752,43 @@ async fn a_drop_window_rule_judges_the_rate_the_client_really_had() {
         }
     );
 }
+
+/// Issue 20, hazard: a hub's windows stayed pending for ever once the hub
+/// was gone. Through the layer, a client that reads gets the frames
+/// published before the close, then a clean end (`Completed`); one that
+/// does not read is brought to its end by the sweep as soon as it reads.
+#[tokio::test(start_paused = true)]
+async fn a_closed_hub_ends_its_windows_cleanly() {
+    let hub: Hub = Hub::default();
+    let (mut reader, mut events, _registry) = client(&hub, BufferConfig::new(8), None).await;
+    let (mut late, _late_events, _late_registry) = client(&hub, BufferConfig::new(8), None).await;
+    hub.publish(Bytes::from("a"));
+    assert_eq!(take(&mut reader, 10), ["a"]);
+    let pending = tokio::spawn(async move {
+        let frame = reader.frame().await;
+        (frame.map(|f| f.unwrap().into_data().unwrap()), reader)
+    });
+    tokio::task::yield_now().await;
+    hub.publish(Bytes::from("b"));
+    drop(hub);
+    let (frame, mut reader) = guard("the frame before the close", pending).await.unwrap();
+    assert_eq!(frame.as_deref(), Some(&b"b"[..]));
+    assert!(
+        guard("the end", reader.frame()).await.is_none(),
+        "a clean end"
+    );
+    let mut seen = Vec::new();
+    let closed = wait_for(&mut events, &mut seen, |s| {
+        matches!(s.kind, EventKind::Closed { .. })
+    })
+    .await;
+    assert_eq!(
+        closed.kind,
+        EventKind::Closed {
+            reason: CloseReason::Completed
+        }
+    );
+    // The other one reads later: both frames, then the end.
+    assert_eq!(take(&mut late, 10), ["a", "b"]);
+    assert!(guard("the end", late.frame()).await.is_none());
+}

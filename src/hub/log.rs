@@ -128,6 +128,10 @@ pub(crate) struct Log<T> {
     /// How many times a push took the parked list: tells a reader whether
     /// its place in it is still its own.
     round: u64,
+    /// Set by [`close`](Self::close): the cursor after the newest frame
+    /// then. Readers get the frames before it, then end; frames pushed
+    /// after it reach no reader.
+    closed_at: Option<u64>,
 }
 
 impl<T> Log<T> {
@@ -144,7 +148,44 @@ impl<T> Log<T> {
             parked: Vec::new(),
             free: Vec::new(),
             round: 0,
+            closed_at: None,
         }
+    }
+
+    /// Closes the log: every reader ends once it has read the frames
+    /// retained now (a reader that resumes later ends at once, after them),
+    /// and the parked readers are woken to see it. Idempotent. O(1), plus
+    /// the parked readers.
+    pub(crate) fn close(&mut self) -> Pushed<T> {
+        if self.closed_at.is_none() {
+            self.closed_at = Some(self.tail().next);
+        }
+        self.round += 1;
+        self.free.clear();
+        Pushed {
+            wakers: std::mem::take(&mut self.parked),
+            _evicted: None,
+        }
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed_at.is_some()
+    }
+
+    /// The index past the last frame a reader may get: every retained frame,
+    /// or those before the close.
+    fn end_index(&self) -> usize {
+        match self.closed_at {
+            None => self.entries.len(),
+            Some(end) => self.entries.partition_point(|e| e.id < end),
+        }
+    }
+
+    /// A reader at `next` has read everything it ever will: the log is
+    /// closed and no frame before the close is left for it. O(log n).
+    pub(crate) fn finished(&self, next: u64) -> bool {
+        self.closed_at.is_some() && self.index(next) >= self.end_index()
     }
 
     /// The id of the newest frame. O(1).
@@ -273,6 +314,9 @@ impl<T> Log<T> {
     /// A frame with an id at or after `next` is retained: a read would get
     /// something. O(1).
     pub(crate) fn has_from(&self, next: u64) -> bool {
+        if self.closed_at.is_some() {
+            return self.index(next) < self.end_index();
+        }
         self.newest_id().is_some_and(|n| n >= self.effective(next))
     }
 
@@ -280,10 +324,15 @@ impl<T> Log<T> {
     /// what a reader there has still to read. O(log n).
     pub(crate) fn backlog(&self, next: u64) -> (usize, u64) {
         let i = self.index(next);
-        match self.entries.get(i) {
-            Some(e) => (self.entries.len() - i, self.total_bytes - e.bytes_before),
-            None => (0, 0),
+        let end = self.end_index();
+        if i >= end {
+            return (0, 0);
         }
+        let end_bytes = self
+            .entries
+            .get(end)
+            .map_or(self.total_bytes, |e| e.bytes_before);
+        (end - i, end_bytes - self.entries[i].bytes_before)
     }
 
     /// How many ids a reader at `next` skips before the first frame it can
@@ -292,9 +341,11 @@ impl<T> Log<T> {
     #[allow(dead_code)] // For the layer's per-client windows.
     pub(crate) fn gap_before(&self, next: u64) -> u64 {
         let from = self.effective(next);
-        self.entries
-            .get(self.index(next))
-            .map_or(0, |e| e.id - from)
+        let i = self.index(next);
+        if i >= self.end_index() {
+            return 0;
+        }
+        self.entries.get(i).map_or(0, |e| e.id - from)
     }
 
     /// The retained frame at `index` (see [`index`](Self::index)). O(1).
@@ -305,7 +356,9 @@ impl<T> Log<T> {
     /// The retained frames with an id at or after `next`, oldest first.
     /// O(log n) to find the first, O(1) per frame.
     pub(crate) fn iter_from(&self, next: u64) -> impl Iterator<Item = &Entry<T>> {
-        self.entries.range(self.index(next)..)
+        let end = self.end_index();
+        let start = self.index(next).min(end);
+        self.entries.range(start..end)
     }
 
     /// Reads up to `max` frames from `cursor`, oldest first, handing each to

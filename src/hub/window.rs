@@ -206,6 +206,8 @@ pub(crate) struct Window<T, W> {
     catching_up: bool,
     /// Parked by the last `refresh`, for the consumer's `park` right after.
     parked_now: bool,
+    /// The hub closed and the client has had every frame published before.
+    hub_ended: bool,
     closed: bool,
     sent: u64,
     dropped: u64,
@@ -231,6 +233,7 @@ impl<T, W> Window<T, W> {
             trailers,
             catching_up: resumed,
             parked_now: false,
+            hub_ended: false,
             shared,
             cursor,
             parked: Parked::default(),
@@ -325,6 +328,14 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
         }
         let mut log = self.shared.lock();
         let (frames, bytes) = log.backlog(self.cursor.next);
+        if frames == 0 && self.held.kept.is_empty() && log.finished(self.cursor.next) {
+            // The hub closed, and this client has had all it will get.
+            log.unpark(&mut self.parked);
+            self.held.frames = 0;
+            self.held.bytes = 0;
+            self.hub_ended = true;
+            return Ok(Dropped::default());
+        }
         if let Some(waker) = park.filter(|_| frames == 0 && self.held.kept.is_empty()) {
             // Nothing waits: park under this lock, not another one.
             self.held.frames = 0;
@@ -410,13 +421,16 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
         if self.closed || !self.held.kept.is_empty() {
             return false;
         }
-        self.shared
-            .lock()
-            .park(self.cursor.next, waker, &mut self.parked)
+        let mut log = self.shared.lock();
+        if log.finished(self.cursor.next) {
+            // Closed meanwhile: the next look ends the stream.
+            return false;
+        }
+        log.park(self.cursor.next, waker, &mut self.parked)
     }
 
     fn ended(&self) -> bool {
-        self.left == Some(0)
+        self.left == Some(0) || self.hub_ended
     }
 
     fn end_trailers(&mut self) -> Option<HeaderMap> {
