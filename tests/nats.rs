@@ -419,6 +419,9 @@ async fn a_server_cut_off_from_nats_announces_one_exact_gap() {
     assert!(value("backpressure_bus_reconnects_total") >= 1, "{metrics}");
     assert_eq!(value("backpressure_bus_connected"), 1, "{metrics}");
     assert!(value("backpressure_bus_frames_fed_total") > 0, "{metrics}");
+    // One publisher that never restarted: no outlier, no new epoch.
+    assert_eq!(value("backpressure_bus_outliers_total"), 0, "{metrics}");
+    assert_eq!(value("backpressure_bus_epochs_total"), 0, "{metrics}");
 
     publisher.stop_cleanly().await;
     drop((on_a, on_b));

@@ -220,10 +220,12 @@ pub struct FeedReport {
 /// Counts into `stats` as it goes (and `target`'s clients see each hole as
 /// a gap at once); returns what this call did. Never fails: a duplicate or
 /// an outlier is skipped and counted, and a publisher whose ids restart
-/// starts a new epoch (see the [module docs](self#outliers-and-epochs)). A bus that reconnects by itself can keep one
-/// stream going; one that needs a new stream per connection calls `feed`
-/// again with the same hub and stats (ids then continue where they were,
-/// and redeliveries are skipped).
+/// starts a new epoch (see the [module docs](self#outliers-and-epochs)).
+/// A bus that reconnects by itself can keep one stream going; one that
+/// needs a new stream per connection calls `feed` again with the same hub
+/// and stats (ids then continue where they were, and redeliveries are
+/// skipped: set [`FeedStats::max_rewind`] to at least how far back the new
+/// stream may start).
 ///
 /// `target` should have no other publisher: ids decide what is a hole and
 /// what a duplicate.

@@ -205,6 +205,12 @@ pub async fn last_id(stream: &stream::Stream, subject: &str) -> Option<u64> {
 /// Messages without a valid id are counted in `stats` and dropped; a
 /// consumer error is logged and the stream goes on (the ordered consumer
 /// recreates itself).
+///
+/// Calling it again for a hub that already holds frames replays the whole
+/// stream: those frames are skipped as duplicates only if they are within
+/// [`FeedStats::max_rewind`] of the hub's newest, so set it to at least the
+/// stream's retention (else the replay looks like a publisher that
+/// restarted, and starts a new epoch).
 pub async fn follow(
     stream: &stream::Stream,
     subject: &str,
