@@ -909,6 +909,63 @@ mod tests {
         assert_eq!(target.hub.newest_id(), Some(7));
     }
 
+    proptest::proptest! {
+        /// Whatever the ids (runs, redeliveries, strays, resets, ids near
+        /// `u64::MAX`): no panic, every item is fed, a duplicate or an
+        /// outlier, a reader from the start sees increasing ids whose gaps
+        /// add up to `missed`, and the hub stays publishable unless its ids
+        /// really reached the end.
+        #[test]
+        fn any_ids_keep_the_feed_and_its_counts_whole(
+            ids in proptest::collection::vec(
+                proptest::prop_oneof![
+                    0..40u64,
+                    1_000..1_040u64,
+                    (u64::MAX - 40)..=u64::MAX,
+                    proptest::num::u64::ANY,
+                ],
+                0..60,
+            ),
+        ) {
+            futures_executor_block_on(async {
+                let hub: Hub = Hub::new(HubConfig::new(100));
+                let mut sub = hub.subscribe();
+                let stats = FeedStats::new().max_gap(100).max_rewind(10);
+                let report = feed(&hub, &stats, frames(&ids)).await;
+                assert_eq!(
+                    report.fed + report.duplicates + report.outliers,
+                    ids.len() as u64,
+                    "{report:?}"
+                );
+                assert!(report.epochs <= report.outliers);
+                assert_eq!(
+                    (stats.fed(), stats.duplicates(), stats.missed(), stats.outliers()),
+                    (report.fed, report.duplicates, report.missed, report.outliers)
+                );
+                let (mut frames_read, mut gaps, mut last) = (0, 0, None);
+                for _ in 0..report.fed {
+                    loop {
+                        match sub.next().await {
+                            Some(HubEvent::Frame { id, .. }) => {
+                                assert!(last < Some(id), "{last:?} then {id}");
+                                last = Some(id);
+                                frames_read += 1;
+                                break;
+                            }
+                            Some(HubEvent::Gap { missed }) => gaps += missed,
+                            other => panic!("{other:?}"),
+                        }
+                    }
+                }
+                assert_eq!((frames_read, gaps), (report.fed, report.missed));
+                assert_eq!(stats.newest_id(), hub.newest_id());
+                if hub.newest_id() < Some(u64::MAX - 1) {
+                    hub.publish(Bytes::new());
+                }
+            });
+        }
+    }
+
     /// A tiny executor: the feeds above never wait.
     fn futures_executor_block_on<F: std::future::Future>(f: F) -> F::Output {
         let mut f = std::pin::pin!(f);
