@@ -19,9 +19,10 @@
 //!   client reading across one gets a [`HubEvent::Gap`](crate::hub::HubEvent::Gap)
 //!   (and, through the layer, a gap marker such as SSE's `event: lagged`)
 //!   with exactly the number of ids missed. [`FeedStats::missed`] adds them up.
-//! - **Duplicates.** An id not newer than the hub's newest (a redelivery
-//!   after a reconnect, or the seam between a bus's history and its live
-//!   messages) is skipped and counted ([`FeedStats::duplicates`]).
+//! - **Duplicates.** An id not newer than the hub's newest, and not far
+//!   behind it (a redelivery after a reconnect, or the seam between a bus's
+//!   history and its live messages), is skipped and counted
+//!   ([`FeedStats::duplicates`]).
 //! - **Outliers.** An id too far from the hub's newest to be a hole or a
 //!   redelivery (see below) is skipped and counted ([`FeedStats::outliers`]):
 //!   one stray id cannot stall the feed or use up the hub's ids.
@@ -70,14 +71,40 @@
 //! history ([`nats::history`]) no longer matches the hub's ids. A
 //! publisher that restarts should continue after its last id (as
 //! `nats_publisher` does with JetStream, from [`nats::last_id`]); the epoch
-//! is a safety net that keeps the feed alive, not a protocol. The first
-//! item of an epoch is the one price: it is skipped, as an outlier, and is
-//! in the gap clients see.
+//! is a safety net that keeps the feed alive, not a protocol. What an epoch
+//! costs is the item that started it: skipped as an outlier, it is the
+//! one-id gap clients see.
 //!
-//! [`FeedStats`] is a cheap-to-clone handle on atomic counters (frames
-//! fed, duplicates, ids missed, items without a valid id, connection
-//! state and reconnects) that an operator can read at any time, e.g. to
-//! export them as metrics. A bus adapter reports its connection's ups and
+//! ```
+//! use bytes::Bytes;
+//! use futures::StreamExt;
+//! use tower_backpressure::Hub;
+//! use tower_backpressure::bus::{FeedStats, feed};
+//! use tower_backpressure::hub::HubEvent;
+//!
+//! # futures::executor::block_on(async {
+//! let hub: Hub = Hub::default();
+//! let stats = FeedStats::new().max_rewind(100);
+//! let old = futures::stream::iter((0..1_000).map(|id| (id, Bytes::from("old"))));
+//! feed(&hub, &stats, old).await;
+//! let mut client = hub.subscribe_after(998);
+//! // The publisher restarted: 0, 1, 2 again.
+//! let new = futures::stream::iter((0..3).map(|id| (id, Bytes::from(format!("new {id}")))));
+//! let report = feed(&hub, &stats, new).await;
+//! assert_eq!((report.fed, report.outliers, report.epochs, report.missed), (2, 1, 1, 1));
+//!
+//! assert_eq!(client.next().await, Some(HubEvent::Frame { id: 999, item: Bytes::from("old") }));
+//! assert_eq!(client.next().await, Some(HubEvent::Gap { missed: 1 })); // the new 0
+//! assert_eq!(client.next().await, Some(HubEvent::Frame { id: 1_001, item: Bytes::from("new 1") }));
+//! assert_eq!(client.next().await, Some(HubEvent::Frame { id: 1_002, item: Bytes::from("new 2") }));
+//! # });
+//! ```
+//!
+//! [`FeedStats`] is a cheap-to-clone handle on the feed's shared state: the
+//! bounds and the epoch above, and atomic counters (frames fed, duplicates,
+//! ids missed, items without a valid id, outliers, epochs, connection state
+//! and reconnects) that an operator can read at any time, e.g. to export
+//! them as metrics. A bus adapter reports its connection's ups and
 //! downs through [`FeedStats::record_connected`] and
 //! [`FeedStats::record_disconnected`].
 //!
@@ -396,6 +423,12 @@ impl Epoch {
 /// getter is one atomic load, so a `/metrics` handler can read them on
 /// every scrape. Counters only grow, from the handle's creation, across
 /// every [`feed`] and reconnect that uses it.
+///
+/// It also holds what the feed must remember between items: its bounds
+/// ([`max_gap`](Self::max_gap), [`max_rewind`](Self::max_rewind)) and its
+/// epoch (how the publisher's ids map to the hub's). Keep one per hub, for
+/// every [`feed`] into it: a new `FeedStats` after a publisher restarted
+/// would not know the epoch.
 ///
 /// ```
 /// use tower_backpressure::bus::FeedStats;
