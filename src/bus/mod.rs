@@ -44,7 +44,8 @@
 //!   as a duplicate. Set it to at least what the bus may deliver again.
 //!
 //! An id outside both is an **outlier** ([`Fed::Outlier`]): skipped and
-//! counted, and remembered. If the next id is near the newest again, that
+//! counted (with the `tracing` feature, the first of a run is logged as a
+//! warning), and remembered. If the next id is near the newest again, that
 //! was all. If the next id follows the outlier instead (no more than
 //! `max_gap` ids after it), the publisher's ids really moved, and a **new
 //! epoch** starts with that id ([`Fed::Epoch`], and a `tracing` warning with
@@ -344,8 +345,9 @@ where
         .suspect
         .is_some_and(|s| id > s && id - s - 1 <= max_gap);
     if !follows {
-        epoch.suspect = Some(id);
-        return c.outlier(id, newest);
+        // Only the first of a run of outliers is logged, not each of them.
+        let first = epoch.suspect.replace(id).is_none();
+        return c.outlier(id, newest, first);
     }
     let suspect = epoch.suspect.take().unwrap_or(id);
     let next = match mapped {
@@ -360,7 +362,7 @@ where
     };
     let Some(h) = next.map(id) else {
         epoch.suspect = Some(id);
-        return c.outlier(id, newest);
+        return c.outlier(id, newest, false);
     };
     match publish(target, c, Some(newest), h, item) {
         Some(missed) => {
@@ -378,7 +380,7 @@ where
         }
         None => {
             epoch.suspect = Some(id);
-            c.outlier(id, newest)
+            c.outlier(id, newest, false)
         }
     }
 }
@@ -487,14 +489,17 @@ impl Counters {
         Fed::Duplicate
     }
 
-    fn outlier(&self, _id: u64, _newest: u64) -> Fed {
+    /// Counts an outlier; logs it if it is the `first` of a run.
+    fn outlier(&self, _id: u64, _newest: u64, _first: bool) -> Fed {
         self.outliers.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "tracing")]
-        tracing::warn!(
-            id = _id,
-            newest = _newest,
-            "bus feed: an id far from the newest skipped as an outlier"
-        );
+        if _first {
+            tracing::warn!(
+                id = _id,
+                newest = _newest,
+                "bus feed: an id far from the newest skipped as an outlier"
+            );
+        }
         Fed::Outlier
     }
 }
