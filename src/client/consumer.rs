@@ -95,8 +95,14 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         if st.end && !st.storage.trailing_gap().is_empty() {
             return Next::TrailingGap(st.storage.take_trailing_gap());
         }
+        if st.end {
+            if let Some(last) = st.last.take() {
+                return Next::Data(last, Gap::default());
+            }
+        }
         if let Some(trailers) = st.trailers.take() {
-            self.close_locked(&mut st, CloseReason::Completed);
+            let reason = st.end_reason();
+            self.close_locked(&mut st, reason);
             return Next::Trailers(trailers);
         }
         if let Some(error) = st.error.take() {
@@ -104,7 +110,8 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
             return Next::Error(error);
         }
         if st.end {
-            self.close_locked(&mut st, CloseReason::Completed);
+            let reason = st.end_reason();
+            self.close_locked(&mut st, reason);
             st.wake_producer = true;
             return Next::End;
         }

@@ -433,6 +433,13 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
         self.left == Some(0) || self.hub_ended
     }
 
+    fn stop(&mut self) {
+        // What waits now is the last the client gets.
+        let waiting = self.waiting() as u64;
+        self.left = Some(self.left.map_or(waiting, |left| left.min(waiting)));
+        self.trailers = None;
+    }
+
     fn end_trailers(&mut self) -> Option<HeaderMap> {
         self.trailers.take()
     }
