@@ -239,7 +239,10 @@ async fn a_plain_hub_body_still_gets_a_window_and_no_pump_task() {
     let tasks = metrics.num_alive_tasks();
     let response = svc.oneshot(Request::new(())).await.unwrap();
     let mut body = response.into_body();
-    assert_eq!(format!("{body:?}"), "BackpressureBody { kind: \"windowed\" }");
+    assert_eq!(
+        format!("{body:?}"),
+        "BackpressureBody { kind: \"windowed\" }"
+    );
     hub.publish(Bytes::from("a\n"));
     let frame = guard("a frame", body.frame()).await.unwrap().unwrap();
     assert_eq!(frame.into_data().unwrap(), "a\n");
@@ -275,4 +278,55 @@ async fn a_plain_hub_body_through_a_real_server_is_windowed() {
         read_exactly(body, b"a\nb\n").await;
     }
     assert_eq!(hub.subscribers(), 3);
+}
+
+/// The path the layer takes for each shape of a hub's response.
+#[tokio::test]
+async fn only_a_body_that_is_still_the_hubs_own_is_replaced_by_a_window() {
+    async fn kind<B>(response: Response<B>) -> String
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let response = std::sync::Mutex::new(Some(response));
+        let svc = ServiceBuilder::new()
+            .layer(BackpressureLayer::new(BufferConfig::new(100)))
+            .service(service_fn(move |_req: Request<()>| {
+                let response = response.lock().unwrap().take().unwrap();
+                async move { Ok::<_, Infallible>(response) }
+            }));
+        let body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+        format!("{body:?}")
+    }
+    let windowed = "BackpressureBody { kind: \"windowed\" }";
+    let buffered = "BackpressureBody { kind: \"buffered\" }";
+    let passthrough = "BackpressureBody { kind: \"passthrough\" }";
+    let hub: Hub = Hub::new(HubConfig::new(100));
+    assert_eq!(kind(ndjson_response(&hub)).await, windowed);
+    let boxed = ndjson_response(&hub).map(|b| b.map_err(BoxError::from).boxed_unsync());
+    assert_eq!(kind(boxed).await, windowed);
+    // As axum's handlers and tonic's routes hand it on.
+    let axum = ndjson_response(&hub).map(axum::body::Body::new);
+    assert_eq!(kind(axum).await, windowed);
+    let tonic = ndjson_response(&hub).map(tonic::body::Body::new);
+    assert_eq!(kind(tonic).await, windowed);
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let ended = ndjson_response(&hub).map(|b| {
+        StreamBody::new(
+            b.into_data_stream()
+                .map(|d| d.map(Frame::data))
+                .take_until(stopped),
+        )
+    });
+    assert_eq!(kind(ended).await, windowed);
+    let mapped = ndjson_response(&hub)
+        .map(|b| b.map_frame(|f| f.map_data(|d| Bytes::from(d.to_ascii_uppercase()))));
+    assert_eq!(kind(mapped).await, buffered);
+    assert_eq!(kind(reversed(ndjson_response(&hub))).await, passthrough);
+    // Not a streaming type the predicate selects: passthrough, no window.
+    let plain = hub
+        .response()
+        .content_type(HeaderValue::from_static("application/octet-stream"))
+        .build();
+    assert_eq!(kind(plain).await, passthrough);
 }

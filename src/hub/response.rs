@@ -1,9 +1,11 @@
 //! [`Hub::response`]: the streaming response of one client of a hub, which
 //! `BackpressureLayer` serves from a window over the hub's log.
 
+use std::any::{Any, TypeId};
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
@@ -149,10 +151,12 @@ where
             trailers: self.trailers.clone(),
             backfill: window_backfill,
         });
+        let claim = Arc::new(Claim::new::<HubBody<T, W>>());
         let mut response = Response::new(HubBody {
-            subscription,
+            subscription: Some(subscription),
             left: self.limit,
             trailers: self.trailers,
+            claim: claim.clone(),
         });
         response
             .headers_mut()
@@ -162,6 +166,7 @@ where
             HeaderValue::from_static("no-cache"),
         );
         response.extensions_mut().insert(Tap::new(source));
+        response.extensions_mut().insert(Claimed(claim));
         response
     }
 }
@@ -213,14 +218,24 @@ where
 
 /// The body of a [`Hub::response`]: the client's subscription, up to its
 /// limit. Gaps are silent here (a gap marker is the layer's).
+///
+/// Through [`BackpressureLayer`](crate::BackpressureLayer), a body that is
+/// still the hub's own (boxed, or passed through wrappers that change no
+/// frame, such as one that ends it on a signal) reads nothing more: the
+/// layer serves its client from a window over the hub's log, and still
+/// ends the response when the wrappers end the body. A body whose frames
+/// were changed (mapped, encoded) is served as it was made, through the
+/// layer's buffer, as any other body.
 #[derive(Debug)]
 pub struct HubBody<T = Bytes, W = ByWeigh> {
-    subscription: Subscription<T, W>,
+    /// `None` once the layer serves the client from a window.
+    subscription: Option<Subscription<T, W>>,
     left: Option<u64>,
     trailers: Option<HeaderMap>,
+    claim: Arc<Claim>,
 }
 
-impl<T: Buf + Clone, W> Body for HubBody<T, W> {
+impl<T: Buf + Clone + 'static, W> Body for HubBody<T, W> {
     type Data = T;
     type Error = Infallible;
 
@@ -228,10 +243,32 @@ impl<T: Buf + Clone, W> Body for HubBody<T, W> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<T>, Infallible>>> {
+        match self.claim.state.load(Ordering::Acquire) {
+            SERVING => {}
+            PROBE => {
+                // The layer asks whether the frames still come out as they
+                // go in: the token, once.
+                self.claim.state.store(PROBED, Ordering::Release);
+                if let Some(token) = probe::<T>() {
+                    return Poll::Ready(Some(Ok(Frame::data(token))));
+                }
+                return Poll::Pending;
+            }
+            // Nothing comes from here: the window serves the client (the
+            // body is polled only so that its wrappers can end it).
+            SHADOW => {
+                self.subscription = None;
+                return Poll::Pending;
+            }
+            _ => return Poll::Pending,
+        }
         if self.left == Some(0) {
             return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
         }
-        let frame = ready!(Pin::new(&mut self.subscription).poll_frame(cx));
+        let Some(subscription) = self.subscription.as_mut() else {
+            return Poll::Pending;
+        };
+        let frame = ready!(Pin::new(subscription).poll_frame(cx));
         if let (Some(Ok(f)), Some(left)) = (&frame, &mut self.left) {
             if f.is_data() {
                 *left -= 1;
@@ -241,6 +278,85 @@ impl<T: Buf + Clone, W> Body for HubBody<T, W> {
     }
 
     fn is_end_stream(&self) -> bool {
-        (self.left == Some(0) && self.trailers.is_none()) || self.subscription.is_end_stream()
+        (self.left == Some(0) && self.trailers.is_none())
+            || self
+                .subscription
+                .as_ref()
+                .is_some_and(|s| s.is_end_stream())
     }
+}
+
+/// The body serves its subscription.
+const SERVING: u8 = 0;
+/// Its next poll yields the probe token.
+const PROBE: u8 = 1;
+/// It yielded the token; it yields nothing until the layer decides.
+const PROBED: u8 = 2;
+/// The layer serves the client from a window: the body reads nothing.
+const SHADOW: u8 = 3;
+
+/// What a [`HubBody`] shares with the layer: whether the layer serves its
+/// client from a window, and the body's type, so that the layer can tell
+/// whether the response still carries the hub's own body (see
+/// `middleware/future.rs`).
+#[derive(Debug)]
+pub(crate) struct Claim {
+    state: AtomicU8,
+    body: TypeId,
+}
+
+/// The response extension that carries a [`Claim`].
+#[derive(Debug, Clone)]
+pub(crate) struct Claimed(pub(crate) Arc<Claim>);
+
+impl Claim {
+    fn new<B: 'static>() -> Self {
+        Self {
+            state: AtomicU8::new(SERVING),
+            body: TypeId::of::<B>(),
+        }
+    }
+
+    /// `B` is the hub's body type itself (no wrapper at all).
+    pub(crate) fn is_body<B: 'static>(&self) -> bool {
+        self.body == TypeId::of::<B>()
+    }
+
+    /// The body's next poll yields the probe token.
+    pub(crate) fn arm(&self) {
+        self.state.store(PROBE, Ordering::Release);
+    }
+
+    /// The body yielded the token (whatever its wrappers made of it).
+    pub(crate) fn probed(&self) -> bool {
+        self.state.load(Ordering::Acquire) == PROBED
+    }
+
+    /// The window serves the client: the body reads nothing more.
+    pub(crate) fn shadow(&self) {
+        self.state.store(SHADOW, Ordering::Release);
+    }
+
+    /// The body serves its subscription (the layer does not take it over).
+    pub(crate) fn release(&self) {
+        self.state.store(SERVING, Ordering::Release);
+    }
+}
+
+/// The probe token's address: a frame that comes out of the response's
+/// body as this very (empty) slice went through wrappers that change no
+/// frame.
+static PROBE_TOKEN: [u8; 1] = [0];
+
+/// The probe token, for `Bytes` frames (`None` for other types).
+pub(crate) fn probe<T: 'static>() -> Option<T> {
+    let token: Box<dyn Any> = Box::new(Bytes::from_static(&PROBE_TOKEN[..0]));
+    token.downcast::<T>().ok().map(|t| *t)
+}
+
+/// `data` is the probe token, unchanged.
+pub(crate) fn is_probe<T: 'static>(data: &T) -> bool {
+    (data as &dyn Any)
+        .downcast_ref::<Bytes>()
+        .is_some_and(|b| b.is_empty() && std::ptr::eq(b.as_ptr(), PROBE_TOKEN.as_ptr()))
 }
