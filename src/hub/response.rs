@@ -6,7 +6,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderValue, Response};
@@ -16,6 +16,7 @@ use super::backfill::Backfill;
 use super::window::{MakeWindow, Source, Tap};
 use super::{Hub, Subscription};
 use crate::buffer::{ByWeigh, Weigher};
+use crate::keep_alive::{Idle, KeepAlive, no_proxy_buffering};
 
 /// Builds the streaming response of one client of a hub; from
 /// [`Hub::response`].
@@ -35,6 +36,7 @@ pub struct HubResponse<'a, T, W> {
     trailers: Option<HeaderMap>,
     /// Frames fetched from elsewhere, weighed, to start with.
     backfill: Vec<(u64, T, usize)>,
+    keep_alive: Option<KeepAlive>,
 }
 
 impl<T, W> Hub<T, W>
@@ -64,6 +66,7 @@ where
             content_type: HeaderValue::from_static("text/event-stream"),
             trailers: None,
             backfill: Vec::new(),
+            keep_alive: Some(KeepAlive::new()),
         }
     }
 }
@@ -130,6 +133,29 @@ where
         self
     }
 
+    /// The keep-alive of an SSE response served without
+    /// [`BackpressureLayer`](crate::BackpressureLayer): a comment line after
+    /// a quiet interval (see [`KeepAlive`]); `None` turns it off. On by
+    /// default, every 15 seconds. Through the layer, the layer's
+    /// [`keep_alive`](crate::BackpressureLayer::keep_alive) applies instead.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_backpressure::{Hub, KeepAlive};
+    ///
+    /// let hub: Hub = Hub::default();
+    /// let response = hub
+    ///     .response()
+    ///     .keep_alive(Some(KeepAlive::new().interval(Duration::from_secs(30))))
+    ///     .build();
+    /// assert_eq!(response.headers()["cache-control"], "no-cache");
+    /// assert_eq!(response.headers()["x-accel-buffering"], "no");
+    /// ```
+    pub fn keep_alive(mut self, keep_alive: Option<KeepAlive>) -> Self {
+        self.keep_alive = keep_alive;
+        self
+    }
+
     /// The response.
     pub fn build(self) -> Response<HubBody<T, W>> {
         let backfill = Backfill::new(self.after, self.backfill);
@@ -152,19 +178,23 @@ where
             backfill: window_backfill,
         });
         let claim = Arc::new(Claim::new::<HubBody<T, W>>());
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CONTENT_TYPE, self.content_type);
+        headers.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache"),
+        );
+        // Proxies that buffer (nginx) stream an SSE response that says so.
+        no_proxy_buffering(&mut headers);
+        let idle = Idle::for_response::<T>(self.keep_alive.as_ref(), &headers);
         let mut response = Response::new(HubBody {
             subscription: Some(subscription),
             left: self.limit,
             trailers: self.trailers,
             claim: claim.clone(),
+            idle,
         });
-        response
-            .headers_mut()
-            .insert(http::header::CONTENT_TYPE, self.content_type);
-        response.headers_mut().insert(
-            http::header::CACHE_CONTROL,
-            HeaderValue::from_static("no-cache"),
-        );
+        *response.headers_mut() = headers;
         response.extensions_mut().insert(Tap::new(source));
         response.extensions_mut().insert(Claimed(claim));
         response
@@ -233,6 +263,8 @@ pub struct HubBody<T = Bytes, W = ByWeigh> {
     left: Option<u64>,
     trailers: Option<HeaderMap>,
     claim: Arc<Claim>,
+    /// SSE keep-alive, served without the layer.
+    idle: Option<Idle>,
 }
 
 impl<T: Buf + Clone + 'static, W> Body for HubBody<T, W> {
@@ -243,8 +275,10 @@ impl<T: Buf + Clone + 'static, W> Body for HubBody<T, W> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<T>, Infallible>>> {
+        let mut keep_alive = false;
         match self.claim.state.load(Ordering::Acquire) {
-            SERVING => {}
+            SERVING => keep_alive = true,
+            LAYERED => {}
             PROBE => {
                 // The layer asks whether the frames still come out as they
                 // go in: the token, once.
@@ -268,7 +302,22 @@ impl<T: Buf + Clone + 'static, W> Body for HubBody<T, W> {
         let Some(subscription) = self.subscription.as_mut() else {
             return Poll::Pending;
         };
-        let frame = ready!(Pin::new(subscription).poll_frame(cx));
+        let frame = match (Pin::new(subscription).poll_frame(cx), &mut self.idle) {
+            (Poll::Ready(frame), idle) => {
+                if let Some(idle) = idle {
+                    idle.busy();
+                }
+                frame
+            }
+            // A comment is not a frame of the subscription: not counted
+            // against the limit.
+            (Poll::Pending, Some(idle)) if keep_alive => {
+                return idle
+                    .poll_quiet(cx)
+                    .map(|comment| Some(Ok(Frame::data(comment))));
+            }
+            (Poll::Pending, _) => return Poll::Pending,
+        };
         if let (Some(Ok(f)), Some(left)) = (&frame, &mut self.left) {
             if f.is_data() {
                 *left -= 1;
@@ -294,6 +343,9 @@ const PROBE: u8 = 1;
 const PROBED: u8 = 2;
 /// The layer serves the client from a window: the body reads nothing.
 const SHADOW: u8 = 3;
+/// The body serves its subscription into the layer's buffer: no
+/// keep-alive of its own (the layer's goes to the client).
+const LAYERED: u8 = 4;
 
 /// What a [`HubBody`] shares with the layer: whether the layer serves its
 /// client from a window, and the body's type, so that the layer can tell
@@ -337,9 +389,10 @@ impl Claim {
         self.state.store(SHADOW, Ordering::Release);
     }
 
-    /// The body serves its subscription (the layer does not take it over).
-    pub(crate) fn release(&self) {
-        self.state.store(SERVING, Ordering::Release);
+    /// The body serves its subscription through the layer's buffer (the
+    /// keep-alive is the layer's).
+    pub(crate) fn layered(&self) {
+        self.state.store(LAYERED, Ordering::Release);
     }
 }
 

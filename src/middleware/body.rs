@@ -10,6 +10,7 @@ use crate::BoxError;
 use crate::buffer::{ClientBuffer, Remaining};
 use crate::client::{Client, Next, Release, Storage, Timer};
 use crate::error::{Evicted, PumpStopped};
+use crate::keep_alive::Idle;
 use crate::observer::{BackpressureObserver, CloseReason};
 use crate::policy::{GapAction, GapMarker};
 
@@ -70,7 +71,7 @@ impl<B: Body, O: BackpressureObserver, M> BackpressureBody<B, O, M> {
         }
     }
 
-    pub(crate) fn buffered(shared: Arc<Shared<B::Data, O>>, marker: M) -> Self {
+    pub(crate) fn buffered(shared: Arc<Shared<B::Data, O>>, marker: M, idle: Option<Idle>) -> Self {
         Self {
             kind: Kind::Buffered {
                 consumer: Consumer {
@@ -79,6 +80,7 @@ impl<B: Body, O: BackpressureObserver, M> BackpressureBody<B, O, M> {
                     pending: None,
                     timer: Timer::default(),
                     release: Release::default(),
+                    idle,
                 },
             },
         }
@@ -88,6 +90,7 @@ impl<B: Body, O: BackpressureObserver, M> BackpressureBody<B, O, M> {
         shared: Arc<Windowed<B::Data, O>>,
         shadow: Option<Pin<Box<B>>>,
         marker: M,
+        idle: Option<Idle>,
     ) -> Self {
         Self {
             kind: Kind::Windowed {
@@ -97,6 +100,7 @@ impl<B: Body, O: BackpressureObserver, M> BackpressureBody<B, O, M> {
                     pending: None,
                     timer: Timer::default(),
                     release: Release::default(),
+                    idle,
                 },
                 shadow,
                 ended: false,
@@ -229,6 +233,8 @@ struct Consumer<D, O: BackpressureObserver, M, S: Storage<D> = ClientBuffer<D, R
     /// `Flush::Interval`: the wait for the next release.
     timer: Timer,
     release: Release,
+    /// SSE keep-alive: a comment once the stream has been quiet for long.
+    idle: Option<Idle>,
 }
 
 impl<D, O, M, S> Consumer<D, O, M, S>
@@ -240,6 +246,23 @@ where
 {
     #[inline(never)]
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<D>, BoxError>>> {
+        let polled = self.poll_next(cx);
+        let Some(idle) = &mut self.idle else {
+            return polled;
+        };
+        match polled {
+            // Not an event: nothing of the client's state sees it.
+            Poll::Pending => idle
+                .poll_quiet(cx)
+                .map(|comment| Some(Ok(Frame::data(comment)))),
+            ready => {
+                idle.busy();
+                ready
+            }
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<D>, BoxError>>> {
         if let Some(data) = self.pending.take() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }

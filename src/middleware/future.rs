@@ -19,6 +19,7 @@ use crate::client::{End, Reporter};
 use crate::config::BufferConfig;
 use crate::handle::HandleInner;
 use crate::hub::{Claimed, ClassifyFn, MakeWindow, Sweep, Tap, is_probe, probe};
+use crate::keep_alive::{Idle, SseOptions, no_proxy_buffering};
 use crate::observer::BackpressureObserver;
 use crate::policy::{Classify, GapMarker};
 use crate::predicate::{Predicate, can_drop_frames};
@@ -32,6 +33,7 @@ pub(crate) struct Wrap<P, O, M, C> {
     pub(crate) marker: M,
     pub(crate) classify: C,
     pub(crate) budget: Option<MemoryBudget>,
+    pub(crate) sse: SseOptions,
 }
 
 /// Response future of [`Backpressure`](crate::Backpressure).
@@ -81,6 +83,9 @@ where
         // claim on the hub's body. Taken out whatever the path: nothing
         // after the layer may serve the hub's frames in place of the body.
         let mut response = response;
+        if wrap.sse.no_proxy_buffering {
+            no_proxy_buffering(response.headers_mut());
+        }
         let tap = response.extensions_mut().remove::<Tap>();
         let claim = response.extensions_mut().remove::<Claimed>();
         if !(wrap.predicate.should_buffer(&response) && can_drop_frames(&response)) {
@@ -91,7 +96,10 @@ where
             return Poll::Ready(Ok(response.map(BackpressureBody::passthrough)));
         };
         let source = tap.as_ref().and_then(|tap| tap.get::<B::Data>().cloned());
-        let (Some(source), Some(Claimed(claim))) = (source, claim) else {
+        let (Some(source), Some(Claimed(claim))) = (source, &claim) else {
+            if let Some(Claimed(claim)) = claim {
+                claim.layered();
+            }
             return Poll::Ready(Ok(buffered(response, None, &runtime, wrap)));
         };
         let (parts, inner) = response.into_parts();
@@ -101,6 +109,7 @@ where
             return Poll::Ready(Ok(windowed(parts, None, source, wrap)));
         }
         if probe::<B::Data>().is_none() {
+            claim.layered();
             let response = Response::from_parts(parts, inner);
             return Poll::Ready(Ok(buffered(response, None, &runtime, wrap)));
         }
@@ -118,8 +127,9 @@ where
                 return Poll::Ready(Ok(windowed(parts, Some(inner), source, wrap)));
             }
         }
-        // Changed on the way: the body is served as it was made.
-        claim.release();
+        // Changed on the way: the body is served as it was made (its
+        // keep-alive is the layer's).
+        claim.layered();
         let early = match polled {
             // What the wrappers made of the token: not for the client.
             Poll::Ready(Some(Ok(frame))) if probed && frame.is_data() => None,
@@ -153,6 +163,7 @@ where
     let (mut parts, inner) = response.into_parts();
     // Frames may be dropped: the length is no longer known.
     parts.headers.remove(header::CONTENT_LENGTH);
+    let idle = Idle::for_response::<I::Data>(wrap.sse.keep_alive.as_ref(), &parts.headers);
     let buffer = ClientBuffer::with_weigher(wrap.config, Remaining);
     let shared = Shared::new(
         buffer,
@@ -188,7 +199,7 @@ where
             ));
         }
     }
-    Response::from_parts(parts, BackpressureBody::buffered(shared, wrap.marker))
+    Response::from_parts(parts, BackpressureBody::buffered(shared, wrap.marker, idle))
 }
 
 /// Serves a hub subscription's client from a window over the hub's log;
@@ -217,6 +228,7 @@ where
         let c = wrap.classify;
         Some(Box::new(move |d: &B::Data| c.classify(d)))
     };
+    let idle = Idle::for_response::<B::Data>(wrap.sse.keep_alive.as_ref(), &parts.headers);
     let (window, sweeper) = source.window(wrap.config, classify);
     let client = Windowed::new(window, wrap.handle, wrap.observer, None, Reporter::Consumer);
     client.open();
@@ -224,6 +236,6 @@ where
     sweeper.attach(Arc::downgrade(&sweep));
     Response::from_parts(
         parts,
-        BackpressureBody::windowed(client, shadow, wrap.marker),
+        BackpressureBody::windowed(client, shadow, wrap.marker, idle),
     )
 }
