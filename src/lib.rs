@@ -95,6 +95,7 @@ pub mod conn;
 mod error;
 mod handle;
 pub mod hub;
+mod keep_alive;
 #[cfg(feature = "metrics")]
 mod metrics;
 pub mod middleware;
@@ -113,6 +114,7 @@ pub use crate::config::{BufferConfig, ConfigError, Eviction, Flush, Overflow};
 pub use crate::error::{Evicted, PumpStopped};
 pub use crate::handle::{ClientHandle, Health};
 pub use crate::hub::{Hub, HubConfig};
+pub use crate::keep_alive::KeepAlive;
 #[cfg(feature = "metrics")]
 pub use crate::metrics::MetricsObserver;
 pub use crate::middleware::{Backpressure, BackpressureBody, BackpressureLayer, ResponseFuture};

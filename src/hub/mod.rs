@@ -103,6 +103,7 @@ use self::backfill::Backfill;
 pub use self::config::HubConfig;
 pub use self::error::PublishError;
 use self::log::{Log, MAX_ID};
+pub(crate) use self::response::{Claimed, is_probe, probe};
 pub use self::response::{HubBody, HubResponse};
 pub use self::subscription::{HubEvent, Subscription};
 pub(crate) use self::sweep::{Sweep, Sweeper};

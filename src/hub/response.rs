@@ -1,10 +1,12 @@
 //! [`Hub::response`]: the streaming response of one client of a hub, which
 //! `BackpressureLayer` serves from a window over the hub's log.
 
+use std::any::{Any, TypeId};
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderValue, Response};
@@ -14,6 +16,7 @@ use super::backfill::Backfill;
 use super::window::{MakeWindow, Source, Tap};
 use super::{Hub, Subscription};
 use crate::buffer::{ByWeigh, Weigher};
+use crate::keep_alive::{Idle, KeepAlive, no_proxy_buffering};
 
 /// Builds the streaming response of one client of a hub; from
 /// [`Hub::response`].
@@ -33,6 +36,7 @@ pub struct HubResponse<'a, T, W> {
     trailers: Option<HeaderMap>,
     /// Frames fetched from elsewhere, weighed, to start with.
     backfill: Vec<(u64, T, usize)>,
+    keep_alive: Option<KeepAlive>,
 }
 
 impl<T, W> Hub<T, W>
@@ -62,6 +66,7 @@ where
             content_type: HeaderValue::from_static("text/event-stream"),
             trailers: None,
             backfill: Vec::new(),
+            keep_alive: Some(KeepAlive::new()),
         }
     }
 }
@@ -128,6 +133,29 @@ where
         self
     }
 
+    /// The keep-alive of an SSE response served without
+    /// [`BackpressureLayer`](crate::BackpressureLayer): a comment line after
+    /// a quiet interval (see [`KeepAlive`]); `None` turns it off. On by
+    /// default, every 15 seconds. Through the layer, the layer's
+    /// [`keep_alive`](crate::BackpressureLayer::keep_alive) applies instead.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_backpressure::{Hub, KeepAlive};
+    ///
+    /// let hub: Hub = Hub::default();
+    /// let response = hub
+    ///     .response()
+    ///     .keep_alive(Some(KeepAlive::new().interval(Duration::from_secs(30))))
+    ///     .build();
+    /// assert_eq!(response.headers()["cache-control"], "no-cache");
+    /// assert_eq!(response.headers()["x-accel-buffering"], "no");
+    /// ```
+    pub fn keep_alive(mut self, keep_alive: Option<KeepAlive>) -> Self {
+        self.keep_alive = keep_alive;
+        self
+    }
+
     /// The response.
     pub fn build(self) -> Response<HubBody<T, W>> {
         let backfill = Backfill::new(self.after, self.backfill);
@@ -149,19 +177,26 @@ where
             trailers: self.trailers.clone(),
             backfill: window_backfill,
         });
-        let mut response = Response::new(HubBody {
-            subscription,
-            left: self.limit,
-            trailers: self.trailers,
-        });
-        response
-            .headers_mut()
-            .insert(http::header::CONTENT_TYPE, self.content_type);
-        response.headers_mut().insert(
+        let claim = Arc::new(Claim::new::<HubBody<T, W>>());
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CONTENT_TYPE, self.content_type);
+        headers.insert(
             http::header::CACHE_CONTROL,
             HeaderValue::from_static("no-cache"),
         );
+        // Proxies that buffer (nginx) stream an SSE response that says so.
+        no_proxy_buffering(&mut headers);
+        let idle = Idle::for_response::<T>(self.keep_alive.as_ref(), &headers);
+        let mut response = Response::new(HubBody {
+            subscription: Some(subscription),
+            left: self.limit,
+            trailers: self.trailers,
+            claim: claim.clone(),
+            idle,
+        });
+        *response.headers_mut() = headers;
         response.extensions_mut().insert(Tap::new(source));
+        response.extensions_mut().insert(Claimed(claim));
         response
     }
 }
@@ -213,14 +248,26 @@ where
 
 /// The body of a [`Hub::response`]: the client's subscription, up to its
 /// limit. Gaps are silent here (a gap marker is the layer's).
+///
+/// Through [`BackpressureLayer`](crate::BackpressureLayer), a body that is
+/// still the hub's own (boxed, or passed through wrappers that change no
+/// frame, such as one that ends it on a signal) reads nothing more: the
+/// layer serves its client from a window over the hub's log, and still
+/// ends the response when the wrappers end the body. A body whose frames
+/// were changed (mapped, encoded) is served as it was made, through the
+/// layer's buffer, as any other body.
 #[derive(Debug)]
 pub struct HubBody<T = Bytes, W = ByWeigh> {
-    subscription: Subscription<T, W>,
+    /// `None` once the layer serves the client from a window.
+    subscription: Option<Subscription<T, W>>,
     left: Option<u64>,
     trailers: Option<HeaderMap>,
+    claim: Arc<Claim>,
+    /// SSE keep-alive, served without the layer.
+    idle: Option<Idle>,
 }
 
-impl<T: Buf + Clone, W> Body for HubBody<T, W> {
+impl<T: Buf + Clone + 'static, W> Body for HubBody<T, W> {
     type Data = T;
     type Error = Infallible;
 
@@ -228,10 +275,49 @@ impl<T: Buf + Clone, W> Body for HubBody<T, W> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<T>, Infallible>>> {
+        let mut keep_alive = false;
+        match self.claim.state.load(Ordering::Acquire) {
+            SERVING => keep_alive = true,
+            LAYERED => {}
+            PROBE => {
+                // The layer asks whether the frames still come out as they
+                // go in: the token, once.
+                self.claim.state.store(PROBED, Ordering::Release);
+                if let Some(token) = probe::<T>() {
+                    return Poll::Ready(Some(Ok(Frame::data(token))));
+                }
+                return Poll::Pending;
+            }
+            // Nothing comes from here: the window serves the client (the
+            // body is polled only so that its wrappers can end it).
+            SHADOW => {
+                self.subscription = None;
+                return Poll::Pending;
+            }
+            _ => return Poll::Pending,
+        }
         if self.left == Some(0) {
             return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
         }
-        let frame = ready!(Pin::new(&mut self.subscription).poll_frame(cx));
+        let Some(subscription) = self.subscription.as_mut() else {
+            return Poll::Pending;
+        };
+        let frame = match (Pin::new(subscription).poll_frame(cx), &mut self.idle) {
+            (Poll::Ready(frame), idle) => {
+                if let Some(idle) = idle {
+                    idle.busy();
+                }
+                frame
+            }
+            // A comment is not a frame of the subscription: not counted
+            // against the limit.
+            (Poll::Pending, Some(idle)) if keep_alive => {
+                return idle
+                    .poll_quiet(cx)
+                    .map(|comment| Some(Ok(Frame::data(comment))));
+            }
+            (Poll::Pending, _) => return Poll::Pending,
+        };
         if let (Some(Ok(f)), Some(left)) = (&frame, &mut self.left) {
             if f.is_data() {
                 *left -= 1;
@@ -241,6 +327,89 @@ impl<T: Buf + Clone, W> Body for HubBody<T, W> {
     }
 
     fn is_end_stream(&self) -> bool {
-        (self.left == Some(0) && self.trailers.is_none()) || self.subscription.is_end_stream()
+        (self.left == Some(0) && self.trailers.is_none())
+            || self
+                .subscription
+                .as_ref()
+                .is_some_and(|s| s.is_end_stream())
     }
+}
+
+/// The body serves its subscription.
+const SERVING: u8 = 0;
+/// Its next poll yields the probe token.
+const PROBE: u8 = 1;
+/// It yielded the token; it yields nothing until the layer decides.
+const PROBED: u8 = 2;
+/// The layer serves the client from a window: the body reads nothing.
+const SHADOW: u8 = 3;
+/// The body serves its subscription into the layer's buffer: no
+/// keep-alive of its own (the layer's goes to the client).
+const LAYERED: u8 = 4;
+
+/// What a [`HubBody`] shares with the layer: whether the layer serves its
+/// client from a window, and the body's type, so that the layer can tell
+/// whether the response still carries the hub's own body (see
+/// `middleware/future.rs`).
+#[derive(Debug)]
+pub(crate) struct Claim {
+    state: AtomicU8,
+    body: TypeId,
+}
+
+/// The response extension that carries a [`Claim`].
+#[derive(Debug, Clone)]
+pub(crate) struct Claimed(pub(crate) Arc<Claim>);
+
+impl Claim {
+    fn new<B: 'static>() -> Self {
+        Self {
+            state: AtomicU8::new(SERVING),
+            body: TypeId::of::<B>(),
+        }
+    }
+
+    /// `B` is the hub's body type itself (no wrapper at all).
+    pub(crate) fn is_body<B: 'static>(&self) -> bool {
+        self.body == TypeId::of::<B>()
+    }
+
+    /// The body's next poll yields the probe token.
+    pub(crate) fn arm(&self) {
+        self.state.store(PROBE, Ordering::Release);
+    }
+
+    /// The body yielded the token (whatever its wrappers made of it).
+    pub(crate) fn probed(&self) -> bool {
+        self.state.load(Ordering::Acquire) == PROBED
+    }
+
+    /// The window serves the client: the body reads nothing more.
+    pub(crate) fn shadow(&self) {
+        self.state.store(SHADOW, Ordering::Release);
+    }
+
+    /// The body serves its subscription through the layer's buffer (the
+    /// keep-alive is the layer's).
+    pub(crate) fn layered(&self) {
+        self.state.store(LAYERED, Ordering::Release);
+    }
+}
+
+/// The probe token's address: a frame that comes out of the response's
+/// body as this very (empty) slice went through wrappers that change no
+/// frame.
+static PROBE_TOKEN: [u8; 1] = [0];
+
+/// The probe token, for `Bytes` frames (`None` for other types).
+pub(crate) fn probe<T: 'static>() -> Option<T> {
+    let token: Box<dyn Any> = Box::new(Bytes::from_static(&PROBE_TOKEN[..0]));
+    token.downcast::<T>().ok().map(|t| *t)
+}
+
+/// `data` is the probe token, unchanged.
+pub(crate) fn is_probe<T: 'static>(data: &T) -> bool {
+    (data as &dyn Any)
+        .downcast_ref::<Bytes>()
+        .is_some_and(|b| b.is_empty() && std::ptr::eq(b.as_ptr(), PROBE_TOKEN.as_ptr()))
 }

@@ -10,7 +10,8 @@ use crate::BoxError;
 use crate::buffer::{ClientBuffer, Remaining};
 use crate::client::{Client, Next, Release, Storage, Timer};
 use crate::error::{Evicted, PumpStopped};
-use crate::observer::BackpressureObserver;
+use crate::keep_alive::Idle;
+use crate::observer::{BackpressureObserver, CloseReason};
 use crate::policy::{GapAction, GapMarker};
 
 /// The client state of a buffered response: frames wait in a private ring.
@@ -50,6 +51,12 @@ enum Kind<B: Body, O: BackpressureObserver, M> {
     },
     Windowed {
         consumer: Consumer<B::Data, O, M, Box<dyn Storage<B::Data> + Send>>,
+        /// The response's body in wrappers that change no frame: it yields
+        /// nothing of the hub's, but its wrappers may end it (or add a
+        /// frame of their own).
+        shadow: Option<Pin<Box<B>>>,
+        /// The shadow ended the stream.
+        ended: bool,
     },
     /// The layer cannot serve this response as asked: the error, once.
     Refused {
@@ -64,7 +71,7 @@ impl<B: Body, O: BackpressureObserver, M> BackpressureBody<B, O, M> {
         }
     }
 
-    pub(crate) fn buffered(shared: Arc<Shared<B::Data, O>>, marker: M) -> Self {
+    pub(crate) fn buffered(shared: Arc<Shared<B::Data, O>>, marker: M, idle: Option<Idle>) -> Self {
         Self {
             kind: Kind::Buffered {
                 consumer: Consumer {
@@ -73,12 +80,18 @@ impl<B: Body, O: BackpressureObserver, M> BackpressureBody<B, O, M> {
                     pending: None,
                     timer: Timer::default(),
                     release: Release::default(),
+                    idle,
                 },
             },
         }
     }
 
-    pub(crate) fn windowed(shared: Arc<Windowed<B::Data, O>>, marker: M) -> Self {
+    pub(crate) fn windowed(
+        shared: Arc<Windowed<B::Data, O>>,
+        shadow: Option<Pin<Box<B>>>,
+        marker: M,
+        idle: Option<Idle>,
+    ) -> Self {
         Self {
             kind: Kind::Windowed {
                 consumer: Consumer {
@@ -87,7 +100,10 @@ impl<B: Body, O: BackpressureObserver, M> BackpressureBody<B, O, M> {
                     pending: None,
                     timer: Timer::default(),
                     release: Release::default(),
+                    idle,
                 },
+                shadow,
+                ended: false,
             },
         }
     }
@@ -140,7 +156,20 @@ where
         match self.project().kind.project() {
             KindProj::Passthrough { inner } => inner.poll_frame(cx).map_err(Into::into),
             KindProj::Buffered { consumer } => consumer.poll_frame(cx),
-            KindProj::Windowed { consumer } => consumer.poll_frame(cx),
+            KindProj::Windowed {
+                consumer,
+                shadow,
+                ended,
+            } => {
+                if *ended {
+                    return Poll::Ready(None);
+                }
+                if let Some(frame) = poll_shadow(shadow, consumer, cx) {
+                    *ended = !matches!(&frame, Some(Ok(f)) if f.is_data());
+                    return Poll::Ready(frame);
+                }
+                consumer.poll_frame(cx)
+            }
             KindProj::Refused { error } => Poll::Ready(error.take().map(Err)),
         }
     }
@@ -149,7 +178,9 @@ where
         match &self.kind {
             Kind::Passthrough { inner } => inner.is_end_stream(),
             Kind::Buffered { consumer } => consumer.is_end_stream(),
-            Kind::Windowed { consumer } => consumer.is_end_stream(),
+            Kind::Windowed {
+                consumer, ended, ..
+            } => *ended || consumer.is_end_stream(),
             Kind::Refused { error } => error.is_none(),
         }
     }
@@ -165,6 +196,34 @@ where
     }
 }
 
+/// Polls a windowed client's shadow body: `Some` if it ended (the client's
+/// stream closes as completed, or with its error) or added a frame.
+#[allow(clippy::type_complexity)]
+fn poll_shadow<B, O, M>(
+    shadow: &mut Option<Pin<Box<B>>>,
+    consumer: &mut Consumer<B::Data, O, M, Box<dyn Storage<B::Data> + Send>>,
+    cx: &mut Context<'_>,
+) -> Option<Option<Result<Frame<B::Data>, BoxError>>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+    O: BackpressureObserver,
+{
+    let body = shadow.as_mut()?;
+    let frame = match body.as_mut().poll_frame(cx) {
+        Poll::Pending => return None,
+        Poll::Ready(frame) => frame,
+    };
+    let reason = match &frame {
+        Some(Ok(f)) if f.is_data() => return Some(frame.map(|f| f.map_err(Into::into))),
+        Some(Err(_)) => CloseReason::InnerError,
+        _ => CloseReason::Completed,
+    };
+    *shadow = None;
+    consumer.shared.close(reason);
+    Some(frame.map(|f| f.map_err(Into::into)))
+}
+
 /// The end hyper polls: takes frames from the front of the buffer.
 struct Consumer<D, O: BackpressureObserver, M, S: Storage<D> = ClientBuffer<D, Remaining>> {
     shared: Arc<Client<D, O, S>>,
@@ -174,6 +233,8 @@ struct Consumer<D, O: BackpressureObserver, M, S: Storage<D> = ClientBuffer<D, R
     /// `Flush::Interval`: the wait for the next release.
     timer: Timer,
     release: Release,
+    /// SSE keep-alive: a comment once the stream has been quiet for long.
+    idle: Option<Idle>,
 }
 
 impl<D, O, M, S> Consumer<D, O, M, S>
@@ -185,6 +246,23 @@ where
 {
     #[inline(never)]
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<D>, BoxError>>> {
+        let polled = self.poll_next(cx);
+        let Some(idle) = &mut self.idle else {
+            return polled;
+        };
+        match polled {
+            // Not an event: nothing of the client's state sees it.
+            Poll::Pending => idle
+                .poll_quiet(cx)
+                .map(|comment| Some(Ok(Frame::data(comment)))),
+            ready => {
+                idle.busy();
+                ready
+            }
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<D>, BoxError>>> {
         if let Some(data) = self.pending.take() {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }

@@ -6,6 +6,7 @@ use tower_layer::Layer;
 use super::service::Backpressure;
 use crate::budget::MemoryBudget;
 use crate::config::{BufferConfig, ConfigError};
+use crate::keep_alive::{KeepAlive, SseOptions};
 use crate::observer::BackpressureObserver;
 use crate::predicate::{DefaultPredicate, Predicate};
 
@@ -27,6 +28,7 @@ pub struct BackpressureLayer<P = DefaultPredicate, O = (), M = (), C = ()> {
     marker: M,
     classify: C,
     budget: Option<MemoryBudget>,
+    sse: SseOptions,
 }
 
 impl BackpressureLayer {
@@ -60,6 +62,7 @@ impl BackpressureLayer {
             marker: (),
             classify: (),
             budget: None,
+            sse: SseOptions::default(),
         })
     }
 }
@@ -77,6 +80,7 @@ impl<P, O, M, C> BackpressureLayer<P, O, M, C> {
             marker: self.marker,
             classify: self.classify,
             budget: self.budget,
+            sse: self.sse,
         }
     }
 
@@ -95,6 +99,7 @@ impl<P, O, M, C> BackpressureLayer<P, O, M, C> {
             marker: self.marker,
             classify: self.classify,
             budget: self.budget,
+            sse: self.sse,
         }
     }
 
@@ -108,6 +113,7 @@ impl<P, O, M, C> BackpressureLayer<P, O, M, C> {
             marker,
             classify: self.classify,
             budget: self.budget,
+            sse: self.sse,
         }
     }
 
@@ -121,12 +127,49 @@ impl<P, O, M, C> BackpressureLayer<P, O, M, C> {
             marker: self.marker,
             classify,
             budget: self.budget,
+            sse: self.sse,
         }
     }
 
     /// Puts every client of this layer under a shared [`MemoryBudget`].
     pub fn memory_budget(mut self, budget: MemoryBudget) -> Self {
         self.budget = Some(budget);
+        self
+    }
+
+    /// Sets the keep-alive of the SSE responses this layer buffers (per
+    /// client, or a window over a hub's log): a comment line after a quiet
+    /// interval, so that proxies do not cut the connection; `None` turns
+    /// it off. On by default: [`KeepAlive::new`], an empty comment after 15
+    /// seconds. See [`KeepAlive`] for what a comment is not (an event).
+    ///
+    /// Only `text/event-stream` responses with `Bytes` data get comments;
+    /// a response the layer passes through (not selected by the predicate,
+    /// or with a `Content-Encoding`) is left as it is.
+    pub fn keep_alive(mut self, keep_alive: Option<KeepAlive>) -> Self {
+        self.sse.keep_alive = keep_alive;
+        self
+    }
+
+    /// The keep-alive of SSE responses, if on.
+    pub fn get_keep_alive(&self) -> Option<&KeepAlive> {
+        self.sse.keep_alive.as_ref()
+    }
+
+    /// Whether the layer adds `X-Accel-Buffering: no` to every
+    /// `text/event-stream` response that has no such header, so that nginx
+    /// (and the proxies that follow it) stream the response instead of
+    /// buffering it. On by default; a value the application set is never
+    /// replaced.
+    ///
+    /// ```
+    /// use tower_backpressure::{BackpressureLayer, BufferConfig};
+    ///
+    /// let layer = BackpressureLayer::new(BufferConfig::default()).proxy_buffering_header(false);
+    /// # let _ = layer;
+    /// ```
+    pub fn proxy_buffering_header(mut self, on: bool) -> Self {
+        self.sse.no_proxy_buffering = on;
         self
     }
 
@@ -145,6 +188,7 @@ impl<P, O, M, C> BackpressureLayer<P, O, M, C> {
             marker: self.marker,
             classify: self.classify,
             budget: self.budget,
+            sse: self.sse,
         }
     }
 }
@@ -166,6 +210,7 @@ impl<P: Clone, O, M: Clone, C: Clone> Clone for BackpressureLayer<P, O, M, C> {
             marker: self.marker.clone(),
             classify: self.classify.clone(),
             budget: self.budget.clone(),
+            sse: self.sse.clone(),
         }
     }
 }

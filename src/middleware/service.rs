@@ -14,6 +14,7 @@ use crate::budget::MemoryBudget;
 use crate::client::{ClientInfo, connection, peer_addr, route};
 use crate::config::BufferConfig;
 use crate::handle::{ClientHandle, HandleInner};
+use crate::keep_alive::SseOptions;
 use crate::observer::BackpressureObserver;
 use crate::policy::{Classify, GapMarker};
 use crate::predicate::{DefaultPredicate, Predicate};
@@ -32,6 +33,7 @@ pub struct Backpressure<S, P = DefaultPredicate, O = (), M = (), C = ()> {
     pub(crate) marker: M,
     pub(crate) classify: C,
     pub(crate) budget: Option<MemoryBudget>,
+    pub(crate) sse: SseOptions,
 }
 
 impl<S> Backpressure<S> {
@@ -86,6 +88,7 @@ impl<S: Clone, P: Clone, O, M: Clone, C: Clone> Clone for Backpressure<S, P, O, 
             marker: self.marker.clone(),
             classify: self.classify.clone(),
             budget: self.budget.clone(),
+            sse: self.sse.clone(),
         }
     }
 }
@@ -145,6 +148,7 @@ where
             marker: self.marker.clone(),
             classify: self.classify.clone(),
             budget: self.budget.clone(),
+            sse: self.sse.clone(),
         };
         ResponseFuture::new(self.inner.call(req), wrap)
     }
