@@ -200,12 +200,14 @@ impl Shutdown {
             return;
         }
         self.inner.notify.notify_waiters();
+        // The layer's streams first: a hub's close would end them as
+        // completed.
+        for stream in self.live() {
+            stream.begin();
+        }
         let hubs = std::mem::take(&mut *lock(&self.inner.hubs));
         for close in hubs {
             close();
-        }
-        for stream in self.live() {
-            stream.begin();
         }
         let inner = self.inner.clone();
         match tokio::runtime::Handle::try_current() {

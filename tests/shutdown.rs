@@ -52,7 +52,10 @@ async fn read_to_end(addr: std::net::SocketAddr, path: &'static str) -> (Vec<u8>
         )
         .await
         .unwrap();
-    assert_eq!(response.headers()[header::CONTENT_TYPE], "text/event-stream");
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "text/event-stream"
+    );
     let mut body = response.into_body();
     let mut data = Vec::new();
     loop {
@@ -123,7 +126,10 @@ async fn graceful_shutdown_ends_a_thousand_streams_half_never_reading() {
     let mut seen = Vec::new();
     let mut opened = 0;
     while opened < READERS + STALLED {
-        wait_for(&mut events, &mut seen, |s| matches!(s.kind, EventKind::Opened)).await;
+        wait_for(&mut events, &mut seen, |s| {
+            matches!(s.kind, EventKind::Opened)
+        })
+        .await;
         opened += 1;
     }
     // Publish until every client that does not read has dropped frames:
@@ -131,7 +137,11 @@ async fn graceful_shutdown_ends_a_thousand_streams_half_never_reading() {
     let mut dropping = HashSet::new();
     let mut published = 0u64;
     while dropping.len() < STALLED {
-        assert!(published < 20_000, "{} stalled of {STALLED}", dropping.len());
+        assert!(
+            published < 20_000,
+            "{} stalled of {STALLED}",
+            dropping.len()
+        );
         for _ in 0..16 {
             hub.publish_with(|id| sse::frame(id, None, &"x".repeat(4000)));
             published += 1;
@@ -152,7 +162,9 @@ async fn graceful_shutdown_ends_a_thousand_streams_half_never_reading() {
         .unwrap()
         .unwrap();
     let took = signalled_at.elapsed();
-    println!("{READERS} readers, {STALLED} stalled, {published} frames: graceful shutdown took {took:?}");
+    println!(
+        "{READERS} readers, {STALLED} stalled, {published} frames: graceful shutdown took {took:?}"
+    );
 
     for reader in readers {
         let (data, clean) = guard("a reader's end", reader).await.unwrap();
@@ -207,10 +219,11 @@ async fn the_per_client_path_ends_after_what_was_buffered() {
         )
         .service(tower::service_fn(move |_req: Request<()>| {
             let rx = rx.lock().unwrap().take().unwrap();
-            let frames = futures::stream::unfold(rx, |mut rx| async move {
-                let b = rx.recv().await?;
-                Some((Ok::<_, Infallible>(http_body::Frame::data(b)), rx))
-            });
+            let frames =
+                futures::StreamExt::boxed(futures::stream::unfold(rx, |mut rx| async move {
+                    let b = rx.recv().await?;
+                    Some((Ok::<_, Infallible>(http_body::Frame::data(b)), rx))
+                }));
             async move {
                 Ok::<_, Infallible>(
                     Response::builder()
@@ -244,7 +257,131 @@ async fn the_per_client_path_ends_after_what_was_buffered() {
         read.extend_from_slice(&frame.unwrap().into_data().unwrap());
     }
     assert_eq!(read, b"0\n1\n2\n");
-    let closed = wait_for(&mut events, &mut seen, |s| matches!(s.kind, EventKind::Closed { .. })).await;
-    assert_eq!(closed.kind, EventKind::Closed { reason: CloseReason::Shutdown });
+    let closed = wait_for(&mut events, &mut seen, |s| {
+        matches!(s.kind, EventKind::Closed { .. })
+    })
+    .await;
+    assert_eq!(
+        closed.kind,
+        EventKind::Closed {
+            reason: CloseReason::Shutdown
+        }
+    );
     guard("the producer to be dropped", tx.closed()).await;
+}
+
+/// The hard case: a client whose TCP window is zero is never polled again,
+/// so no end of stream can reach it. Its stream and its connection are cut
+/// at the end of the grace period (its `Closed` shows frames it never got),
+/// and the server's graceful shutdown finishes; a reader still ends cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_window_is_zero_is_cut_at_the_end_of_the_grace() {
+    const STALLED: usize = 3;
+    let hub: Hub = Hub::new(HubConfig::new(64));
+    let shutdown = Shutdown::new().grace(Duration::from_millis(200));
+    let (observer, mut events) = recorder();
+    let registry = tower_backpressure::ClientRegistry::new();
+    let app = {
+        let hub = hub.clone();
+        Router::new()
+            .route(
+                "/events",
+                get(move || {
+                    let hub = hub.clone();
+                    async move { hub.response().build() }
+                }),
+            )
+            .layer(
+                BackpressureLayer::new(BufferConfig::new(4))
+                    .observer((registry.clone(), observer))
+                    .shutdown(shutdown.clone()),
+            )
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        axum::serve(
+            ClosableListener::new(listener),
+            app.into_make_service_with_connect_info::<ConnectionInfo>(),
+        )
+        .with_graceful_shutdown({
+            let shutdown = shutdown.clone();
+            async move { shutdown.triggered().await }
+        })
+        .into_future(),
+    );
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        stalled.push(stalled_get(addr, "/events").await);
+    }
+    let mut seen = Vec::new();
+    for _ in 0..STALLED {
+        wait_for(&mut events, &mut seen, |s| {
+            matches!(s.kind, EventKind::Opened)
+        })
+        .await;
+    }
+    let handles = registry.handles();
+    assert_eq!(handles.len(), STALLED);
+    // Publish 64 KiB frames until hyper has taken nothing from any of them
+    // over the last 64 frames (4 MiB): their sockets are full.
+    let sent = || -> Vec<u64> { handles.iter().map(|h| h.stats().unwrap().sent).collect() };
+    let mut last = sent();
+    let mut quiet = 0;
+    let mut rounds = 0;
+    while quiet < 4 {
+        rounds += 1;
+        assert!(rounds < 1_000, "never stalled: {last:?}");
+        for _ in 0..16 {
+            hub.publish_with(|id| sse::frame(id, None, &"y".repeat(64 * 1024)));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let now = sent();
+        quiet = if now == last { quiet + 1 } else { 0 };
+        last = now;
+    }
+    drop(handles);
+    let reader = tokio::spawn(read_to_end(addr, "/events"));
+    wait_for(&mut events, &mut seen, |s| {
+        matches!(s.kind, EventKind::Opened)
+    })
+    .await;
+    hub.publish_with(|id| sse::frame(id, None, "last"));
+
+    shutdown.trigger();
+    guard("the server's graceful shutdown", server)
+        .await
+        .unwrap()
+        .unwrap();
+    let (data, clean) = guard("the reader's end", reader).await.unwrap();
+    assert!(clean, "the reader's body ends cleanly");
+    assert!(String::from_utf8(data).unwrap().ends_with("data: last\n\n"));
+    let mut cut = 0;
+    while let Ok(s) = events.try_recv() {
+        seen.push(s);
+    }
+    for s in &seen {
+        if let EventKind::Closed { reason } = s.kind {
+            assert_eq!(reason, CloseReason::Shutdown, "{s:?}");
+            if s.stats.buffered > 0 {
+                cut += 1;
+            }
+        }
+    }
+    assert_eq!(
+        cut, STALLED,
+        "each stalled client was cut with frames it never got"
+    );
+    for mut stream in stalled {
+        guard("a stalled client's connection to close", async {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
 }
