@@ -194,6 +194,10 @@ async fn main() -> ExitCode {
     // `--data-loss`: `DATA_LOSS` at the first gap; `None` marks no gap.
     let layer = layer.gap_marker(args.data_loss.then(GrpcDataLoss::new));
     let server = tonic::transport::Server::builder()
+        // HTTP/2 PINGs keep a quiet call's connection through proxies and
+        // find a peer that vanished (the gRPC counterpart of SSE comments).
+        .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(
             tower::ServiceBuilder::new()
                 .map_request(peer_addr)

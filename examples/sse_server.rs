@@ -56,6 +56,14 @@
 //! hubs' subscriptions without the layer (no per-client bound: a client can
 //! fall behind by the whole retention, and its gaps go unmarked).
 //!
+//! `--keep-alive-ms MS` (default 15000, `0`: off) sends a comment line
+//! (`:`) on an `/events` stream that has been quiet for MS milliseconds,
+//! in every mode, so that proxies and load balancers that cut idle
+//! connections keep it (the layer's `KeepAlive`; with `--passthrough`,
+//! axum's `Sse::keep_alive` or the hub response's own). Every `/events`
+//! response says `Cache-Control: no-cache` and `X-Accel-Buffering: no`
+//! (nginx then streams it instead of buffering it).
+//!
 //! `--close-after N` ends every `/events` response after N events, so that
 //! clients reconnect (an `EventSource` does, sending `Last-Event-ID`): try
 //! it with `--hub` to see resumption without loss.
@@ -123,7 +131,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use clap::Parser;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -132,8 +140,8 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tower_backpressure::hub::{HubBody, sse};
 use tower_backpressure::shutdown::Shutdown;
 use tower_backpressure::{
-    BackpressureLayer, BufferConfig, ClientRegistry, Eviction, Flush, Hub, HubConfig, MemoryBudget,
-    MetricsObserver, NdjsonGapMarker, SseGapMarker, TracingObserver,
+    BackpressureLayer, BufferConfig, ClientRegistry, Eviction, Flush, Hub, HubConfig, KeepAlive,
+    MemoryBudget, MetricsObserver, NdjsonGapMarker, SseGapMarker, TracingObserver,
 };
 
 #[path = "common/flags.rs"]
@@ -252,6 +260,17 @@ struct Args {
     /// and serve resumes older than the hub from it.
     #[arg(long, requires = "nats")]
     jetstream: bool,
+    /// Send a comment line on an SSE stream quiet for this long, so that
+    /// proxies keep the connection; 0 turns it off.
+    #[arg(long, value_name = "MS", default_value_t = 15_000)]
+    keep_alive_ms: u64,
+}
+
+impl Args {
+    /// `--keep-alive-ms`: `None` for 0.
+    fn keep_alive(&self) -> Option<Duration> {
+        (self.keep_alive_ms > 0).then(|| Duration::from_millis(self.keep_alive_ms))
+    }
 }
 
 /// `--flush`.
@@ -325,6 +344,8 @@ struct AppState {
     /// Turns `true` on SIGINT/SIGTERM: every stream ends.
     shutdown: Shutdown,
     close_after: Option<u64>,
+    /// `--passthrough`: the SSE stream's own keep-alive, and `Some`.
+    passthrough: Option<Option<Duration>>,
 }
 
 /// The state of the routes fed by hubs (`--hub`).
@@ -335,6 +356,8 @@ struct HubState {
     /// NDJSON lines, `{"seq":N,…}`.
     ndjson: Hub,
     close_after: Option<u64>,
+    /// `--keep-alive-ms`, for a response served without the layer.
+    keep_alive: Option<KeepAlive>,
     /// `--jetstream`: where resumes older than the SSE hub are served from.
     #[cfg_attr(not(feature = "nats"), allow(dead_code))]
     history: Option<History>,
@@ -389,10 +412,15 @@ async fn main() -> ExitCode {
         Some(budget) => ClientRegistry::new().with_budget(budget.clone()),
         None => ClientRegistry::new(),
     };
-    let mut layer = BackpressureLayer::new(config).observer((
-        registry.clone(),
-        (TracingObserver::new(), MetricsObserver::new()),
-    ));
+    let keep_alive = args
+        .keep_alive()
+        .map(|interval| KeepAlive::new().interval(interval));
+    let mut layer = BackpressureLayer::new(config)
+        .keep_alive(keep_alive.clone())
+        .observer((
+            registry.clone(),
+            (TracingObserver::new(), MetricsObserver::new()),
+        ));
     if let Some(budget) = budget {
         layer = layer.memory_budget(budget);
     }
@@ -418,6 +446,7 @@ async fn main() -> ExitCode {
             sse: Hub::new(hub_config),
             ndjson: Hub::new(hub_config),
             close_after: args.close_after,
+            keep_alive,
             history: None,
         };
         hubs.extend([
@@ -471,6 +500,7 @@ async fn main() -> ExitCode {
             payload,
             shutdown: shutdown.clone(),
             close_after: args.close_after,
+            passthrough: args.passthrough.then(|| args.keep_alive()),
         };
         let (events, ndjson) = (get(sse_events), get(ndjson_events));
         // `--passthrough`: the same streams without the layer, for comparison.
@@ -554,15 +584,15 @@ async fn main() -> ExitCode {
 }
 
 /// `GET /events`: this client's view of the shared event sequence.
-async fn sse_events(
-    State(app): State<AppState>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+async fn sse_events(State(app): State<AppState>) -> Response {
     let payload = app.payload;
     let shutdown = app.shutdown;
     let stream = BroadcastStream::new(app.events.subscribe())
         .filter_map(move |message| {
             futures::future::ready(match message {
-                Ok(seq) => Some(Ok(Event::default().id(seq.to_string()).data(&*payload))),
+                Ok(seq) => Some(Ok::<_, Infallible>(
+                    Event::default().id(seq.to_string()).data(&*payload),
+                )),
                 // Only if this client's pump task was starved of CPU for
                 // 4096 events: the client sees a gap in the ids, as for a drop.
                 Err(BroadcastStreamRecvError::Lagged(_)) => None,
@@ -574,7 +604,21 @@ async fn sse_events(
         // (no layer) the stream ends itself, or graceful shutdown would wait
         // for ever.
         .take_until(async move { shutdown.triggered().await });
-    Sse::new(stream)
+    let sse = Sse::new(stream);
+    match app.passthrough {
+        // The layer adds `X-Accel-Buffering: no` and the keep-alive.
+        None => sse.into_response(),
+        Some(keep_alive) => {
+            let no_buffering = [("x-accel-buffering", "no")];
+            match keep_alive {
+                Some(interval) => {
+                    let keep_alive = axum::response::sse::KeepAlive::new().interval(interval);
+                    (no_buffering, sse.keep_alive(keep_alive)).into_response()
+                }
+                None => (no_buffering, sse).into_response(),
+            }
+        }
+    }
 }
 
 /// `GET /stream.ndjson`: the same events as NDJSON, one line
@@ -603,7 +647,12 @@ async fn ndjson_events(State(app): State<AppState>) -> Response {
 /// subscription in the response and serves it (no task, no copy).
 async fn hub_sse_events(State(app): State<HubState>, headers: HeaderMap) -> Response<HubBody> {
     let last = sse::last_event_id_from(&headers);
-    let response = app.sse.response().resume_after(last).limit(app.close_after);
+    let response = app
+        .sse
+        .response()
+        .resume_after(last)
+        .limit(app.close_after)
+        .keep_alive(app.keep_alive);
     #[cfg(feature = "nats")]
     let response = match (&app.history, last) {
         // `--jetstream`: what the hub no longer holds, from the stream.

@@ -150,6 +150,9 @@ const SSE_RUNS: &[&str] = &[
     "--hub --evict-after-dropped 100000 --budget-bytes 65536",
     "--hub --passthrough --rate 2000 --size 16",
     "--hub --flush coalesce --rate 20000 --size 16",
+    "--keep-alive-ms 0",
+    "--hub --keep-alive-ms 250 --rate 20",
+    "--passthrough --keep-alive-ms 15000",
 ];
 
 /// SSE on HTTP/1.1, NDJSON on HTTP/2, `/health/clients`; SIGTERM ends both
@@ -374,6 +377,132 @@ async fn sse_server_hub_resumes_after_last_event_id() {
     }
 
     tokio::join!(within_retention(), beyond_retention());
+}
+
+/// Every `/events` response, in every mode, tells caches and proxies to
+/// pass it on as it comes: `Cache-Control: no-cache` and
+/// `X-Accel-Buffering: no` (nginx buffers a response otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_server_events_say_no_cache_and_no_proxy_buffering() {
+    async fn headers(args: &'static str) {
+        let server = start("sse_server", args).await;
+        for events in [
+            get_h1(server.addr, "/events").await,
+            get_h2(server.addr, "/events").await,
+        ] {
+            assert_eq!(events.status(), StatusCode::OK, "{args:?}");
+            let headers = events.headers();
+            assert_eq!(
+                headers[header::CONTENT_TYPE],
+                "text/event-stream",
+                "{args:?}"
+            );
+            assert_eq!(headers[header::CACHE_CONTROL], "no-cache", "{args:?}");
+            assert_eq!(headers["x-accel-buffering"], "no", "{args:?}");
+            assert_eq!(headers.get_all("x-accel-buffering").iter().count(), 1);
+        }
+        server.stop_cleanly().await;
+    }
+    tokio::join!(
+        headers(""),
+        headers("--hub"),
+        headers("--passthrough"),
+        headers("--hub --passthrough"),
+    );
+}
+
+/// Reads `/events` until `n` events came; the comment lines among them.
+async fn comments_among(addr: SocketAddr, n: usize) -> (Vec<u64>, usize) {
+    let mut body = events_after(addr, None).await;
+    let data = read_until(&mut body, 1 << 20, |d| ids(&sse(d)).len() >= n).await;
+    let text = String::from_utf8(data.clone()).unwrap();
+    let comments = text
+        .split("\n\n")
+        .filter(|block| !block.is_empty() && block.lines().all(|l| l.starts_with(':')))
+        .count();
+    (ids(&sse(&data)), comments)
+}
+
+/// `--keep-alive-ms MS`: at one event a second, a stream is quiet for
+/// most of each second; with 200 ms it gets comment lines between the
+/// events (which stay whole and in order), in every mode; with 0 it gets
+/// none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_server_keep_alive_comments_idle_streams() {
+    async fn keep_alive(args: &'static str) {
+        let server = start("sse_server", args).await;
+        let (ids, comments) = comments_among(server.addr, 3).await;
+        assert!(
+            ids.windows(2).all(|w| w[1] == w[0] + 1),
+            "{args:?}: {ids:?}"
+        );
+        if args.contains("--keep-alive-ms 0") {
+            assert_eq!(comments, 0, "{args:?}");
+        } else {
+            // At least one in each of the two quiet seconds between the
+            // three events.
+            assert!(comments >= 2, "{args:?}: {comments} comments");
+        }
+        server.stop_cleanly().await;
+    }
+    tokio::join!(
+        keep_alive("--rate 1 --keep-alive-ms 200"),
+        keep_alive("--hub --rate 1 --keep-alive-ms 200"),
+        keep_alive("--passthrough --rate 1 --keep-alive-ms 200"),
+        keep_alive("--hub --passthrough --rate 1 --keep-alive-ms 200"),
+        keep_alive("--rate 1 --keep-alive-ms 0"),
+        keep_alive("--hub --rate 1 --keep-alive-ms 0"),
+        keep_alive("--passthrough --rate 1 --keep-alive-ms 0"),
+        keep_alive("--hub --passthrough --rate 1 --keep-alive-ms 0"),
+    );
+}
+
+/// `--hub`: whatever a client sends as its `Last-Event-ID`, however
+/// malformed, it gets a working stream (events in order) or a 400, and the
+/// server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_server_hub_serves_any_last_event_id() {
+    let server = start("sse_server", "--hub --rate 1000 --size 16 --retain 100").await;
+    let addr = server.addr;
+    let values: &[&[u8]] = &[
+        b"",
+        b" ",
+        b"abc",
+        b"-1",
+        b"+1",
+        b"0",
+        b"0x10",
+        b"1e3",
+        b"1 2",
+        b" 5 ",
+        b"\t7",
+        b"18446744073709551614",
+        b"18446744073709551615",
+        b"18446744073709551616",
+        b"99999999999999999999999999999999999999",
+        b"\xff\xfe",
+        b"1\x80",
+    ];
+    for value in values {
+        let value = http::HeaderValue::from_bytes(value).unwrap();
+        let req = http::Request::get("/events").header("last-event-id", value.clone());
+        let response = send_h1(addr, req).await;
+        match response.status() {
+            StatusCode::OK => {
+                let mut body = response.into_body();
+                let items = read_sse_until(&mut body, |items| ids(items).len() >= 3).await;
+                let got = ids(&items);
+                assert!(got.windows(2).all(|w| w[1] > w[0]), "{value:?}: {items:?}");
+            }
+            StatusCode::BAD_REQUEST => {}
+            status => panic!("{value:?}: {status}"),
+        }
+    }
+    // Still serving.
+    let mut body = events_after(addr, None).await;
+    read_sse_until(&mut body, |items| ids(items).len() >= 3).await;
+    drop(body);
+    server.stop_cleanly().await;
 }
 
 /// `--close-after 5`: every `/events` response ends after exactly 5 events,

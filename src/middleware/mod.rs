@@ -17,6 +17,14 @@
 //! - `Content-Length` is removed and the size hint is never exact.
 //! - Dropping the body (client gone) stops the pump within one wake-up, even
 //!   if the inner body is pending forever.
+//! - A `text/event-stream` response gets `X-Accel-Buffering: no` unless it
+//!   has that header, and, when buffered, a comment line after a quiet
+//!   interval ([`KeepAlive`](crate::KeepAlive)), so that proxies stream it
+//!   and keep it open.
+//! - A hub's response ([`Hub::response`](crate::Hub::response)) is served
+//!   from a window over the hub's log, with no pump, while its body is
+//!   still the hub's own; a body the application changed is served as it
+//!   was made.
 //!
 //! # Example
 //!

@@ -505,13 +505,14 @@ pub enum Sse {
     Lagged(u64),
 }
 
-/// The complete SSE events in `data`.
+/// The complete SSE events in `data`; comments (keep-alive lines, `:`)
+/// are not events and are left out.
 pub fn sse(data: &[u8]) -> Vec<Sse> {
     let text = std::str::from_utf8(data).unwrap();
     let complete = &text[..text.rfind("\n\n").map_or(0, |i| i + 2)];
     complete
         .split("\n\n")
-        .filter(|e| !e.is_empty())
+        .filter(|e| !e.is_empty() && !e.lines().all(|l| l.starts_with(':')))
         .map(|e| {
             let lines: Vec<&str> = e.lines().collect();
             match lines.as_slice() {
