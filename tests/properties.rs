@@ -480,7 +480,10 @@ const TICK: Duration = Duration::from_millis(1);
 fn check(case: Case) -> Result<(), TestCaseError> {
     let config = case.config();
     let layer = match BackpressureLayer::try_new(config) {
-        Ok(layer) => layer,
+        // The promises here are about events; the keep-alive comments an
+        // idle SSE stream gets (paused time makes every stream idle) have
+        // tests of their own (`tests/keep_alive.rs`).
+        Ok(layer) => layer.keep_alive(None),
         Err(e) => {
             prop_assert!(config.validate().is_err(), "try_new refused a valid config");
             prop_assert!(e.to_string().starts_with("invalid buffer config: "));
