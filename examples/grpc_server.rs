@@ -169,7 +169,7 @@ async fn main() -> ExitCode {
         }
     };
 
-    let listener = match TcpListener::bind(&args.addr).await {
+    let listener = match listen(&args.addr).await {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("error: cannot listen on {}: {e}", args.addr);
@@ -193,7 +193,7 @@ async fn main() -> ExitCode {
     };
     // `--data-loss`: `DATA_LOSS` at the first gap; `None` marks no gap.
     let layer = layer.gap_marker(args.data_loss.then(GrpcDataLoss::new));
-    let server = tonic::transport::Server::builder()
+    let server = server_builder()
         .layer(
             tower::ServiceBuilder::new()
                 .map_request(peer_addr)
@@ -237,6 +237,16 @@ async fn main() -> ExitCode {
         ),
     }
     ExitCode::SUCCESS
+}
+
+/// The server's transport settings.
+pub fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+}
+
+/// Listens on `addr` (`HOST:PORT`).
+pub async fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
 }
 
 /// The one producer, shared by every call.
