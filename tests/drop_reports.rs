@@ -271,3 +271,20 @@ async fn wait_for_timed(
     })
     .await
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_interval_of_zero_reports_every_wake_up_s_drops() {
+    let config = BufferConfig::new(4).with_drop_report_interval(Duration::ZERO);
+    let (producer, mut body, mut events) = fed_body(config).await;
+    for seq in 0..10 {
+        producer.tx.send(line(seq)).await.unwrap();
+    }
+    drop(producer.tx);
+    while let Some(frame) = body.frame().await {
+        frame.unwrap();
+    }
+    let all = until_closed(&mut events).await;
+    let counts: Vec<u64> = reports(&all).iter().map(|(_, n)| *n).collect();
+    // One frame per wake-up, each report as it happens.
+    assert_eq!(counts, [1; 5], "{:?}", kinds(&all));
+}
