@@ -39,6 +39,11 @@
 //! the open calls end with the server (no `UNAVAILABLE` status: the log has
 //! no end).
 //!
+//! With `--data-loss`, what a stalled call still receives after its first
+//! drop, before `DATA_LOSS`, is what the server had already handed to h2
+//! and the kernel: the listener sets a 64 KiB socket send buffer
+//! ([`SEND_BUFFER`]) so that this is about 0.5 MB, not megabytes.
+//!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
 //! `listening on http://HOST:PORT` is printed on stdout; SIGINT and SIGTERM

@@ -353,7 +353,11 @@ mod tracing_observer {
     /// - `warn` when a client comes under pressure, with its buffer's numbers:
     ///   `client 7 backpressure: 812/1000 buffered, 0 dropped`;
     /// - `info` when it recovers;
-    /// - `debug` when a response opens or closes, and for each batch of drops.
+    /// - `debug` when a response opens or closes, and for each batch of drops
+    ///   (at most one line per client per
+    ///   [`drop_report_interval`](crate::BufferConfig::with_drop_report_interval),
+    ///   plus one before `Recovered` and `Closed`: see [When events
+    ///   fire](crate::observer#when-events-fire)).
     ///
     /// Fields: `client`, `peer`, `path`, `buffered`, `capacity`, `dropped`.
     #[cfg_attr(docsrs, doc(cfg(feature = "tracing")))]
