@@ -44,6 +44,7 @@ pub struct BufferConfig {
     overflow: Overflow,
     flush: Flush,
     eviction: Eviction,
+    drop_report_interval: Duration,
 }
 
 impl Default for BufferConfig {
@@ -56,6 +57,7 @@ impl Default for BufferConfig {
             overflow: Overflow::DropOldest,
             flush: Flush::Immediate,
             eviction: Eviction::none(),
+            drop_report_interval: Duration::from_secs(1),
         }
     }
 }
@@ -148,6 +150,32 @@ impl BufferConfig {
         self
     }
 
+    /// At most one [`Dropped`](crate::EventKind::Dropped) report per client
+    /// per `interval`. Default 1 second.
+    ///
+    /// A client's first drop after a quiet interval is reported at once;
+    /// drops within the interval after a report are summed and reported
+    /// when it is over, or right before
+    /// [`Recovered`](crate::EventKind::Recovered) or
+    /// [`Closed`](crate::EventKind::Closed) if either comes first (and when
+    /// the producer ends). The counts of all reports add up to the frames
+    /// dropped. So a stalled client fed one frame per wake-up costs a log
+    /// one line per interval, not one per frame. `Duration::ZERO` reports
+    /// every batch of drops as soon as it happens.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// use tower_backpressure::BufferConfig;
+    ///
+    /// let config = BufferConfig::default().with_drop_report_interval(Duration::from_secs(10));
+    /// assert_eq!(config.drop_report_interval(), Duration::from_secs(10));
+    /// ```
+    pub fn with_drop_report_interval(mut self, interval: Duration) -> Self {
+        self.drop_report_interval = interval;
+        self
+    }
+
     /// The frame limit.
     pub fn capacity(&self) -> usize {
         self.capacity
@@ -176,6 +204,13 @@ impl BufferConfig {
     /// The eviction rules.
     pub fn eviction(&self) -> Eviction {
         self.eviction
+    }
+
+    /// The shortest time between two [`Dropped`](crate::EventKind::Dropped)
+    /// reports of a client: see
+    /// [`with_drop_report_interval`](Self::with_drop_report_interval).
+    pub fn drop_report_interval(&self) -> Duration {
+        self.drop_report_interval
     }
 
     /// The eviction rules, by reference (the hot path reads one or two).

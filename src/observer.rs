@@ -12,18 +12,36 @@
 //!
 //! # When events fire
 //!
-//! For every wrapped response, in this order:
+//! For every wrapped response (and every [`BufferedSink`](crate::BufferedSink)
+//! and hub window), in this order:
 //!
-//! 1. [`Opened`](EventKind::Opened) once, when the response is wrapped.
-//! 2. Any number of episodes: [`Pressure`](EventKind::Pressure) when the
-//!    buffer crosses its threshold upward, then [`Recovered`](EventKind::Recovered)
-//!    when the client has taken enough frames to be back under it. One pair per
-//!    episode, not one per frame.
-//! 3. [`Dropped`](EventKind::Dropped) whenever frames were evicted, batched: at
-//!    most once per wake-up of the pump task, with the count since the last
-//!    report.
-//! 4. [`Closed`](EventKind::Closed) exactly once, last, with its
-//!    [`CloseReason`]: also when the body is dropped before its end.
+//! | event | fires | at most |
+//! |---|---|---|
+//! | [`Opened`](EventKind::Opened) | when the response is wrapped | once, first |
+//! | [`Pressure`](EventKind::Pressure) | the buffer crosses its threshold upward | once per episode |
+//! | [`Dropped`](EventKind::Dropped) | frames were dropped since the last report | once per [`drop_report_interval`](crate::BufferConfig::with_drop_report_interval) (default 1 s), plus one flush before `Recovered`, at the producer's end and before `Closed` |
+//! | [`Recovered`](EventKind::Recovered) | the client took enough frames to be back under the threshold | once per episode, after its `Pressure` |
+//! | [`Closed`](EventKind::Closed) | the stream ended, for any [`CloseReason`]: also when the body is dropped before its end | once, last |
+//!
+//! So a client that stalls for a minute while its producer yields one frame
+//! per wake-up costs its observers about sixty `Dropped` events, not one per
+//! frame. `Dropped` reports come in batches:
+//!
+//! - the first drop after a quiet interval is reported at once (with every
+//!   frame the same wake-up dropped), so an alert does not wait;
+//! - drops within the interval after a report are summed, and reported when
+//!   the interval is over (the reporting task arms a timer for it, so a sum
+//!   does not wait for the next drop);
+//! - whatever is still summed is reported right before `Recovered` and
+//!   before `Closed` (and when the producer ends): the `count`s of all of a
+//!   client's `Dropped` events add up to its
+//!   [`BufferStats::dropped`](crate::BufferStats::dropped), and `Closed`'s
+//!   stats carry the total.
+//!
+//! A client served from a [`Hub`](crate::Hub) window that does not read is
+//! looked at by the hub's sweep, every 100 ms and, while it stays stalled,
+//! less and less often down to once a second; its drops are reported at
+//! those looks, within the same interval.
 //!
 //! # Callbacks run on the hot path, outside any lock
 //!
@@ -340,7 +358,11 @@ mod tracing_observer {
     /// - `warn` when a client comes under pressure, with its buffer's numbers:
     ///   `client 7 backpressure: 812/1000 buffered, 0 dropped`;
     /// - `info` when it recovers;
-    /// - `debug` when a response opens or closes, and for each batch of drops.
+    /// - `debug` when a response opens or closes, and for each batch of drops
+    ///   (at most one line per client per
+    ///   [`drop_report_interval`](crate::BufferConfig::with_drop_report_interval),
+    ///   plus one before `Recovered` and `Closed`: see [When events
+    ///   fire](crate::observer#when-events-fire)).
     ///
     /// Fields: `client`, `peer`, `path`, `buffered`, `capacity`, `dropped`.
     #[cfg_attr(docsrs, doc(cfg(feature = "tracing")))]

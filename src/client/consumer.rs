@@ -145,9 +145,8 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         let rule = match st.storage.refresh(park) {
             Ok(dropped) => {
                 let rule = self.after_push(st, was_empty, dropped, since);
-                if dropped.frames > 0 {
-                    self.report_drops_locked(st);
-                }
+                // Also drops that waited for their interval to end.
+                self.report_drops_locked(st);
                 rule
             }
             Err(rule) => Some(rule),
@@ -212,13 +211,14 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
     /// A drain task's look before it waits on its real sink: brings a
     /// window up to date, reports the drops gathered (a drain reports for
     /// its sink), registers the drain's waker, and says whether the stream
-    /// has closed. One lock.
-    pub(crate) fn drain_look(&self, cx: &Context<'_>) -> bool {
+    /// has closed, and when drops that wait for their report are due. One
+    /// lock.
+    pub(crate) fn drain_look(&self, cx: &Context<'_>) -> (bool, Option<Instant>) {
         let mut st = self.lock();
         self.look(&mut st, None);
-        self.report_drops_locked(&mut st);
+        let report_at = self.report_drops_locked(&mut st);
         st.register_consumer(cx);
-        st.closed
+        (st.closed, report_at)
     }
 
     /// Asks `marker` what to do at a gap; a marker that ends the stream
@@ -239,6 +239,8 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         st.last_taken = t;
         st.waiting_since = (!st.storage.is_empty()).then_some(t);
         if st.pressure.is_some() && st.storage.is_healthy() {
+            // The episode's drops, all of them, before its end.
+            self.flush_drops_locked(st);
             st.pressure = None;
             self.handle.set_health(Health::Healthy);
             st.event(EventKind::Recovered);

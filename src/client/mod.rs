@@ -163,6 +163,9 @@ struct State<D, S> {
     pressure: Option<Instant>,
     /// Drops not yet reported.
     unreported: Dropped,
+    /// The earliest moment of the next `Dropped` report (one
+    /// `drop_report_interval` after the last); `None` before the first.
+    drop_report_at: Option<Instant>,
     /// When the client last took a frame (or the stream opened).
     last_taken: Instant,
     /// Since when frames have waited without the client taking one.
@@ -323,6 +326,7 @@ where
                 wake_consumer: false,
                 pressure: None,
                 unreported: Dropped::default(),
+                drop_report_at: None,
                 last_taken: now(),
                 waiting_since: None,
                 drop_window: VecDeque::new(),
@@ -519,7 +523,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         if st.closed {
             return;
         }
-        self.report_drops_locked(st);
+        self.flush_drops_locked(st);
         st.closed = true;
         let stats = st.storage.stats();
         self.handle.set_closed(reason, stats);

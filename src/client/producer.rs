@@ -7,7 +7,7 @@ use std::task::Context;
 use tokio::time::Instant;
 
 use super::rules::has_timed_rule;
-use super::{Admit, Client, End, Produce, Pushed, Reporter, State, Storage, now, register};
+use super::{Admit, Client, End, Produce, Pushed, Reporter, State, Storage, after, now, register};
 use crate::buffer::{Dropped, FrameClass};
 use crate::config::Overflow;
 use crate::observer::{BackpressureObserver, EventKind, EvictReason};
@@ -59,25 +59,47 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         }
     }
 
-    /// Reports the drops gathered since the last report: at most once per
-    /// run of the reporting side's task. Takes no lock when there are none.
-    pub(crate) fn report_drops(&self) {
+    /// Reports the drops gathered since the last report if the report is
+    /// due (at most one per `drop_report_interval`); otherwise returns the
+    /// moment it will be, for the reporting side's timer. Takes no lock when
+    /// there are none.
+    pub(crate) fn report_drops(&self) -> Option<Instant> {
         if !self.drops_pending.load(Ordering::Acquire) {
-            return;
+            return None;
         }
         let mut st = self.lock();
-        self.report_drops_locked(&mut st);
+        self.report_drops_locked(&mut st)
     }
 
-    pub(super) fn report_drops_locked(&self, st: &mut State<D, S>) {
-        if st.unreported.frames > 0 && !st.closed {
-            self.drops_pending.store(false, Ordering::Release);
-            let Dropped { frames, bytes } = std::mem::take(&mut st.unreported);
-            st.event(EventKind::Dropped {
-                count: frames as u64,
-                bytes: bytes as u64,
-            });
+    /// [`report_drops`](Self::report_drops) under the lock.
+    pub(super) fn report_drops_locked(&self, st: &mut State<D, S>) -> Option<Instant> {
+        if st.unreported.frames == 0 || st.closed {
+            return None;
         }
+        let t = now();
+        if let Some(at) = st.drop_report_at.filter(|&at| t < at) {
+            return Some(at);
+        }
+        self.report_drops_at(st, t);
+        None
+    }
+
+    /// Reports every drop gathered, due or not: before `Recovered`, before
+    /// `Closed` and at the producer's end, so that the reports add up.
+    pub(super) fn flush_drops_locked(&self, st: &mut State<D, S>) {
+        if st.unreported.frames > 0 && !st.closed {
+            self.report_drops_at(st, now());
+        }
+    }
+
+    fn report_drops_at(&self, st: &mut State<D, S>, t: Instant) {
+        self.drops_pending.store(false, Ordering::Release);
+        let Dropped { frames, bytes } = std::mem::take(&mut st.unreported);
+        st.drop_report_at = Some(after(t, self.config.drop_report_interval()));
+        st.event(EventKind::Dropped {
+            count: frames as u64,
+            bytes: bytes as u64,
+        });
     }
 
     /// The producer ended: what it left goes after the kept frames.
@@ -93,7 +115,9 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
             End::Error(e) => st.error = Some(e),
         }
         if self.reporter == Reporter::Producer {
-            self.report_drops_locked(&mut st);
+            // Nothing reports after the producer's task: what waits goes
+            // out now.
+            self.flush_drops_locked(&mut st);
         }
         self.refresh_done(&st);
         st.wake_consumer = true;

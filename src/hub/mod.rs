@@ -87,6 +87,8 @@ mod backfill;
 mod config;
 mod error;
 pub(crate) mod log;
+#[cfg(all(test, backpressure_loom))]
+mod loom;
 mod response;
 pub mod sse;
 mod subscription;
@@ -94,8 +96,8 @@ mod sweep;
 mod window;
 
 use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 
 use bytes::Bytes;
 
@@ -110,6 +112,9 @@ pub(crate) use self::sweep::{Sweep, Sweeper};
 pub(crate) use self::window::{ClassifyFn, MakeWindow, Tap};
 use crate::buffer::{ByWeigh, Weigh, Weigher};
 use crate::config::ConfigError;
+// loom's under `cfg(backpressure_loom)`, so that the models in `loom.rs` see
+// the log's lock.
+use crate::sync::{AtomicUsize, Mutex, MutexGuard};
 
 /// One log of frames shared by every subscriber: see the [module docs](self).
 ///
@@ -248,7 +253,7 @@ impl<T, W> Hub<T, W> {
                 sweeper: Arc::default(),
                 weigher,
                 config,
-                subscribers: Arc::default(),
+                subscribers: Arc::new(AtomicUsize::new(0)),
                 handles: AtomicUsize::new(1),
             }),
         })

@@ -114,12 +114,17 @@ where
             *this.finished = true;
             return Poll::Ready(());
         }
-        if this.inner.is_some() {
-            shared.report_drops();
-        }
+        // Drops are reported at most once per interval: those that wait for
+        // theirs need the pump back when it is over.
+        let report_at = if this.inner.is_some() {
+            shared.report_drops()
+        } else {
+            None
+        };
         // Watch the timed eviction rules, also after the inner body ended,
         // for as long as frames wait.
-        match shared.check_timers() {
+        let rule_at = shared.check_timers();
+        match rule_at.into_iter().chain(report_at).min() {
             Some(at) => this.timer.arm(at, cx),
             None if this.inner.is_none() || shared.is_closed() => {
                 *this.finished = true;

@@ -36,6 +36,8 @@ pub(super) struct Drain<T, S, O: BackpressureObserver, W, C, M, St: Storage<T> =
     release_at: Option<Instant>,
     /// The next moment a timed eviction rule could fire.
     rule_at: Option<Instant>,
+    /// When drops that wait for their report are due.
+    report_at: Option<Instant>,
     /// Set once the real sink is being closed.
     close_deadline: Option<Instant>,
     /// Everything was delivered: flush, then close the real sink.
@@ -77,6 +79,7 @@ where
             release: Release::default(),
             release_at: None,
             rule_at: None,
+            report_at: None,
             close_deadline: None,
             finishing: false,
             closing: false,
@@ -113,7 +116,9 @@ where
             // once per run), and leaves its waker, so that closes,
             // evictions and drops to report wake it while it waits for the
             // real sink.
-            if client.drain_look(cx) {
+            let (closed, report_at) = client.drain_look(cx);
+            self.report_at = report_at;
+            if closed {
                 if self.core.abandoned.load(Ordering::Acquire) {
                     self.start_closing();
                     continue;
@@ -262,6 +267,7 @@ where
         } else {
             [
                 self.rule_at,
+                self.report_at,
                 self.release_at,
                 self.core.deadline.get().copied(),
             ]
