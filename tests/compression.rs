@@ -26,7 +26,6 @@ use tower_http::compression::CompressionLayer;
 /// leaves `text/event-stream` alone).
 fn compression() -> CompressionLayer<
     impl tower_http::compression::Predicate
-    + Clone
     + Fn(http::StatusCode, http::Version, &http::HeaderMap, &http::Extensions) -> bool,
 > {
     CompressionLayer::new().gzip(true).compress_when(

@@ -354,25 +354,13 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
             if self.config.overflow() == Overflow::Disconnect {
                 return Err(EvictReason::Overflow);
             }
-            if self.classify.is_none() {
-                // Every frame droppable, the oldest first: the kept ones (a
-                // backfill's), then the log's.
-                while self.held.is_over(&self.config) && !self.held.kept.is_empty() {
-                    self.held.drop_oldest_kept(&mut skipped);
-                }
-                if self.held.is_over(&self.config) {
-                    let more = self.held.skip_log(&mut self.cursor, &self.config, &log);
-                    skipped.frames += more.frames;
-                    skipped.bytes += more.bytes;
-                }
-            } else {
+            if let Some(classify) = &self.classify {
                 // The log's frames one by one from the cursor: a critical one
                 // cannot be skipped, a replace-class one is kept as its
                 // key's newest (superseding the one kept before), the rest
                 // are lost; then, if the kept frames alone are too many, the
                 // oldest of them.
                 while self.held.is_over(&self.config) && self.held.frames > 0 {
-                    let classify = self.classify.as_ref().expect("classified");
                     let mut out = None;
                     log.read(&mut self.cursor, 1, |gap, e| {
                         let class = classify(&e.item);
@@ -402,6 +390,17 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
                 }
                 while self.held.is_over(&self.config) && !self.held.kept.is_empty() {
                     self.held.drop_oldest_kept(&mut skipped);
+                }
+            } else {
+                // Every frame droppable, the oldest first: the kept ones (a
+                // backfill's), then the log's.
+                while self.held.is_over(&self.config) && !self.held.kept.is_empty() {
+                    self.held.drop_oldest_kept(&mut skipped);
+                }
+                if self.held.is_over(&self.config) {
+                    let more = self.held.skip_log(&mut self.cursor, &self.config, &log);
+                    skipped.frames += more.frames;
+                    skipped.bytes += more.bytes;
                 }
             }
         }
