@@ -292,13 +292,20 @@ impl Shutdown {
                 streams.list.retain(|e| !e.is_gone());
                 streams.pruned_len = streams.list.len();
             }
-            streams.list.push(Entry { stream, connection });
+            streams.list.push(Entry {
+                stream: stream.clone(),
+                connection,
+            });
         }
-        // Triggered meanwhile: `trigger` may have taken the list before
-        // this entry went in.
+        // Triggered meanwhile: `trigger` (or the end of the grace) may have
+        // gone over the list before this entry went in. Both steps are
+        // idempotent.
         if self.is_triggered() {
-            for stream in self.live() {
+            if let Some(stream) = stream.upgrade() {
                 stream.begin();
+                if self.inner.forced.load(Ordering::Acquire) {
+                    stream.force();
+                }
             }
         }
     }
