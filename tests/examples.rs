@@ -1164,8 +1164,10 @@ async fn sse_server_ends_hundreds_of_open_streams_on_sigterm() {
             }));
         }
         // The stalled clients' buffers overflow: the server drops for them.
+        // Bounded as a server's start is: a loaded machine may take a while
+        // to fill a hundred sockets.
         within(
-            EXIT,
+            STARTUP,
             "the server to drop events for the stalled clients",
             async {
                 loop {
@@ -1189,21 +1191,29 @@ async fn sse_server_ends_hundreds_of_open_streams_on_sigterm() {
             "sse_server {args:?}: exit {:?} after SIGTERM with {READERS} reading and {STALLED} stalled streams",
             signalled.elapsed()
         );
+        // Each reader's stream ends cleanly after whole events (a reader
+        // that connected just before the signal may have had none yet).
+        let mut events = 0;
         for reader in readers {
             let data = within(EXIT, "a reader's end", reader)
                 .await
                 .unwrap()
                 .unwrap_or_else(|e| panic!("{args:?}: a reader's stream failed: {e}"));
             assert!(
-                data.ends_with(b"\n\n"),
-                "{args:?}: whole events, then the end"
+                data.is_empty() || data.ends_with(b"\n\n"),
+                "{args:?}: whole events, then the end: {} bytes, ending {:?}",
+                data.len(),
+                String::from_utf8_lossy(&data[data.len().saturating_sub(60)..])
             );
-            assert!(check_sse(&sse(&data), 1000) > 0);
+            events += check_sse(&sse(&data), 8000);
         }
+        assert!(events > 0, "{args:?}: the readers read events");
         drop(stalled);
     }
+    // Few, large events and a small buffer: the stalled clients' sockets
+    // and buffers fill within a second or so, at little CPU.
     tokio::join!(
-        run("--rate 1000 --size 1000"),
-        run("--hub --rate 1000 --size 1000")
+        run("--rate 200 --size 8000 --capacity 8"),
+        run("--hub --rate 200 --size 8000 --capacity 8")
     );
 }
