@@ -271,3 +271,23 @@ async fn a_hubs_sse_response_says_no_cache_and_no_proxy_buffering() {
     assert_eq!(response.headers()[header::CACHE_CONTROL], "no-cache");
     assert_eq!(response.headers()["x-accel-buffering"], "no");
 }
+
+#[tokio::test(start_paused = true)]
+async fn comments_do_not_keep_a_stalled_client_alive() {
+    use tower_backpressure::{EvictReason, Eviction};
+    let config =
+        BufferConfig::new(16).with_eviction(Eviction::none().after_stall(Duration::from_secs(20)));
+    let keep_alive = KeepAlive::new().interval(Duration::from_secs(5));
+    let layer = BackpressureLayer::new(config).keep_alive(Some(keep_alive));
+    let (producer, mut body, mut events) = per_client(layer, SSE).await;
+    producer.tx.send(Bytes::from("id: 0\n\n")).await.unwrap();
+    assert_eq!(next(&mut body).await, "id: 0\n\n");
+    assert_eq!(next(&mut body).await, ":\n\n");
+    // The client stops reading with an event waiting: 20 s later the
+    // stall rule evicts it, comments or not.
+    producer.tx.send(Bytes::from("id: 1\n\n")).await.unwrap();
+    let closed = closed_as(&mut events, CloseReason::Evicted(EvictReason::Stalled)).await;
+    assert_eq!(closed.stats.sent, 1);
+    let end = guard("the eviction", body.frame()).await.unwrap();
+    assert!(end.is_err(), "{end:?}");
+}
