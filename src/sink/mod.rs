@@ -26,7 +26,7 @@
 //! peer's Ping by themselves; to keep a quiet connection through proxies
 //! and find a vanished peer, send a Ping from the application on a timer
 //! (into the `BufferedSink`, as a critical frame if a
-//! [`Classify`](crate::Classify) hook marks frames). SSE responses get
+//! [`Classify`] hook marks frames). SSE responses get
 //! comment lines from the layer instead ([`KeepAlive`](crate::KeepAlive)).
 //!
 //! # Closing
