@@ -133,12 +133,12 @@ use bytes::Bytes;
 use clap::Parser;
 use futures::StreamExt;
 use tokio::net::TcpListener;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tower::util::MapResponseLayer;
 use tower_backpressure::hub::{HubBody, sse};
+use tower_backpressure::shutdown::Shutdown;
 use tower_backpressure::{
     BackpressureLayer, BufferConfig, ClientRegistry, Eviction, Flush, Hub, HubConfig, KeepAlive,
     MemoryBudget, MetricsObserver, NdjsonGapMarker, SseGapMarker, TracingObserver,
@@ -154,9 +154,15 @@ mod metrics;
 #[path = "common/serve.rs"]
 mod serve;
 
-/// How long open streams get to finish after SIGINT/SIGTERM: a stalled
-/// client may never take the events still buffered for it.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long open streams get to finish after SIGINT/SIGTERM: the layer's
+/// [`Shutdown`] ends every stream at the signal, and cuts one (with its
+/// connection) that has not ended by then: a stalled client may never take
+/// the events still buffered for it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// How long the server waits for its connections after the grace: only
+/// `--passthrough` streams (no layer) can still be open by then.
+const SHUTDOWN_BACKSTOP: Duration = Duration::from_secs(2);
 
 /// The largest `--rate`. Every millisecond the producer sends what is due
 /// without yielding: at a rate far beyond what it can send, that loop never
@@ -336,7 +342,7 @@ struct AppState {
     events: broadcast::Sender<u64>,
     payload: Arc<str>,
     /// Turns `true` on SIGINT/SIGTERM: every stream ends.
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
     close_after: Option<u64>,
     /// `--passthrough`: the SSE stream's own keep-alive, and `Some`.
     passthrough: Option<Option<Duration>>,
@@ -418,6 +424,10 @@ async fn main() -> ExitCode {
     if let Some(budget) = budget {
         layer = layer.memory_budget(budget);
     }
+    // SIGINT/SIGTERM: every stream the layer serves ends, cleanly, and one
+    // that does not within the grace is cut with its connection.
+    let shutdown = Shutdown::new().grace(SHUTDOWN_GRACE);
+    let layer = layer.shutdown(shutdown.clone());
     // Each format marks its gaps its own way: one layer per route, sharing
     // the observer and the budget.
     let on = args.gap_marker;
@@ -425,7 +435,6 @@ async fn main() -> ExitCode {
     let sse_layer = layer.clone().gap_marker(on.then(SseGapMarker::new));
     let ndjson_layer = layer.gap_marker(on.then(NdjsonGapMarker::new));
 
-    let (stop, shutdown) = watch::channel(false);
     let payload: Arc<str> = "x".repeat(args.size).into();
     // The hubs, by route, for `/metrics`, `/health/hub` and `/dashboard`.
     let mut hubs: Vec<(&'static str, Hub)> = Vec::new();
@@ -444,6 +453,10 @@ async fn main() -> ExitCode {
             ("/events", state.sse.clone()),
             ("/stream.ndjson", state.ndjson.clone()),
         ]);
+        // The hubs close at the signal: their subscriptions end too where
+        // no layer serves them (`--passthrough`).
+        shutdown.close_hub(&state.sse);
+        shutdown.close_hub(&state.ndjson);
         let history = match &args.nats {
             None => {
                 tokio::spawn(produce(args.rate, publish_into(&state, payload)));
@@ -464,19 +477,13 @@ async fn main() -> ExitCode {
             Some(_) => unreachable!("refused above"),
         };
         let state = HubState { history, ..state };
-        // A hub's subscription never ends by itself: end the responses on
-        // shutdown, outside the layer (which serves them from the hub).
-        let ending = MapResponseLayer::new(end_on(shutdown.clone()));
         let (events, ndjson) = (get(hub_sse_events), get(hub_ndjson_events));
         let (events, ndjson) = if args.passthrough {
             (events, ndjson)
         } else {
             (events.layer(sse_layer), ndjson.layer(ndjson_layer))
         };
-        (
-            events.layer(ending.clone()).with_state(state.clone()),
-            ndjson.layer(ending).with_state(state),
-        )
+        (events.with_state(state.clone()), ndjson.with_state(state))
     } else {
         // The layer does the real buffering, per client. This channel only
         // has to outlast a short scheduling hiccup: each client's pump drains
@@ -547,10 +554,11 @@ async fn main() -> ExitCode {
         "serving GET /events, GET /stream.ndjson, GET /health/clients, GET /health/hub, GET /metrics and GET /dashboard over HTTP/1.1 and HTTP/2"
     );
 
-    let mut stopped = shutdown;
-    // HTTP/1.1 and HTTP/2 (prior knowledge) on the same port.
-    let server = serve::serve_http1_and_http2(listener, app, async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
+    // HTTP/1.1 and HTTP/2 (prior knowledge) on the same port; the server
+    // stops accepting at the signal, and waits for its connections.
+    let server = serve::serve_http1_and_http2(listener, app, {
+        let shutdown = shutdown.clone();
+        async move { shutdown.triggered().await }
     });
     let mut server = std::pin::pin!(server);
 
@@ -564,11 +572,12 @@ async fn main() -> ExitCode {
     }
 
     tracing::info!("shutting down: ending open streams");
-    stop.send_replace(true);
-    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+    shutdown.trigger();
+    match tokio::time::timeout(SHUTDOWN_GRACE + SHUTDOWN_BACKSTOP, server).await {
         Ok(()) => tracing::info!("stopped"),
         Err(_) => tracing::warn!(
-            "some clients did not take their last events within {SHUTDOWN_GRACE:?}; closing them"
+            "some --passthrough clients did not take their last events within {:?}; closing them",
+            SHUTDOWN_GRACE + SHUTDOWN_BACKSTOP
         ),
     }
     ExitCode::SUCCESS
@@ -577,7 +586,7 @@ async fn main() -> ExitCode {
 /// `GET /events`: this client's view of the shared event sequence.
 async fn sse_events(State(app): State<AppState>) -> Response {
     let payload = app.payload;
-    let mut shutdown = app.shutdown;
+    let shutdown = app.shutdown;
     let stream = BroadcastStream::new(app.events.subscribe())
         .filter_map(move |message| {
             futures::future::ready(match message {
@@ -591,11 +600,10 @@ async fn sse_events(State(app): State<AppState>) -> Response {
         })
         // `--close-after N`: the response ends after N events.
         .take(app.close_after.map_or(usize::MAX, saturating_usize))
-        // SSE streams never end by themselves; end them on shutdown so that
-        // graceful shutdown does not wait forever.
-        .take_until(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        });
+        // The layer ends the stream at the signal; with `--passthrough`
+        // (no layer) the stream ends itself, or graceful shutdown would wait
+        // for ever.
+        .take_until(async move { shutdown.triggered().await });
     let sse = Sse::new(stream);
     match app.passthrough {
         // The layer adds `X-Accel-Buffering: no` and the keep-alive.
@@ -618,7 +626,7 @@ async fn sse_events(State(app): State<AppState>) -> Response {
 /// whole lines).
 async fn ndjson_events(State(app): State<AppState>) -> Response {
     let payload = app.payload;
-    let mut shutdown = app.shutdown;
+    let shutdown = app.shutdown;
     let lines = BroadcastStream::new(app.events.subscribe())
         .filter_map(move |message| {
             futures::future::ready(match message {
@@ -626,9 +634,7 @@ async fn ndjson_events(State(app): State<AppState>) -> Response {
                 Err(BroadcastStreamRecvError::Lagged(_)) => None,
             })
         })
-        .take_until(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        });
+        .take_until(async move { shutdown.triggered().await });
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(lines),
@@ -662,18 +668,6 @@ async fn hub_ndjson_events(State(app): State<HubState>) -> Response<HubBody> {
         .response()
         .content_type(HeaderValue::from_static("application/x-ndjson"))
         .build()
-}
-
-/// Ends each response's body once `shutdown` turns `true`.
-fn end_on(shutdown: watch::Receiver<bool>) -> impl Fn(Response) -> Response + Clone {
-    move |response: Response| {
-        let mut shutdown = shutdown.clone();
-        response.map(|body| {
-            Body::from_stream(body.into_data_stream().take_until(async move {
-                let _ = shutdown.wait_for(|stop| *stop).await;
-            }))
-        })
-    }
 }
 
 /// One NDJSON line: `{"seq":N,"payload":"…"}`.

@@ -105,6 +105,27 @@ impl Connection {
     pub fn is_closed(&self) -> bool {
         self.inner.closed.load(Ordering::Acquire)
     }
+
+    /// A handle that does not keep the connection's state alive.
+    pub(crate) fn downgrade(&self) -> WeakConnection {
+        WeakConnection(Arc::downgrade(&self.inner))
+    }
+}
+
+/// A [`Connection`] that does not keep its state alive: gone once the IO
+/// and every handle are.
+#[derive(Clone, Debug)]
+pub(crate) struct WeakConnection(std::sync::Weak<Inner>);
+
+impl WeakConnection {
+    pub(crate) fn upgrade(&self) -> Option<Connection> {
+        self.0.upgrade().map(|inner| Connection { inner })
+    }
+
+    /// The connection may still be open: a handle or its IO is left.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
 }
 
 impl fmt::Debug for Connection {

@@ -113,19 +113,22 @@ impl Default for KeepAlive {
     }
 }
 
-/// What the layer does for the SSE responses it sees: keep-alive comments,
-/// and the header that keeps proxies from buffering.
+/// What the layer does for the streams it serves besides buffering them:
+/// keep-alive comments and the header that keeps proxies from buffering
+/// (SSE responses), and the shutdown that ends them.
 #[derive(Debug, Clone)]
-pub(crate) struct SseOptions {
+pub(crate) struct StreamOptions {
     pub(crate) keep_alive: Option<KeepAlive>,
     pub(crate) no_proxy_buffering: bool,
+    pub(crate) shutdown: Option<crate::shutdown::Shutdown>,
 }
 
-impl Default for SseOptions {
+impl Default for StreamOptions {
     fn default() -> Self {
         Self {
             keep_alive: Some(KeepAlive::new()),
             no_proxy_buffering: true,
+            shutdown: None,
         }
     }
 }

@@ -103,6 +103,7 @@ pub mod observer;
 pub mod policy;
 pub mod predicate;
 pub mod registry;
+pub mod shutdown;
 pub mod sink;
 mod sync;
 

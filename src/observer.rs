@@ -182,6 +182,10 @@ pub enum CloseReason {
     /// policy, an [`Eviction`](crate::Eviction) rule, or a gap marker that
     /// ends the stream).
     Evicted(EvictReason),
+    /// The server shut down ([`Shutdown`](crate::shutdown::Shutdown)): the
+    /// stream ended cleanly after the frames it had, or was cut at the end
+    /// of the grace period.
+    Shutdown,
 }
 
 /// The rule that ended a slow client's response.
@@ -228,13 +232,14 @@ impl fmt::Display for EvictReason {
 
 impl CloseReason {
     /// A short lowercase name: `completed`, `client_gone`, `inner_error`,
-    /// `evicted`.
+    /// `evicted`, `shutdown`.
     pub fn as_str(&self) -> &'static str {
         match self {
             CloseReason::Completed => "completed",
             CloseReason::ClientGone => "client_gone",
             CloseReason::InnerError => "inner_error",
             CloseReason::Evicted(_) => "evicted",
+            CloseReason::Shutdown => "shutdown",
         }
     }
 }

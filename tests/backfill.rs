@@ -119,3 +119,79 @@ async fn gaps_around_the_backfill_are_counted_exactly() {
     assert_eq!(through_layer(&hub, 9, history(0..10)).await, want);
     assert_eq!(without_layer(&hub, 9, Vec::new()).await, want);
 }
+
+/// Reads what is ready now from a body, as one string (a gap is `[N]`).
+async fn read_ready<B>(body: &mut B) -> String
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut out = String::new();
+    for _ in 0..1000 {
+        match body.frame().now_or_never() {
+            Some(Some(Ok(frame))) => out.push_str(&render(&frame.into_data().expect("data"))),
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Issue 20, bug 1: a backfill that reaches past the hub's newest id. The
+/// hub holds 10; the client saw 9 and the bus's history has 10..=13; then
+/// 11..=14 reach the hub. Each id arrives once, in order.
+#[tokio::test]
+async fn a_backfill_past_the_hubs_newest_frame_is_not_delivered_twice() {
+    let fresh = || {
+        let hub: Hub = Hub::new(HubConfig::new(10));
+        hub.publish_with_id(10, Bytes::from("10;")).unwrap();
+        hub
+    };
+    let publish_rest = |hub: &Hub| {
+        for id in 11..=14 {
+            hub.publish_with_id(id, Bytes::from(format!("{id};")))
+                .unwrap();
+        }
+    };
+    let want = ids(10..15);
+
+    // Without the layer: the subscription stream.
+    let hub = fresh();
+    let mut sub = hub.subscribe_with_backfill(Some(9), history(10..14));
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(futures::StreamExt::next(&mut sub).await.unwrap());
+    }
+    publish_rest(&hub);
+    while let Some(Some(e)) = futures::StreamExt::next(&mut sub).now_or_never() {
+        seen.push(e);
+    }
+    let ids_seen: Vec<String> = seen
+        .iter()
+        .map(|e| match e {
+            tower_backpressure::hub::HubEvent::Frame { id, .. } => id.to_string(),
+            tower_backpressure::hub::HubEvent::Gap { missed } => format!("[{missed}]"),
+        })
+        .collect();
+    assert_eq!(ids_seen, ["10", "11", "12", "13", "14"]);
+
+    // Through the layer, with `HubResponse::backfill`.
+    let hub = fresh();
+    let svc = {
+        let hub = hub.clone();
+        ServiceBuilder::new()
+            .layer(BackpressureLayer::new(BufferConfig::new(100)).gap_marker(SseGapMarker::new()))
+            .service(service_fn(move |_req: Request<()>| {
+                let response: Response<HubBody> = hub
+                    .response()
+                    .resume_after(Some(9))
+                    .backfill(history(10..14))
+                    .build();
+                async move { Ok::<_, Infallible>(response) }
+            }))
+    };
+    let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+    let mut got = read_ready(&mut body).await;
+    publish_rest(&hub);
+    got.push_str(&read_ready(&mut body).await);
+    assert_eq!(got, want);
+}

@@ -1118,3 +1118,92 @@ async fn ws_server_closes_the_connections_of_evicted_clients() {
         ),
     );
 }
+
+/// SIGTERM with hundreds of open streams, half of them never reading, in
+/// both modes: the server exits 0 (within the test's exit guard: the layer's
+/// `Shutdown` ends every stream at the signal and cuts the stalled ones
+/// after its grace), and every reading client sees a clean end after whole
+/// events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_server_ends_hundreds_of_open_streams_on_sigterm() {
+    async fn run(args: &'static str) {
+        const READERS: usize = 100;
+        const STALLED: usize = 100;
+        let server = start("sse_server", args).await;
+        let addr = server.addr;
+        let mut stalled = Vec::new();
+        for _ in 0..STALLED {
+            let socket = TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            let mut stream = within(STEP, "a connection", socket.connect(addr))
+                .await
+                .unwrap();
+            stream.write_all(SSE_REQUEST).await.unwrap();
+            stalled.push(stream);
+        }
+        let mut readers = Vec::new();
+        for _ in 0..READERS {
+            let mut client = common::connect(addr, None).await;
+            let response = common::get(&mut client, "/events").await;
+            assert_eq!(response.status(), StatusCode::OK);
+            let mut body = response.into_body();
+            readers.push(tokio::spawn(async move {
+                let _client = client;
+                let mut data = Vec::new();
+                loop {
+                    match body.frame().await {
+                        None => return Ok(data),
+                        Some(Ok(frame)) => {
+                            if let Ok(d) = frame.into_data() {
+                                data.extend_from_slice(&d);
+                            }
+                        }
+                        Some(Err(e)) => return Err(e.to_string()),
+                    }
+                }
+            }));
+        }
+        // The stalled clients' buffers overflow: the server drops for them.
+        within(
+            EXIT,
+            "the server to drop events for the stalled clients",
+            async {
+                loop {
+                    let health = health(addr).await;
+                    let dropping = health["clients"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|c| c["dropped"].as_u64().unwrap_or(0) > 0)
+                        .count();
+                    if dropping >= STALLED {
+                        return;
+                    }
+                }
+            },
+        )
+        .await;
+        let signalled = std::time::Instant::now();
+        server.stop_cleanly().await;
+        eprintln!(
+            "sse_server {args:?}: exit {:?} after SIGTERM with {READERS} reading and {STALLED} stalled streams",
+            signalled.elapsed()
+        );
+        for reader in readers {
+            let data = within(EXIT, "a reader's end", reader)
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{args:?}: a reader's stream failed: {e}"));
+            assert!(
+                data.ends_with(b"\n\n"),
+                "{args:?}: whole events, then the end"
+            );
+            assert!(check_sse(&sse(&data), 1000) > 0);
+        }
+        drop(stalled);
+    }
+    tokio::join!(
+        run("--rate 1000 --size 1000"),
+        run("--hub --rate 1000 --size 1000")
+    );
+}

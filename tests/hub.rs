@@ -497,3 +497,51 @@ async fn a_fast_client_gets_everything_while_a_thousand_stall() {
     }
     assert_eq!(sse_ids(&text), [EVENTS - 2, EVENTS - 1]);
 }
+
+/// Issue 20, hazard: nothing ended a hub's streams. Closing it (or dropping
+/// its last handle) ends each subscription after the frames published
+/// before; a parked one is woken to see it; one made after the close gets
+/// what is retained, then its end.
+#[test]
+fn closing_or_dropping_the_hub_ends_every_subscription_after_its_frames() {
+    let w = Counted::new();
+    let hub: Hub = Hub::new(HubConfig::new(10));
+    let mut parked = hub.subscribe();
+    let mut behind = hub.subscribe();
+    assert_eq!(w.poll(&mut parked), Poll::Pending);
+    hub.publish(b("a"));
+    hub.publish(b("b"));
+    assert_eq!(w.poll(&mut parked), frame(0, "a"));
+    assert_eq!(w.poll(&mut parked), frame(1, "b"));
+    assert_eq!(w.poll(&mut parked), Poll::Pending);
+    let wakes = w.count.0.load(Ordering::SeqCst);
+    hub.close();
+    assert!(hub.is_closed());
+    assert_eq!(
+        w.count.0.load(Ordering::SeqCst),
+        wakes + 1,
+        "the parked one is woken"
+    );
+    assert_eq!(w.poll(&mut parked), Poll::Ready(None));
+    // Published after the close: no stream gets it.
+    hub.publish(b("c"));
+    assert_eq!(w.poll(&mut behind), frame(0, "a"));
+    assert_eq!(w.poll(&mut behind), frame(1, "b"));
+    assert_eq!(w.poll(&mut behind), Poll::Ready(None));
+    let mut late = hub.subscribe_after(0);
+    assert_eq!(w.poll(&mut late), frame(1, "b"));
+    assert_eq!(w.poll(&mut late), Poll::Ready(None));
+    assert_eq!(w.poll(&mut hub.subscribe()), Poll::Ready(None));
+
+    // The last handle dropped closes it.
+    let hub: Hub = Hub::default();
+    let clone = hub.clone();
+    let mut sub = hub.subscribe();
+    assert_eq!(w.poll(&mut sub), Poll::Pending);
+    clone.publish(b("x"));
+    drop(hub);
+    assert_eq!(w.poll(&mut sub), frame(0, "x"));
+    assert_eq!(w.poll(&mut sub), Poll::Pending, "a handle is left");
+    drop(clone);
+    assert_eq!(w.poll(&mut sub), Poll::Ready(None));
+}

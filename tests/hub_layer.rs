@@ -353,7 +353,7 @@ async fn a_window_that_skips_keeps_the_newest_frame_of_every_replace_key() {
     let hub: Hub = Hub::default();
     // "p<key>=<value>": the latest price per symbol; anything else droppable.
     let (mut body, _events) =
-        classified_client(&hub, BufferConfig::new(2), |b: &Bytes| match b.first() {
+        classified_client(&hub, BufferConfig::new(4), |b: &Bytes| match b.first() {
             Some(b'p') => FrameClass::Replace(u64::from(b[1])),
             _ => FrameClass::Droppable,
         })
@@ -362,9 +362,28 @@ async fn a_window_that_skips_keeps_the_newest_frame_of_every_replace_key() {
         hub.publish(Bytes::from(frame));
     }
     let read = take(&mut body, 100);
-    // The window of two holds x4, x5; of what it skipped, the newest frame
-    // of each key comes first (pa=2, pb=2), x1..x3 are gone.
-    assert_eq!(read, ["gap:3", "pa=2", "pb=2", "x4", "x5"]);
+    // The window of four: of what it skipped, the newest frame of each key
+    // stays (pa=1 and pb=1 are superseded, not lost), x1..x3 are gone, each
+    // announced where it was; x4 and x5 fill the rest.
+    assert_eq!(
+        read,
+        ["gap:1", "pa=2", "gap:1", "pb=2", "gap:1", "x4", "x5"]
+    );
+    // With room for two, the two prices are what it holds; the rest is one
+    // gap before the next frame.
+    let hub: Hub = Hub::default();
+    let (mut body, _events) =
+        classified_client(&hub, BufferConfig::new(2), |b: &Bytes| match b.first() {
+            Some(b'p') => FrameClass::Replace(u64::from(b[1])),
+            _ => FrameClass::Droppable,
+        })
+        .await;
+    for frame in ["pa=1", "x1", "pb=1", "pa=2", "x2", "pb=2", "x3", "x4", "x5"] {
+        hub.publish(Bytes::from(frame));
+    }
+    assert_eq!(take(&mut body, 100), ["gap:1", "pa=2", "gap:1", "pb=2"]);
+    hub.publish(Bytes::from("x6"));
+    assert_eq!(take(&mut body, 100), ["gap:3", "x6"]);
 }
 
 #[tokio::test]
@@ -539,4 +558,237 @@ async fn a_client_that_stays_stalled_is_swept_less_often_and_its_drops_still_add
         "{batches} Dropped events in 6 s"
     );
     drop(body);
+}
+
+/// Issue 20, bug 2: `Replace(key)` conflation in a window kept every
+/// superseded frame, outside its limits. A client that never reads,
+/// capacity 2; each sweep sees one `Replace(1)` price and three droppable
+/// frames, 50 rounds. The window holds the newest price only (the others
+/// counted replaced), stays within its capacity, and each gap stands where
+/// its frames were skipped.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_window_keeps_only_the_newest_of_a_key_within_its_capacity() {
+    use tower_backpressure::FrameClass;
+    let hub: Hub = Hub::default();
+    let (observer, _events) = recorder();
+    let registry = ClientRegistry::new();
+    let svc = {
+        let hub = hub.clone();
+        ServiceBuilder::new()
+            .layer(
+                BackpressureLayer::new(BufferConfig::new(2))
+                    .observer(
+                        Arc::new((observer, registry.clone())) as Arc<dyn BackpressureObserver>
+                    )
+                    .gap_marker(Marker)
+                    .classify(|b: &Bytes| match b.first() {
+                        Some(b'p') => FrameClass::Replace(1),
+                        _ => FrameClass::Droppable,
+                    }),
+            )
+            .service(service_fn(move |_req: Request<()>| {
+                let response: Response<HubBody> = hub.response().build();
+                async move { Ok::<_, Infallible>(response) }
+            }))
+    };
+    let mut body: BackpressureBody<HubBody, Arc<dyn BackpressureObserver>, Marker> =
+        svc.oneshot(Request::new(())).await.unwrap().into_body();
+    let handle = registry.handles().pop().expect("one client");
+    for round in 0..50 {
+        hub.publish(Bytes::from(format!("p={round}")));
+        for i in 0..3 {
+            hub.publish(Bytes::from(format!("x{round}.{i}")));
+        }
+        // Long enough for the sweep, however far it has backed off.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let s = handle.stats().expect("buffered");
+        assert!(
+            s.buffered <= 2,
+            "round {round}: {} buffered, capacity 2: {s:?}",
+            s.buffered
+        );
+        assert_eq!(
+            s.pushed,
+            s.sent + s.dropped + s.replaced + s.buffered as u64,
+            "{s:?}"
+        );
+    }
+    let s = handle.stats().expect("buffered");
+    assert!(
+        s.replaced >= 48,
+        "superseded prices are counted replaced: {s:?}"
+    );
+    let read = take(&mut body, 1000);
+    let prices: Vec<&String> = read.iter().filter(|f| f.starts_with('p')).collect();
+    assert_eq!(prices, ["p=49"], "only the newest price waits: {read:?}");
+    // Every id is delivered, announced lost, or superseded.
+    let delivered = read.iter().filter(|f| !f.starts_with("gap:")).count() as u64;
+    let announced: u64 = read
+        .iter()
+        .filter_map(|f| f.strip_prefix("gap:"))
+        .map(|n| n.parse::<u64>().unwrap())
+        .sum();
+    let s = handle.stats().expect("buffered");
+    assert_eq!(delivered + announced + s.replaced, 200, "{read:?} {s:?}");
+    // The price stands after the droppable frames skipped before it.
+    assert_eq!(read.last().map(String::as_str), Some("x49.2"), "{read:?}");
+}
+
+/// Issue 20, bug 3, as a user meets it: an observer that panics once (on
+/// the first pressure episode, heard from the hub's sweep) ended the sweep
+/// task for good, and a stalled client was never evicted.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_observer_does_not_stop_stalled_clients_from_being_evicted() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tower_backpressure::{EvictReason, Eviction};
+    let hub: Hub = Hub::default();
+    let (observer, mut events) = recorder();
+    let panicked = Arc::new(AtomicBool::new(false));
+    let panicker = {
+        let panicked = panicked.clone();
+        move |e: &tower_backpressure::BackpressureEvent<'_>| {
+            if matches!(e.kind, EventKind::Pressure) && !panicked.swap(true, Ordering::SeqCst) {
+                panic!("an observer's bug");
+            }
+        }
+    };
+    let config = BufferConfig::new(4)
+        .with_eviction(Eviction::none().after_stall(Duration::from_millis(200)));
+    let svc = {
+        let hub = hub.clone();
+        ServiceBuilder::new()
+            .layer(
+                BackpressureLayer::new(config)
+                    .observer(Arc::new((observer, panicker)) as Arc<dyn BackpressureObserver>),
+            )
+            .service(service_fn(move |_req: Request<()>| {
+                let response: Response<HubBody> = hub.response().build();
+                async move { Ok::<_, Infallible>(response) }
+            }))
+    };
+    // Two clients that never read.
+    let first = svc.clone().oneshot(Request::new(())).await.unwrap();
+    let second = svc.oneshot(Request::new(())).await.unwrap();
+    for i in 0..10u64 {
+        hub.publish(Bytes::from(i.to_string()));
+    }
+    let mut seen = Vec::new();
+    let mut evicted = 0;
+    while evicted < 2 {
+        let closed = wait_for(&mut events, &mut seen, |s| {
+            matches!(s.kind, EventKind::Closed { .. })
+        })
+        .await;
+        assert_eq!(
+            closed.kind,
+            EventKind::Closed {
+                reason: CloseReason::Evicted(EvictReason::Stalled)
+            }
+        );
+        evicted += 1;
+    }
+    assert!(panicked.load(Ordering::SeqCst), "the observer did panic");
+    drop((first, second));
+}
+
+/// A client of `hub` that never reads, with `config`; its events.
+async fn stalled_client(
+    hub: &Hub,
+    config: BufferConfig,
+) -> (Body, tokio::sync::mpsc::UnboundedReceiver<Seen>) {
+    let (body, events, _registry) = client(hub, config, None).await;
+    (body, events)
+}
+
+/// Publishes `n` frames, `per_ms` every millisecond, in paused time.
+async fn publish_paced(hub: &Hub, n: u64, per_ms: u64) {
+    for i in 0..n {
+        hub.publish(Bytes::from(i.to_string()));
+        if (i + 1) % per_ms == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// Issue 20, bug 4: the sweep looks at a stalled client less and less often
+/// (down to once a second) and counted each look's drops as if they had all
+/// happened at that moment. 1,000 frames/s to a client that never reads,
+/// capacity 10, rule "600 drops within 500 ms": the client's real rate is
+/// about 500 per 500 ms, and it must not be evicted; at 2,000 frames/s
+/// (about 1,000 per 500 ms) it must be.
+#[tokio::test(start_paused = true)]
+async fn a_drop_window_rule_judges_the_rate_the_client_really_had() {
+    use tower_backpressure::{EvictReason, Eviction};
+    let config = BufferConfig::new(10)
+        .with_eviction(Eviction::none().after_dropped_within(600, Duration::from_millis(500)));
+    let hub: Hub = Hub::default();
+    let (body, mut events) = stalled_client(&hub, config).await;
+    publish_paced(&hub, 5_000, 1).await;
+    let mut drops = Vec::new();
+    while let Ok(seen) = events.try_recv() {
+        match seen.kind {
+            EventKind::Dropped { count, .. } => drops.push(count),
+            EventKind::Closed { reason } => {
+                panic!("closed ({reason:?}) at 1,000 frames/s; drop reports {drops:?}")
+            }
+            _ => {}
+        }
+    }
+    assert!(drops.iter().sum::<u64>() > 4_000, "{drops:?}");
+    drop(body);
+
+    let hub: Hub = Hub::default();
+    let (_body, mut events) = stalled_client(&hub, config).await;
+    let publish = publish_paced(&hub, 8_000, 2);
+    let mut seen = Vec::new();
+    let closed = tokio::select! {
+        closed = wait_for(&mut events, &mut seen, |s| matches!(s.kind, EventKind::Closed { .. })) => closed,
+        () = publish => panic!("not evicted at 2,000 frames/s: {seen:?}"),
+    };
+    assert_eq!(
+        closed.kind,
+        EventKind::Closed {
+            reason: CloseReason::Evicted(EvictReason::DroppedWindow)
+        }
+    );
+}
+
+/// Issue 20, hazard: a hub's windows stayed pending for ever once the hub
+/// was gone. Through the layer, a client that reads gets the frames
+/// published before the close, then a clean end (`Completed`); one that
+/// does not read is brought to its end by the sweep as soon as it reads.
+#[tokio::test(start_paused = true)]
+async fn a_closed_hub_ends_its_windows_cleanly() {
+    let hub: Hub = Hub::default();
+    let (mut reader, mut events, _registry) = client(&hub, BufferConfig::new(8), None).await;
+    let (mut late, _late_events, _late_registry) = client(&hub, BufferConfig::new(8), None).await;
+    hub.publish(Bytes::from("a"));
+    assert_eq!(take(&mut reader, 10), ["a"]);
+    let pending = tokio::spawn(async move {
+        let frame = reader.frame().await;
+        (frame.map(|f| f.unwrap().into_data().unwrap()), reader)
+    });
+    tokio::task::yield_now().await;
+    hub.publish(Bytes::from("b"));
+    drop(hub);
+    let (frame, mut reader) = guard("the frame before the close", pending).await.unwrap();
+    assert_eq!(frame.as_deref(), Some(&b"b"[..]));
+    assert!(
+        guard("the end", reader.frame()).await.is_none(),
+        "a clean end"
+    );
+    let mut seen = Vec::new();
+    let closed = wait_for(&mut events, &mut seen, |s| {
+        matches!(s.kind, EventKind::Closed { .. })
+    })
+    .await;
+    assert_eq!(
+        closed.kind,
+        EventKind::Closed {
+            reason: CloseReason::Completed
+        }
+    );
+    // The other one reads later: both frames, then the end.
+    assert_eq!(take(&mut late, 10), ["a", "b"]);
+    assert!(guard("the end", late.frame()).await.is_none());
 }

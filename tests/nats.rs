@@ -419,6 +419,9 @@ async fn a_server_cut_off_from_nats_announces_one_exact_gap() {
     assert!(value("backpressure_bus_reconnects_total") >= 1, "{metrics}");
     assert_eq!(value("backpressure_bus_connected"), 1, "{metrics}");
     assert!(value("backpressure_bus_frames_fed_total") > 0, "{metrics}");
+    // One publisher that never restarted: no outlier, no new epoch.
+    assert_eq!(value("backpressure_bus_outliers_total"), 0, "{metrics}");
+    assert_eq!(value("backpressure_bus_epochs_total"), 0, "{metrics}");
 
     publisher.stop_cleanly().await;
     drop((on_a, on_b));
@@ -534,4 +537,170 @@ async fn nats_flags_are_refused_when_they_cannot_be_honoured() {
     publisher.stop_cleanly().await;
     drop(client);
     server.stop_cleanly().await;
+}
+
+// --- JetStream history, against the library ---------------------------------------
+
+/// `bus::nats::history` on a real `nats-server -js`: what a resume reads
+/// from the stream is every retained id after the client's, in order,
+/// whatever else the stream holds.
+#[cfg(feature = "nats")]
+mod history {
+    use async_nats::jetstream::{self, stream};
+    use bytes::Bytes;
+    use tower_backpressure::bus::nats;
+
+    use super::{Nats, STEP, within};
+
+    /// A message on `subject`: `Event-Id: id` if `id` is given, else no
+    /// header at all; its payload is `payload`. Waits for the stream's ack.
+    async fn put(context: &jetstream::Context, subject: &str, id: Option<u64>, payload: &str) {
+        let payload = Bytes::from(payload.to_owned());
+        let ack = match id {
+            Some(id) => {
+                context
+                    .publish_with_headers(subject.to_owned(), nats::headers(id), payload)
+                    .await
+            }
+            None => context.publish(subject.to_owned(), payload).await,
+        };
+        within(
+            STEP,
+            "the stream's ack",
+            ack.expect("published").into_future(),
+        )
+        .await
+        .expect("stored");
+    }
+
+    /// A JetStream context on a fresh server, and a stream `name` that
+    /// holds `subjects`.
+    async fn stream_on(
+        nats: &Nats,
+        name: &str,
+        subjects: &[&str],
+    ) -> (jetstream::Context, stream::Stream) {
+        let client = within(STEP, "connecting to NATS", async_nats::connect(nats.url()))
+            .await
+            .expect("connected");
+        let context = jetstream::new(client);
+        let stream = context
+            .create_stream(stream::Config {
+                name: name.to_owned(),
+                subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+                ..Default::default()
+            })
+            .await
+            .expect("a stream");
+        (context, stream)
+    }
+
+    /// `(id, payload)` for `ids`, each payload the id in decimal.
+    fn expected(ids: impl IntoIterator<Item = u64>) -> Vec<(u64, Bytes)> {
+        ids.into_iter()
+            .map(|id| (id, Bytes::from(id.to_string())))
+            .collect()
+    }
+
+    async fn read(stream: &stream::Stream, subject: &str, after: u64) -> Vec<(u64, Bytes)> {
+        within(
+            STEP,
+            "the history",
+            nats::history(stream, subject, after, u64::MAX, 100),
+        )
+        .await
+        .expect("the history")
+    }
+
+    /// Bug: the binary search took a message without a valid id for one "at
+    /// or before" the client's id and threw the lower half away. Ids 1..=5,
+    /// then a message that has no valid id where the search first probes
+    /// (no header; deleted; on another subject of the stream, with an id of
+    /// its own numbering), then 6..=9: after 1 is 2..=9 every time. Also
+    /// with more messages without an id than the search steps over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn history_finds_every_id_past_a_message_without_a_valid_one() {
+        let nats = Nats::start(true).await;
+
+        // No `Event-Id` header.
+        let (context, stream) = stream_on(&nats, "NO_HEADER", &["plain"]).await;
+        for id in 1..=5 {
+            put(&context, "plain", Some(id), &id.to_string()).await;
+        }
+        put(&context, "plain", None, "no id").await;
+        for id in 6..=9 {
+            put(&context, "plain", Some(id), &id.to_string()).await;
+        }
+        assert_eq!(
+            read(&stream, "plain", 1).await,
+            expected(2..=9),
+            "no header"
+        );
+
+        // A deleted message: ids 1..=10, the 6th deleted.
+        let (context, stream) = stream_on(&nats, "DELETED", &["deleted"]).await;
+        for id in 1..=10 {
+            put(&context, "deleted", Some(id), &id.to_string()).await;
+        }
+        assert!(stream.delete_message(6).await.expect("deleted"));
+        assert_eq!(
+            read(&stream, "deleted", 1).await,
+            expected((2..=5).chain(7..=10)),
+            "a deleted message"
+        );
+
+        // Another subject in the same stream, numbered on its own.
+        let (context, stream) = stream_on(&nats, "TWO", &["two.a", "two.b"]).await;
+        for id in 1..=5 {
+            put(&context, "two.a", Some(id), &id.to_string()).await;
+        }
+        put(&context, "two.b", Some(0), "b's own 0").await;
+        for id in 6..=9 {
+            put(&context, "two.a", Some(id), &id.to_string()).await;
+        }
+        assert_eq!(
+            read(&stream, "two.a", 1).await,
+            expected(2..=9),
+            "another subject"
+        );
+        // And every id when the client saw none of them.
+        assert_eq!(read(&stream, "two.a", 0).await, expected(1..=9));
+
+        // More messages without an id than the search steps over: it reads
+        // on from where it got, as exact.
+        let (context, stream) = stream_on(&nats, "MANY", &["many"]).await;
+        for id in 1..=5 {
+            put(&context, "many", Some(id), &id.to_string()).await;
+        }
+        for _ in 0..100 {
+            put(&context, "many", None, "no id").await;
+        }
+        for id in 6..=9 {
+            put(&context, "many", Some(id), &id.to_string()).await;
+        }
+        assert_eq!(read(&stream, "many", 1).await, expected(2..=9), "many");
+        assert_eq!(read(&stream, "many", 7).await, expected(8..=9), "many");
+        assert_eq!(read(&stream, "many", 0).await, expected(1..=9), "many");
+        // Nothing after the newest.
+        assert_eq!(read(&stream, "many", 9).await, expected([]), "many");
+    }
+
+    /// Bug: the read stopped only at the stream's last sequence, so when
+    /// that message is another subject's it waited for a message of its
+    /// own subject that never came, and failed after 5 s. Ids 1..=3 on `a`,
+    /// then one message on `b`: after 0 is 1..=3.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn history_ends_at_its_subjects_last_message() {
+        let nats = Nats::start(true).await;
+        let (context, stream) = stream_on(&nats, "LAST", &["last.a", "last.b"]).await;
+        for id in 1..=3 {
+            put(&context, "last.a", Some(id), &id.to_string()).await;
+        }
+        put(&context, "last.b", Some(1), "b").await;
+        let got = nats::history(&stream, "last.a", 0, u64::MAX, 100).await;
+        assert_eq!(got.expect("the history"), expected(1..=3));
+        // A subject with no message at all: nothing, at once.
+        let got = nats::history(&stream, "last.c", 0, u64::MAX, 100).await;
+        assert_eq!(got.expect("the history"), expected([]));
+    }
 }

@@ -157,6 +157,8 @@ pub(crate) fn registry_series(registry: ClientRegistry) -> impl Fn() + Send + Sy
 /// | `backpressure_bus_frames_missed_total` | counter: ids that never arrived (the gaps subscribers see) |
 /// | `backpressure_bus_duplicates_total` | counter: redeliveries skipped |
 /// | `backpressure_bus_invalid_total` | counter: messages without a valid `Event-Id` |
+/// | `backpressure_bus_outliers_total` | counter: messages whose id was too far from the newest |
+/// | `backpressure_bus_epochs_total` | counter: new epochs (the publisher's ids moved for good) |
 /// | `backpressure_bus_reconnects_total` | counter |
 /// | `backpressure_bus_disconnects_total` | counter |
 /// | `backpressure_bus_connected` | gauge: 1 while connected |
@@ -182,6 +184,14 @@ pub(crate) fn bus_series(
             "Bus messages without a valid Event-Id header.",
         ),
         (
+            "backpressure_bus_outliers_total",
+            "Bus messages skipped because their Event-Id was too far from the newest.",
+        ),
+        (
+            "backpressure_bus_epochs_total",
+            "Times the publisher's ids moved far for good (a restart): a new epoch.",
+        ),
+        (
             "backpressure_bus_reconnects_total",
             "Reconnections to the bus after an outage.",
         ),
@@ -203,6 +213,8 @@ pub(crate) fn bus_series(
         counter!("backpressure_bus_frames_missed_total").absolute(stats.missed());
         counter!("backpressure_bus_duplicates_total").absolute(stats.duplicates());
         counter!("backpressure_bus_invalid_total").absolute(stats.invalid());
+        counter!("backpressure_bus_outliers_total").absolute(stats.outliers());
+        counter!("backpressure_bus_epochs_total").absolute(stats.epochs());
         counter!("backpressure_bus_reconnects_total").absolute(stats.reconnects());
         counter!("backpressure_bus_disconnects_total").absolute(stats.disconnects());
         gauge!("backpressure_bus_connected").set(if stats.is_connected() { 1.0 } else { 0.0 });

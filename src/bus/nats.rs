@@ -58,6 +58,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, stream};
 use async_nats::{ConnectOptions, Event, HeaderMap, Subscriber};
 use bytes::Bytes;
@@ -204,6 +205,12 @@ pub async fn last_id(stream: &stream::Stream, subject: &str) -> Option<u64> {
 /// Messages without a valid id are counted in `stats` and dropped; a
 /// consumer error is logged and the stream goes on (the ordered consumer
 /// recreates itself).
+///
+/// Calling it again for a hub that already holds frames replays the whole
+/// stream: those frames are skipped as duplicates only if they are within
+/// [`FeedStats::max_rewind`] of the hub's newest, so set it to at least the
+/// stream's retention (else the replay looks like a publisher that
+/// restarted, and starts a new epoch).
 pub async fn follow(
     stream: &stream::Stream,
     subject: &str,
@@ -243,7 +250,19 @@ pub async fn follow(
 ///
 /// Finds the first by a binary search on the stream's sequence numbers
 /// (the ids increase with them: one publisher), then reads on with an
-/// ordered consumer. Fewer, or none, if the stream no longer retains them.
+/// ordered consumer up to the subject's newest message (the stream may
+/// hold other subjects after it). Messages without a valid id (no
+/// [`EVENT_ID`] header, deleted, or another subject's) never steer the
+/// search: a probe that lands on one looks on to the next message of
+/// `subject` with a valid id; after 64 such messages in one
+/// call the search stops and the read starts from where it got, which is
+/// slower but as exact. Fewer, or none, if the stream no longer retains
+/// them.
+///
+/// # Errors
+///
+/// If JetStream does not answer, or a message of the subject does not
+/// come within 5 s of the one before.
 pub async fn history(
     stream: &stream::Stream,
     subject: &str,
@@ -255,24 +274,25 @@ pub async fn history(
     if before <= after.saturating_add(1) || max == 0 {
         return Ok(out);
     }
-    let info = stream.get_info().await?;
-    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-    if info.state.messages == 0 {
-        return Ok(out);
-    }
-    // The first sequence whose id is after `after`.
-    let (mut lo, mut hi) = (first, last + 1);
+    // The read ends at the subject's newest message, not the stream's.
+    let last = match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => message.sequence,
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(out),
+        Err(e) => return Err(e.into()),
+    };
+    let first = stream.get_info().await?.state.first_sequence;
+    // The first sequence whose id is after `after`: every message with a
+    // valid id before `lo` has one at or before `after`, and the first
+    // with a valid id at or after `hi` has one after it (or there is none).
+    let (mut lo, mut hi) = (first, last.saturating_add(1));
+    let mut scans = HISTORY_SCAN;
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        let id = match stream.get_raw_message(mid).await {
-            Ok(m) => event_id(Some(&m.headers)),
-            // Gone (deleted, or aged out meanwhile): look later.
-            Err(_) => None,
-        };
-        if id.is_none_or(|id| id <= after) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
+        match next_with_id(stream, subject, mid, hi, &mut scans).await? {
+            Probe::Found { sequence, id } if id <= after => lo = sequence + 1,
+            Probe::Found { .. } | Probe::NoneBefore => hi = mid,
+            // Read on from `lo`: the ids at or before `after` are skipped.
+            Probe::GaveUp => break,
         }
     }
     if lo > last {
@@ -292,15 +312,70 @@ pub async fn history(
             .map_err(|_| "timed out reading the JetStream stream's history")?;
         let Some(message) = next else { break };
         let message = message?;
-        let sequence = message.info().map_or(0, |i| i.stream_sequence);
+        // No message of the subject after this one (`pending`), or none
+        // when the read started: the end.
+        let (sequence, pending) = message
+            .info()
+            .map_or((0, 1), |i| (i.stream_sequence, i.pending));
         match event_id(message.headers.as_ref()) {
             Some(id) if id >= before => break,
             Some(id) if id > after => out.push((id, message.payload.clone())),
             _ => {}
         }
-        if sequence >= last {
+        if sequence >= last || pending == 0 {
             break;
         }
     }
     Ok(out)
+}
+
+/// How many messages without a valid id one [`history`] call steps over
+/// in its search before it reads on instead.
+const HISTORY_SCAN: u32 = 64;
+
+/// What [`next_with_id`] found.
+enum Probe {
+    /// The first message of the subject with a valid id at or after the
+    /// probe, before the bound.
+    Found { sequence: u64, id: u64 },
+    /// None before the bound.
+    NoneBefore,
+    /// Too many messages without a valid id.
+    GaveUp,
+}
+
+/// The first message of `subject` at or after `from`, and before `bound`,
+/// that has a valid id; each message stepped over (no valid id) uses one
+/// of `scans`.
+async fn next_with_id(
+    stream: &stream::Stream,
+    subject: &str,
+    mut from: u64,
+    bound: u64,
+    scans: &mut u32,
+) -> Result<Probe, BoxError> {
+    loop {
+        // The server skips other subjects and deleted messages.
+        let message = match stream.get_first_raw_message_by_subject(subject, from).await {
+            Ok(message) => message,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(Probe::NoneBefore);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if message.sequence >= bound {
+            return Ok(Probe::NoneBefore);
+        }
+        if let Some(id) = event_id(Some(&message.headers)) {
+            return Ok(Probe::Found {
+                sequence: message.sequence,
+                id,
+            });
+        }
+        if *scans == 0 {
+            return Ok(Probe::GaveUp);
+        }
+        *scans -= 1;
+        from = message.sequence + 1;
+    }
 }

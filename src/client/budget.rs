@@ -70,7 +70,7 @@ impl<D: Send, O: BackpressureObserver, S: Storage<D> + Send> BudgetMember for Cl
         if let Some(budget) = &self.budget {
             budget.count_dropped(freed.frames as u64);
         }
-        let reason = self.after_push(&mut st, false, freed);
+        let reason = self.after_push(&mut st, false, freed, None);
         self.settle(&st, 0);
         if let Some(reason) = reason {
             self.evict(&mut st, reason);

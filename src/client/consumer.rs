@@ -95,8 +95,14 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         if st.end && !st.storage.trailing_gap().is_empty() {
             return Next::TrailingGap(st.storage.take_trailing_gap());
         }
+        if st.end {
+            if let Some(last) = st.last.take() {
+                return Next::Data(last, Gap::default());
+            }
+        }
         if let Some(trailers) = st.trailers.take() {
-            self.close_locked(&mut st, CloseReason::Completed);
+            let reason = st.end_reason();
+            self.close_locked(&mut st, reason);
             return Next::Trailers(trailers);
         }
         if let Some(error) = st.error.take() {
@@ -104,7 +110,8 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
             return Next::Error(error);
         }
         if st.end {
-            self.close_locked(&mut st, CloseReason::Completed);
+            let reason = st.end_reason();
+            self.close_locked(&mut st, reason);
             st.wake_producer = true;
             return Next::End;
         }
@@ -129,9 +136,15 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
             return;
         }
         let was_empty = st.storage.is_empty();
+        // What this look finds skipped was published since the last one.
+        let since = if self.config.rules().dropped_within.is_some() {
+            st.looked_at.replace(now())
+        } else {
+            None
+        };
         let rule = match st.storage.refresh(park) {
             Ok(dropped) => {
-                let rule = self.after_push(st, was_empty, dropped);
+                let rule = self.after_push(st, was_empty, dropped, since);
                 if dropped.frames > 0 {
                     self.report_drops_locked(st);
                 }

@@ -138,6 +138,14 @@ struct State<D, S> {
     error: Option<BoxError>,
     /// The producer has ended (end of stream, trailers, error).
     end: bool,
+    /// The end came from a shutdown: `Closed` says so.
+    shutdown: bool,
+    /// A frame that goes out after the kept ones, before the end (a
+    /// shutdown's SSE `retry:` hint).
+    last: Option<D>,
+    /// How a shutdown ends this stream, if one may: the last frame and the
+    /// trailers (boxed: most clients never shut down).
+    ending: Option<Box<(Option<D>, Option<HeaderMap>)>>,
     /// The producer's task stopped before the end.
     stopped: bool,
     /// `Closed` has fired: the producer must stop.
@@ -163,6 +171,10 @@ struct State<D, S> {
     /// their sum: constant work per push whatever the rate.
     drop_window: VecDeque<(Instant, u64)>,
     drop_window_sum: u64,
+    /// When the last look at a window counted its drops (only with an
+    /// `after_dropped_within` rule): the drops the next look finds happened
+    /// since then, not at that look.
+    looked_at: Option<Instant>,
     /// The hub's sweep: when it next looks at this client, and how long it
     /// waits after that if the client stays stalled.
     sweep_next: Option<Instant>,
@@ -179,6 +191,16 @@ impl<D, S: Storage<D>> State<D, S> {
             && self.storage.trailing_gap().is_empty()
             && self.trailers.is_none()
             && self.error.is_none()
+            && self.last.is_none()
+    }
+
+    /// Why the stream closes once its end has gone out.
+    fn end_reason(&self) -> CloseReason {
+        if self.shutdown {
+            CloseReason::Shutdown
+        } else {
+            CloseReason::Completed
+        }
     }
 
     fn event(&mut self, kind: EventKind) {
@@ -288,6 +310,9 @@ where
                 trailers: None,
                 error: None,
                 end: false,
+                shutdown: false,
+                last: None,
+                ending: None,
                 stopped: false,
                 closed: false,
                 evicted: None,
@@ -302,6 +327,7 @@ where
                 waiting_since: None,
                 drop_window: VecDeque::new(),
                 drop_window_sum: 0,
+                looked_at: None,
                 sweep_next: None,
                 sweep_every: Duration::ZERO,
                 outbox: Outbox::default(),
@@ -409,16 +435,66 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         self.close_with(|_| reason);
     }
 
-    /// The consumer is gone (dropped): completed if everything was handed
-    /// out (`delivered`, and the producer's end reached), else `ClientGone`.
+    /// The consumer is gone (dropped): completed (or shut down) if
+    /// everything was handed out (`delivered`, and the producer's end
+    /// reached), else `ClientGone`.
     pub(crate) fn consumer_dropped(&self, delivered: bool) {
         self.close_with(|st| {
             if delivered && st.at_end() {
-                CloseReason::Completed
+                st.end_reason()
             } else {
                 CloseReason::ClientGone
             }
         });
+    }
+
+    /// The server is shutting down: the producer stops, the client gets
+    /// what waits for it now, then the last frame (if any), then the end of
+    /// its stream (with the trailers, if any) set by
+    /// [`set_ending`](Self::set_ending), and `Closed` says
+    /// [`CloseReason::Shutdown`]. A stream that has ended or closed already
+    /// is left to finish.
+    pub(crate) fn shutdown(&self) {
+        let mut st = self.lock();
+        if st.closed || st.end {
+            return;
+        }
+        let (last, trailers) = st.ending.take().map_or((None, None), |e| *e);
+        // A window: what was published up to now, within its limits.
+        self.look(&mut st, None);
+        if st.closed || st.end {
+            return;
+        }
+        st.storage.stop();
+        st.end = true;
+        st.shutdown = true;
+        st.last = last;
+        st.trailers = trailers;
+        if self.reporter == Reporter::Producer {
+            self.report_drops_locked(&mut st);
+        }
+        self.refresh_done(&st);
+        st.wake_consumer = true;
+        st.wake_producer = true;
+    }
+
+    /// How [`shutdown`](Self::shutdown) ends the stream: `last` after the
+    /// kept frames, then `trailers` (or a plain end).
+    pub(crate) fn set_ending(&self, last: Option<D>, trailers: Option<HeaderMap>) {
+        if last.is_some() || trailers.is_some() {
+            self.lock().ending = Some(Box::new((last, trailers)));
+        }
+    }
+
+    /// The shutdown's grace is over: a stream still open closes now, with
+    /// [`CloseReason::Shutdown`], and its connection (when the layer knows
+    /// it) is closed, so that a client that does not read cannot hold the
+    /// server's shutdown.
+    pub(crate) fn shutdown_now(&self) {
+        self.close(CloseReason::Shutdown);
+        if let Some(connection) = self.handle.connection() {
+            connection.close();
+        }
     }
 
     /// The producer will put nothing more, and the client should get

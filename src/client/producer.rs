@@ -220,7 +220,7 @@ impl<D, O: BackpressureObserver, S: Admit<D>> Client<D, O, S> {
                     st.producer_paused = true;
                 }
             }
-            let rule = self.after_push(&mut st, was_empty, dropped);
+            let rule = self.after_push(&mut st, was_empty, dropped, None);
             if overflow == Overflow::Disconnect && dropped.frames > 0 {
                 Some(EvictReason::Overflow)
             } else {

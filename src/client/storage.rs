@@ -84,6 +84,11 @@ pub(crate) trait Storage<D> {
     fn end_trailers(&mut self) -> Option<HeaderMap> {
         None
     }
+
+    /// The stream is ending (a shutdown): hand out what waits now, nothing
+    /// that arrives later. A storage the producer fills has nothing to do:
+    /// the producer is stopped.
+    fn stop(&mut self) {}
 }
 
 impl<D, S: Storage<D> + ?Sized> Storage<D> for Box<S> {
@@ -146,6 +151,9 @@ impl<D, S: Storage<D> + ?Sized> Storage<D> for Box<S> {
     }
     fn end_trailers(&mut self) -> Option<HeaderMap> {
         (**self).end_trailers()
+    }
+    fn stop(&mut self) {
+        (**self).stop()
     }
 }
 

@@ -39,17 +39,24 @@ impl<T> Backfill<T> {
         Self { frames: run, gap }
     }
 
-    /// The cursor in `log` after the backfill, if it has frames.
+    /// The cursor in `log` after the backfill, if it has frames: the id
+    /// after its last frame, always. The backfill's ids are the log's (one
+    /// bus, one numbering), so a log that has not reached them yet will:
+    /// its frames up to the backfill's last are the client's already, and
+    /// it must skip them when they arrive. (`Log::after` would take such an
+    /// id for one from the future and start at the log's tail, and the
+    /// client would get them twice.)
     pub(crate) fn cursor(&self, log: &Log<T>) -> Option<Cursor> {
         let &(last, _, _) = self.frames.last()?;
+        let next = last + 1;
         Some(match log.newest_id() {
-            Some(_) => log.after(last),
+            Some(newest) if last < newest => log.after(last),
+            // At or past the newest: what the log publishes next starts
+            // with ids the client has; their bytes are not a gap.
+            Some(_) => Cursor { next, pos: None },
             // Not `Cursor::START` (the first frame whatever its id): the ids
             // between the backfill and the hub's first frame are a gap.
-            None => Cursor {
-                next: last + 1,
-                pos: Some(0),
-            },
+            None => Cursor { next, pos: Some(0) },
         })
     }
 }
@@ -82,5 +89,28 @@ mod tests {
         assert_eq!((ids(&b), b.gap), (vec![5], 0));
         let b = Backfill::new(Some(10), weighed(frames));
         assert!(b.frames.is_empty());
+    }
+
+    #[test]
+    fn the_cursor_after_a_backfill_past_the_logs_newest_skips_what_it_had() {
+        let mut log: Log<&str> = Log::new(crate::hub::HubConfig::new(10));
+        log.push(10, "10", 2).finish();
+        let b = Backfill::new(
+            Some(9),
+            weighed([(10, "a"), (11, "b"), (12, "c"), (13, "d")]),
+        );
+        let mut cursor = b.cursor(&log).expect("frames");
+        assert_eq!(cursor.next, 14);
+        for id in 11..=14 {
+            log.push(id, "x", 1).finish();
+        }
+        let mut read = Vec::new();
+        log.read(&mut cursor, usize::MAX, |gap, e| {
+            read.push((gap.frames, e.id))
+        });
+        assert_eq!(read, [(0, 14)], "11..=13 were in the backfill");
+        // Within the log: the frame after the backfill's last.
+        let b = Backfill::new(Some(9), weighed([(10, "a")]));
+        assert_eq!(b.cursor(&log).map(|c| c.next), Some(11));
     }
 }

@@ -112,8 +112,9 @@ pub(crate) struct Log<T> {
     retain_frames: usize,
     /// `usize::MAX` for no limit.
     retain_bytes: usize,
-    /// Weight of the retained frames.
-    bytes: usize,
+    /// Weight of the retained frames: wide enough that a weigher's value
+    /// cannot overflow it (each is at most `usize::MAX`).
+    bytes: u128,
     /// Weight of every frame ever published.
     total_bytes: u64,
     /// The id of the first frame ever published.
@@ -127,6 +128,10 @@ pub(crate) struct Log<T> {
     /// How many times a push took the parked list: tells a reader whether
     /// its place in it is still its own.
     round: u64,
+    /// Set by [`close`](Self::close): the cursor after the newest frame
+    /// then. Readers get the frames before it, then end; frames pushed
+    /// after it reach no reader.
+    closed_at: Option<u64>,
 }
 
 impl<T> Log<T> {
@@ -143,7 +148,44 @@ impl<T> Log<T> {
             parked: Vec::new(),
             free: Vec::new(),
             round: 0,
+            closed_at: None,
         }
+    }
+
+    /// Closes the log: every reader ends once it has read the frames
+    /// retained now (a reader that resumes later ends at once, after them),
+    /// and the parked readers are woken to see it. Idempotent. O(1), plus
+    /// the parked readers.
+    pub(crate) fn close(&mut self) -> Pushed<T> {
+        if self.closed_at.is_none() {
+            self.closed_at = Some(self.tail().next);
+        }
+        self.round += 1;
+        self.free.clear();
+        Pushed {
+            wakers: std::mem::take(&mut self.parked),
+            _evicted: None,
+        }
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed_at.is_some()
+    }
+
+    /// The index past the last frame a reader may get: every retained frame,
+    /// or those before the close.
+    fn end_index(&self) -> usize {
+        match self.closed_at {
+            None => self.entries.len(),
+            Some(end) => self.entries.partition_point(|e| e.id < end),
+        }
+    }
+
+    /// A reader at `next` has read everything it ever will: the log is
+    /// closed and no frame before the close is left for it. O(log n).
+    pub(crate) fn finished(&self, next: u64) -> bool {
+        self.closed_at.is_some() && self.index(next) >= self.end_index()
     }
 
     /// The id of the newest frame. O(1).
@@ -163,7 +205,7 @@ impl<T> Log<T> {
 
     /// Bytes retained. O(1).
     pub(crate) fn bytes(&self) -> usize {
-        self.bytes
+        usize::try_from(self.bytes).unwrap_or(usize::MAX)
     }
 
     /// Frames ever published. O(1).
@@ -272,6 +314,9 @@ impl<T> Log<T> {
     /// A frame with an id at or after `next` is retained: a read would get
     /// something. O(1).
     pub(crate) fn has_from(&self, next: u64) -> bool {
+        if self.closed_at.is_some() {
+            return self.index(next) < self.end_index();
+        }
         self.newest_id().is_some_and(|n| n >= self.effective(next))
     }
 
@@ -279,10 +324,15 @@ impl<T> Log<T> {
     /// what a reader there has still to read. O(log n).
     pub(crate) fn backlog(&self, next: u64) -> (usize, u64) {
         let i = self.index(next);
-        match self.entries.get(i) {
-            Some(e) => (self.entries.len() - i, self.total_bytes - e.bytes_before),
-            None => (0, 0),
+        let end = self.end_index();
+        if i >= end {
+            return (0, 0);
         }
+        let end_bytes = self
+            .entries
+            .get(end)
+            .map_or(self.total_bytes, |e| e.bytes_before);
+        (end - i, end_bytes - self.entries[i].bytes_before)
     }
 
     /// How many ids a reader at `next` skips before the first frame it can
@@ -291,9 +341,11 @@ impl<T> Log<T> {
     #[allow(dead_code)] // For the layer's per-client windows.
     pub(crate) fn gap_before(&self, next: u64) -> u64 {
         let from = self.effective(next);
-        self.entries
-            .get(self.index(next))
-            .map_or(0, |e| e.id - from)
+        let i = self.index(next);
+        if i >= self.end_index() {
+            return 0;
+        }
+        self.entries.get(i).map_or(0, |e| e.id - from)
     }
 
     /// The retained frame at `index` (see [`index`](Self::index)). O(1).
@@ -304,7 +356,9 @@ impl<T> Log<T> {
     /// The retained frames with an id at or after `next`, oldest first.
     /// O(log n) to find the first, O(1) per frame.
     pub(crate) fn iter_from(&self, next: u64) -> impl Iterator<Item = &Entry<T>> {
-        self.entries.range(self.index(next)..)
+        let end = self.end_index();
+        let start = self.index(next).min(end);
+        self.entries.range(start..end)
     }
 
     /// Reads up to `max` frames from `cursor`, oldest first, handing each to
@@ -327,7 +381,7 @@ impl<T> Log<T> {
             }
             f(gap, e);
             expect = e.id + 1;
-            cursor.pos = Some(e.bytes_before + e.weight as u64);
+            cursor.pos = Some(e.bytes_before.saturating_add(e.weight as u64));
             read += 1;
         }
         if read > 0 {
@@ -390,24 +444,31 @@ impl<T> Log<T> {
     /// the oldest past the retention, and takes the parked list. Call
     /// [`Pushed::finish`] once the lock is released. O(1) (amortized), plus
     /// the frames dropped.
+    ///
+    /// A weigher's huge value (up to `usize::MAX`) cannot overflow the byte
+    /// counts (the retained bytes are counted in `u128`, the running total
+    /// saturates), and nothing here can panic once the entry is in: the log
+    /// stays whole.
     pub(crate) fn push(&mut self, id: u64, item: T, weight: usize) -> Pushed<T> {
         debug_assert!(self.accepts(id), "id {id} after {:?}", self.newest_id());
+        let bytes_before = self.total_bytes;
+        let total_bytes = bytes_before.saturating_add(weight as u64);
         self.first_id.get_or_insert(id);
         self.entries.push_back(Entry {
             id,
             item,
             weight,
-            bytes_before: self.total_bytes,
+            bytes_before,
         });
-        self.total_bytes += weight as u64;
-        self.bytes = self.bytes.saturating_add(weight);
+        self.total_bytes = total_bytes;
+        self.bytes += weight as u128;
         self.published += 1;
         let mut evicted = None;
         while self.entries.len() > self.retain_frames
-            || (self.bytes > self.retain_bytes && self.entries.len() > 1)
+            || (self.bytes > self.retain_bytes as u128 && self.entries.len() > 1)
         {
             let old = self.entries.pop_front().expect("more than one frame");
-            self.bytes -= old.weight;
+            self.bytes -= old.weight as u128;
             self.dropped += 1;
             // The first one is dropped after the lock; any more (a heavy
             // frame under a byte limit) here.
@@ -483,6 +544,38 @@ mod tests {
             push(&mut l, id, 1);
         }
         assert_eq!((l.oldest_id(), l.len(), l.published()), (Some(7), 3, 10));
+    }
+
+    /// Issue 20, bug 8: a weigher's huge value overflowed the byte total
+    /// under the lock, after the entry went in.
+    #[test]
+    fn a_huge_weight_saturates_and_leaves_the_log_whole() {
+        let mut l = Log::new(HubConfig::new(3).with_retain_bytes(100));
+        push(&mut l, 0, 10);
+        push(&mut l, 1, usize::MAX);
+        // Heavier than the limit: kept alone, as any heavy frame.
+        assert_eq!(
+            (l.oldest_id(), l.newest_id(), l.len()),
+            (Some(1), Some(1), 1)
+        );
+        assert_eq!((l.bytes(), l.published(), l.dropped()), (usize::MAX, 2, 1));
+        push(&mut l, 2, usize::MAX);
+        push(&mut l, 3, 5);
+        assert_eq!((l.oldest_id(), l.len(), l.bytes()), (Some(3), 1, 5));
+        // Readers still get every frame, in order.
+        let mut c = Cursor::START;
+        let ids: Vec<u64> = read_all(&l, &mut c).iter().map(|r| r.2).collect();
+        assert_eq!(ids, [3]);
+        assert_eq!(
+            l.backlog(3),
+            (1, 0),
+            "saturated: the bytes are no longer told apart"
+        );
+        push(&mut l, 4, 1);
+        assert_eq!(
+            read_all(&l, &mut c).iter().map(|r| r.2).collect::<Vec<_>>(),
+            [4]
+        );
     }
 
     #[test]

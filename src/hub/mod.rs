@@ -133,6 +133,8 @@ pub(crate) struct Shared<T, W> {
     config: HubConfig,
     /// Live subscriptions and windows: [`Hub::subscribers`].
     subscribers: Arc<AtomicUsize>,
+    /// Live [`Hub`] handles: the last one dropped closes the log.
+    handles: AtomicUsize,
 }
 
 impl<T, W> Shared<T, W> {
@@ -166,9 +168,29 @@ impl Drop for Subscriber {
 
 impl<T, W> Clone for Hub<T, W> {
     fn clone(&self) -> Self {
+        self.shared.handles.fetch_add(1, Ordering::Relaxed);
         Self {
             shared: self.shared.clone(),
         }
+    }
+}
+
+impl<T, W> Drop for Hub<T, W> {
+    /// The last handle closes the hub (see [`Hub::close`]): nothing can
+    /// publish any more, so its streams end once they have read what is
+    /// there.
+    fn drop(&mut self) {
+        if self.shared.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.close();
+        }
+    }
+}
+
+impl<T, W> Shared<T, W> {
+    /// Closes the log and wakes its parked readers (after the lock).
+    pub(crate) fn close(&self) {
+        let woken = self.lock().close();
+        woken.finish();
     }
 }
 
@@ -227,6 +249,7 @@ impl<T, W> Hub<T, W> {
                 weigher,
                 config,
                 subscribers: Arc::default(),
+                handles: AtomicUsize::new(1),
             }),
         })
     }
@@ -326,6 +349,40 @@ impl<T, W> Hub<T, W> {
         let mut subscription = Subscription::new(self.shared.clone(), cursor);
         subscription.seed(backfill);
         subscription
+    }
+
+    /// Ends every stream of the hub, cleanly: each [`Subscription`], and
+    /// each client served through the layer, gets the frames published
+    /// before the close (within its own limits, as always), then its end of
+    /// stream; one that subscribes or resumes later gets what is retained,
+    /// then its end. A server's shutdown calls it (see
+    /// `Shutdown::close_hub`); the
+    /// last [`Hub`] handle dropped calls it too.
+    ///
+    /// Publishing after the close still works (it never fails or waits)
+    /// but reaches no stream. Idempotent.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use futures::StreamExt;
+    /// use tower_backpressure::hub::{Hub, HubEvent};
+    ///
+    /// # futures::executor::block_on(async {
+    /// let hub: Hub = Hub::default();
+    /// let mut sub = hub.subscribe();
+    /// hub.publish(Bytes::from("last"));
+    /// hub.close();
+    /// assert_eq!(sub.next().await, Some(HubEvent::Frame { id: 0, item: Bytes::from("last") }));
+    /// assert_eq!(sub.next().await, None);
+    /// # });
+    /// ```
+    pub fn close(&self) {
+        self.shared.close();
+    }
+
+    /// Whether the hub has closed ([`close`](Self::close)).
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().is_closed()
     }
 
     /// The id of the newest frame, if any was published.
@@ -473,6 +530,29 @@ mod tests {
     fn hub_is_send_sync_and_clone() {
         is_send_sync::<Hub>();
         is_send_sync::<Hub<String, fn(&String) -> usize>>();
+    }
+
+    /// Issue 20, bug 8, at the hub: a weigher that answers `usize::MAX`.
+    #[test]
+    fn a_huge_weight_is_published_and_the_hub_goes_on() {
+        let weigher = |b: &Bytes| {
+            if b.as_ref() == b"huge" {
+                usize::MAX
+            } else {
+                b.len()
+            }
+        };
+        let hub = Hub::with_weigher(HubConfig::new(4).with_retain_bytes(1 << 20), weigher);
+        hub.publish(Bytes::from("a"));
+        hub.publish(Bytes::from("huge"));
+        hub.publish(Bytes::from("huge"));
+        assert_eq!((hub.retained(), hub.retained_bytes()), (1, usize::MAX));
+        hub.publish(Bytes::from("bc"));
+        assert_eq!(
+            (hub.published(), hub.newest_id(), hub.retained()),
+            (4, Some(3), 1)
+        );
+        assert_eq!(hub.retained_bytes(), 2);
     }
 
     #[test]

@@ -44,7 +44,9 @@ pub enum HubEvent<T> {
 /// [`Hub::subscribe`](super::Hub::subscribe) or
 /// [`Hub::subscribe_after`](super::Hub::subscribe_after).
 ///
-/// - A [`Stream`] of [`HubEvent`]s, in id order, that never ends by itself.
+/// - A [`Stream`] of [`HubEvent`]s, in id order, that ends only when the
+///   hub closes ([`Hub::close`](super::Hub::close), or its last handle is
+///   dropped), after the frames published before that.
 /// - For frames that are a [`Buf`] (`Bytes`), an [`http_body::Body`] whose
 ///   data frames are the hub's frames. Gaps are silent by default; with
 ///   [`with_gap_marker`](Self::with_gap_marker) a [`GapMarker`] renders each
@@ -151,13 +153,14 @@ impl<T, W, M> Subscription<T, W, M> {
         self.cursor
     }
 
-    /// The next frame and the gap before it; else parks.
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<(Gap, u64, T)>
+    /// The next frame and the gap before it; `None` once the hub has closed
+    /// and nothing is left for it; else parks.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Option<(Gap, u64, T)>>
     where
         T: Clone,
     {
         if let Some(next) = self.ready.pop_front() {
-            return Poll::Ready(next);
+            return Poll::Ready(Some(next));
         }
         let mut log = self.shared.lock();
         let ready = &mut self.ready;
@@ -165,6 +168,12 @@ impl<T, W, M> Subscription<T, W, M> {
             ready.push_back((gap, e.id, e.item.clone()))
         });
         if read == 0 {
+            if log.finished(self.cursor.next) {
+                log.unpark(&mut self.parked);
+                drop(log);
+                self.ended = true;
+                return Poll::Ready(None);
+            }
             let parked = log.park(self.cursor.next, cx.waker(), &mut self.parked);
             debug_assert!(parked, "nothing to read, so it parks");
             return Poll::Pending;
@@ -174,7 +183,7 @@ impl<T, W, M> Subscription<T, W, M> {
             log.unpark(&mut self.parked);
         }
         drop(log);
-        Poll::Ready(self.ready.pop_front().expect("read a frame"))
+        Poll::Ready(Some(self.ready.pop_front().expect("read a frame")))
     }
 
     /// Ends the body: frees what it holds.
@@ -205,7 +214,9 @@ impl<T: Clone, W, M> Stream for Subscription<T, W, M> {
         if this.ended {
             return Poll::Ready(None);
         }
-        let (gap, id, item) = ready!(this.poll_ready(cx));
+        let Some((gap, id, item)) = ready!(this.poll_ready(cx)) else {
+            return Poll::Ready(None);
+        };
         if !gap.is_empty() {
             this.ready.push_front((Gap::default(), id, item));
             return Poll::Ready(Some(HubEvent::Gap { missed: gap.frames }));
@@ -234,7 +245,9 @@ where
         if this.ended {
             return Poll::Ready(None);
         }
-        let (gap, id, item) = ready!(this.poll_ready(cx));
+        let Some((gap, id, item)) = ready!(this.poll_ready(cx)) else {
+            return Poll::Ready(None);
+        };
         if !gap.is_empty() {
             match this.marker.on_gap(gap) {
                 GapAction::Insert(marker) => {

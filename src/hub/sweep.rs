@@ -2,13 +2,14 @@
 //! read up to date, so that their events and rules fire without any work per
 //! publish.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use tokio::time::Instant;
 
 use crate::client::Storage;
-use crate::client::clock::now;
+use crate::client::clock::{after, now};
 
 /// How often the hub's sweep looks at the clients it serves through the
 /// layer: the latency of their events (pressure, drops, evictions) while
@@ -44,26 +45,34 @@ pub(crate) struct Sweeper {
 }
 
 impl Sweeper {
-    /// Adds a client; starts the sweep task if it is not running (only on
-    /// a tokio runtime; without one, clients are brought up to date when
-    /// they read).
+    /// Adds a client; starts the sweep task if it is not running.
+    ///
+    /// Only on a tokio runtime: without one no task could sweep the client,
+    /// so nothing is queued (the client is brought up to date when it
+    /// reads). A task that ended without finishing its work (its runtime
+    /// shut down, or it unwound) clears `running` on its way out and hands
+    /// its clients back, so the next attach starts a new one.
     pub(crate) fn attach(self: &Arc<Self>, client: Weak<dyn Sweep>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         self.lock().push(Entry { client, due: None });
         if self.running.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.running.store(false, Ordering::Release);
-            return;
+        let mut task = Task {
+            sweeper: self.clone(),
+            list: Vec::new(),
+            finished: false,
         };
-        let sweeper = self.clone();
         runtime.spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_PERIOD);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut list = Vec::new();
             loop {
                 tick.tick().await;
-                if !sweeper.sweep(&mut list).await {
+                if !task.sweeper.sweep(&mut task.list).await {
+                    // `running` is cleared: a new task may run already.
+                    task.finish();
                     return;
                 }
             }
@@ -89,7 +98,16 @@ impl Sweeper {
             if entry.due.is_some_and(|due| t < due) {
                 passed += 1;
             } else {
-                entry.due = entry.client.upgrade().and_then(|c| c.sweep());
+                let client = &entry.client;
+                // An observer's panic, resumed after its events went out,
+                // must not end the sweep of every client: the client's
+                // state is whole, and it is looked at again next period.
+                entry.due = match catch_unwind(AssertUnwindSafe(|| {
+                    client.upgrade().and_then(|c| c.sweep())
+                })) {
+                    Ok(due) => due,
+                    Err(_) => Some(after(now(), SWEEP_PERIOD)),
+                };
                 // A closed client is gone from the list below.
                 if entry.due.is_none() {
                     entry.client = Weak::<Closed>::new();
@@ -111,6 +129,39 @@ impl Sweeper {
             self.running.store(false, Ordering::Release);
         }
         alive
+    }
+}
+
+/// The sweep task's own list of clients. Dropped with the task, however it
+/// ends: if it ends with clients left (its runtime shut down while they were
+/// open), it hands the live ones back and clears `running`, so that the next
+/// attach, on any runtime, starts a task that takes them.
+struct Task {
+    sweeper: Arc<Sweeper>,
+    list: Vec<Entry>,
+    /// Ended with no client left (`sweep` cleared `running` itself).
+    finished: bool,
+}
+
+impl Task {
+    fn finish(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut pending = self.sweeper.lock();
+        pending.retain(|e| e.client.strong_count() > 0);
+        pending.extend(self.list.drain(..).filter(|e| e.client.strong_count() > 0));
+        for e in pending.iter_mut() {
+            e.due = None;
+        }
+        // Under the list's lock, as in `sweep`.
+        self.sweeper.running.store(false, Ordering::Release);
     }
 }
 
@@ -167,6 +218,117 @@ mod tests {
             every,
             close_after,
         })
+    }
+
+    /// A client whose look panics (an observer that panics, resumed after
+    /// delivery), the first `panics` times.
+    struct Panicky {
+        looks: AtomicUsize,
+        panics: usize,
+    }
+
+    impl Sweep for Panicky {
+        fn sweep(&self) -> Option<Instant> {
+            let n = self.looks.fetch_add(1, Ordering::Relaxed) + 1;
+            if n <= self.panics {
+                panic!("an observer panicked");
+            }
+            Some(now() + SWEEP_PERIOD)
+        }
+    }
+
+    fn paused_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    }
+
+    /// Issue 20, bug 3: a panic in one client's look unwound the sweep
+    /// task, and no later attach started another.
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_client_does_not_stop_the_sweep() {
+        let sweeper = Arc::new(Sweeper::default());
+        let panicky = Arc::new(Panicky {
+            looks: AtomicUsize::new(0),
+            panics: 2,
+        });
+        let other = counted(SWEEP_PERIOD, usize::MAX);
+        sweeper.attach(Arc::downgrade(&panicky) as Weak<dyn Sweep>);
+        sweeper.attach(Arc::downgrade(&other) as Weak<dyn Sweep>);
+        for _ in 0..5 {
+            tokio::time::sleep(SWEEP_PERIOD).await;
+        }
+        assert!(
+            other.looks.load(Ordering::Relaxed) >= 5,
+            "the other client is still swept"
+        );
+        assert!(
+            panicky.looks.load(Ordering::Relaxed) >= 5,
+            "the panicking one too, once its observer is quiet"
+        );
+        // A client attached later is swept by the same task.
+        let late = counted(SWEEP_PERIOD, usize::MAX);
+        sweeper.attach(Arc::downgrade(&late) as Weak<dyn Sweep>);
+        for _ in 0..3 {
+            tokio::time::sleep(SWEEP_PERIOD).await;
+        }
+        assert!(late.looks.load(Ordering::Relaxed) >= 3);
+    }
+
+    /// Issue 20, bug 3: the sweep task of a runtime that shut down left
+    /// `running` set, so no later attach (on another runtime) started one;
+    /// its clients stayed in the list.
+    #[test]
+    fn a_sweep_whose_runtime_shut_down_is_restarted_by_the_next_attach() {
+        let sweeper = Arc::new(Sweeper::default());
+        let first = paused_runtime();
+        let gone = counted(SWEEP_PERIOD, usize::MAX);
+        first.block_on(async {
+            sweeper.attach(Arc::downgrade(&gone) as Weak<dyn Sweep>);
+            tokio::time::sleep(SWEEP_PERIOD * 2).await;
+        });
+        assert!(gone.looks.load(Ordering::Relaxed) >= 2);
+        drop(first);
+        assert!(
+            !sweeper.running.load(Ordering::Acquire),
+            "the task is gone with its runtime"
+        );
+        drop(gone);
+        let second = paused_runtime();
+        let next = counted(SWEEP_PERIOD, usize::MAX);
+        second.block_on(async {
+            sweeper.attach(Arc::downgrade(&next) as Weak<dyn Sweep>);
+            for _ in 0..3 {
+                tokio::time::sleep(SWEEP_PERIOD).await;
+            }
+        });
+        assert!(
+            next.looks.load(Ordering::Relaxed) >= 3,
+            "a new task on the second runtime sweeps it"
+        );
+        drop(next);
+        second.block_on(async {
+            for _ in 0..3 {
+                tokio::time::sleep(SWEEP_PERIOD).await;
+            }
+        });
+        assert!(sweeper.lock().is_empty(), "dropped clients are let go");
+    }
+
+    /// Issue 20, bug 3: without a runtime no task can take the client; it
+    /// must not be queued (its entry, and the client's allocation behind
+    /// the `Weak`, would stay for ever).
+    #[test]
+    fn nothing_is_queued_without_a_runtime() {
+        let sweeper = Arc::new(Sweeper::default());
+        for _ in 0..100 {
+            let c = counted(SWEEP_PERIOD, usize::MAX);
+            sweeper.attach(Arc::downgrade(&c) as Weak<dyn Sweep>);
+        }
+        assert_eq!(sweeper.lock().len(), 0);
+        assert!(!sweeper.running.load(Ordering::Acquire));
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,7 +15,7 @@
 //! published, unless a [`Classify`] hook must see the frames it skips).
 
 use std::any::Any;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::task::Waker;
 
@@ -31,7 +31,163 @@ use crate::observer::EvictReason;
 /// A frame's class, as the layer's [`Classify`](crate::Classify) hook says.
 pub(crate) type ClassifyFn<T> = Box<dyn Fn(&T) -> FrameClass + Send + Sync>;
 
+/// A frame the window holds itself, delivered before the frame at its
+/// cursor: a frame of a backfill, or the newest frame of a replace key that a
+/// skip passed over.
+struct Kept<T> {
+    item: T,
+    weight: usize,
+    /// The replace key; `None` for a backfill's frame.
+    key: Option<u64>,
+    /// Lost between the frame before this one and this one.
+    gap: Gap,
+}
+
+/// Whether `frames` and `bytes` are past a window's limits.
+fn over(config: &BufferConfig, frames: usize, bytes: usize) -> bool {
+    frames > config.capacity() || (frames > 1 && bytes > config.max_bytes().unwrap_or(usize::MAX))
+}
+
+/// What waits for a window's client besides the log's frames, and the counts
+/// that go with it; apart from the window's other fields so that it can
+/// change under the log's lock.
+struct Held<T> {
+    /// Frames kept from a skip (the newest of each replace key) or a
+    /// backfill, oldest first: delivered before the frame at the cursor.
+    kept: VecDeque<Kept<T>>,
+    /// The weight of `kept`.
+    kept_bytes: usize,
+    /// Lost after the last kept frame (or the last frame taken): the gap
+    /// before the frame at the cursor.
+    gap: Gap,
+    /// The log's backlog at the last look, less what was taken since.
+    frames: usize,
+    bytes: usize,
+    /// Kept frames superseded by a newer one of their key.
+    replaced: u64,
+}
+
+impl<T> Default for Held<T> {
+    fn default() -> Self {
+        Self {
+            kept: VecDeque::new(),
+            kept_bytes: 0,
+            gap: Gap::default(),
+            frames: 0,
+            bytes: 0,
+            replaced: 0,
+        }
+    }
+}
+
+impl<T> Held<T> {
+    /// The bytes waiting: the kept frames' and the log backlog's.
+    fn total_bytes(&self) -> usize {
+        self.bytes.saturating_add(self.kept_bytes)
+    }
+
+    /// What waits is past the limits.
+    fn is_over(&self, config: &BufferConfig) -> bool {
+        over(config, self.frames + self.kept.len(), self.total_bytes())
+    }
+
+    /// Drops the oldest kept frame: its gap, and itself, go to the frame
+    /// after it.
+    fn drop_oldest_kept(&mut self, skipped: &mut Dropped) {
+        let Some(old) = self.kept.pop_front() else {
+            return;
+        };
+        self.kept_bytes -= old.weight;
+        skipped.frames += 1;
+        skipped.bytes += old.weight;
+        let mut gap = old.gap;
+        gap.add(Gap {
+            frames: 1,
+            bytes: old.weight as u64,
+        });
+        match self.kept.front_mut() {
+            Some(next) => next.gap.add(gap),
+            None => self.gap.add(gap),
+        }
+    }
+
+    /// Keeps `item` of replace key `key` (skipped from the log), after the
+    /// gap gathered so far; a kept frame of the same key is superseded:
+    /// counted replaced, and what was lost before it is handed on.
+    fn keep_newest(&mut self, key: u64, item: T, weight: usize) {
+        if let Some(i) = self.kept.iter().position(|k| k.key == Some(key)) {
+            let old = self.kept.remove(i).expect("found");
+            self.kept_bytes -= old.weight;
+            self.replaced += 1;
+            match self.kept.get_mut(i) {
+                Some(next) => next.gap.add(old.gap),
+                None => self.gap.add(old.gap),
+            }
+        }
+        self.kept_bytes = self.kept_bytes.saturating_add(weight);
+        self.kept.push_back(Kept {
+            item,
+            weight,
+            key: Some(key),
+            gap: std::mem::take(&mut self.gap),
+        });
+    }
+
+    /// Skips the fewest of the log's frames (no kept frame is left, and
+    /// every frame is droppable) for the rest to fit, as a ring that drops
+    /// its oldest would: the newest that fit stay. One binary search.
+    fn skip_log(
+        &mut self,
+        cursor: &mut Cursor,
+        config: &BufferConfig,
+        log: &super::log::Log<T>,
+    ) -> Dropped {
+        let (frames, bytes) = (self.frames, self.bytes);
+        // The backlog is the log's frames from index `i0` on.
+        let i0 = log.index(cursor.next);
+        let first = log.at(i0).map_or(0, |e| e.bytes_before);
+        let end = first.saturating_add(bytes as u64);
+        let fits = |k: usize| {
+            let e = log.at(i0 + k).expect("in the backlog");
+            let rest = usize::try_from(end - e.bytes_before).unwrap_or(usize::MAX);
+            !over(config, frames - k, rest)
+        };
+        let (mut lo, mut hi) = (frames.saturating_sub(config.capacity()), frames - 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        let k = lo;
+        let keep = log.at(i0 + k).expect("in the backlog");
+        let (keep_id, keep_before) = (keep.id, keep.bytes_before);
+        // The gap counts ids: the frames skipped here, and any the log had
+        // let go of or never had.
+        let from = log.effective(cursor.next);
+        self.gap.add(Gap {
+            frames: keep_id - from,
+            bytes: cursor.pos.map_or(0, |p| keep_before.saturating_sub(p)),
+        });
+        *cursor = Cursor {
+            next: keep_id,
+            pos: Some(keep_before),
+        };
+        self.frames = frames - k;
+        self.bytes = usize::try_from(end - keep_before).unwrap_or(usize::MAX);
+        Dropped {
+            frames: k,
+            bytes: usize::try_from(keep_before - first).unwrap_or(usize::MAX),
+        }
+    }
+}
+
 /// One client's window over a hub's log.
+///
+/// What waits for the client is its kept frames, then the log's frames from
+/// its cursor on; both count against its limits.
 pub(crate) struct Window<T, W> {
     shared: Arc<Shared<T, W>>,
     cursor: Cursor,
@@ -39,14 +195,8 @@ pub(crate) struct Window<T, W> {
     config: BufferConfig,
     /// `None`: every frame is droppable (the default hook).
     classify: Option<ClassifyFn<T>>,
-    /// Frames kept from a skip (the newest of each replace key), oldest
-    /// first: delivered before the frame at the cursor.
-    kept: VecDeque<(T, usize)>,
-    /// Lost since the last frame taken: the gap before the next one.
-    gap: Gap,
-    /// The backlog at the last look, less what was taken since.
-    frames: usize,
-    bytes: usize,
+    /// What waits for the client, besides the log.
+    held: Held<T>,
     /// Frames still to deliver before the stream ends, if limited.
     left: Option<u64>,
     /// Sent after the last frame of a limited window.
@@ -56,11 +206,12 @@ pub(crate) struct Window<T, W> {
     catching_up: bool,
     /// Parked by the last `refresh`, for the consumer's `park` right after.
     parked_now: bool,
+    /// The hub closed and the client has had every frame published before.
+    hub_ended: bool,
     closed: bool,
     sent: u64,
     dropped: u64,
     dropped_bytes: u64,
-    replaced: u64,
     high_water: usize,
     high_water_bytes: usize,
     /// Counted in [`Hub::subscribers`](super::Hub::subscribers).
@@ -82,21 +233,18 @@ impl<T, W> Window<T, W> {
             trailers,
             catching_up: resumed,
             parked_now: false,
+            hub_ended: false,
             shared,
             cursor,
             parked: Parked::default(),
             config,
             classify,
-            kept: VecDeque::new(),
-            gap: Gap::default(),
-            frames: 0,
-            bytes: 0,
+            held: Held::default(),
             left: limit,
             closed: false,
             sent: 0,
             dropped: 0,
             dropped_bytes: 0,
-            replaced: 0,
             high_water: 0,
             high_water_bytes: 0,
         }
@@ -105,11 +253,20 @@ impl<T, W> Window<T, W> {
     /// Starts the window with frames delivered before the one at its
     /// cursor (a backfill), after a gap of `gap` ids.
     pub(crate) fn with_backfill(mut self, kept: VecDeque<(T, usize)>, gap: u64) -> Self {
-        self.kept = kept;
-        self.gap = Gap {
+        let mut gap = Gap {
             frames: gap,
             bytes: 0,
         };
+        for (item, weight) in kept {
+            self.held.kept_bytes = self.held.kept_bytes.saturating_add(weight);
+            self.held.kept.push_back(Kept {
+                item,
+                weight,
+                key: None,
+                gap: std::mem::take(&mut gap),
+            });
+        }
+        self.held.gap = gap;
         self
     }
 
@@ -119,7 +276,7 @@ impl<T, W> Window<T, W> {
 
     /// Frames the client can still take.
     fn waiting(&self) -> usize {
-        let n = self.frames + self.kept.len();
+        let n = self.held.frames + self.held.kept.len();
         match self.left {
             Some(left) => n.min(usize::try_from(left).unwrap_or(usize::MAX)),
             None => n,
@@ -137,16 +294,16 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
     }
 
     fn bytes(&self) -> usize {
-        self.bytes
+        self.held.total_bytes()
     }
 
     fn is_full(&self) -> bool {
-        self.waiting() >= self.config.capacity() || self.bytes >= self.max_bytes()
+        self.waiting() >= self.config.capacity() || self.held.total_bytes() >= self.max_bytes()
     }
 
     fn is_healthy(&self) -> bool {
         self.waiting() < self.config.pressure_frames()
-            && self.bytes < self.config.pressure_bytes().unwrap_or(usize::MAX)
+            && self.held.total_bytes() < self.config.pressure_bytes().unwrap_or(usize::MAX)
     }
 
     fn has_room_for_class(&self, _: usize, _: FrameClass) -> bool {
@@ -171,108 +328,88 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
         }
         let mut log = self.shared.lock();
         let (frames, bytes) = log.backlog(self.cursor.next);
-        if let Some(waker) = park.filter(|_| frames == 0 && self.kept.is_empty()) {
+        if frames == 0 && self.held.kept.is_empty() && log.finished(self.cursor.next) {
+            // The hub closed, and this client has had all it will get.
+            log.unpark(&mut self.parked);
+            self.held.frames = 0;
+            self.held.bytes = 0;
+            self.hub_ended = true;
+            return Ok(Dropped::default());
+        }
+        if let Some(waker) = park.filter(|_| frames == 0 && self.held.kept.is_empty()) {
             // Nothing waits: park under this lock, not another one.
-            self.frames = 0;
-            self.bytes = 0;
+            self.held.frames = 0;
+            self.held.bytes = 0;
             self.catching_up = false;
             self.parked_now = log.park(self.cursor.next, waker, &mut self.parked);
             return Ok(Dropped::default());
         }
-        let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
-        let capacity = self.config.capacity();
-        let max_bytes = self.max_bytes();
-        let over =
-            |frames: usize, bytes: usize| frames > capacity || (frames > 1 && bytes > max_bytes);
+        self.held.frames = frames;
+        self.held.bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
         let mut skipped = Dropped::default();
-        if self.catching_up && !over(frames, bytes) {
+        if self.catching_up && !self.held.is_over(&self.config) {
             self.catching_up = false;
         }
-        if !self.catching_up && over(frames, bytes) {
+        if !self.catching_up && self.held.is_over(&self.config) {
             if self.config.overflow() == Overflow::Disconnect {
                 return Err(EvictReason::Overflow);
             }
-            // The fewest frames to skip: the newest that fit stay, as a
-            // ring that drops its oldest would keep them.
-            // The backlog is the log's frames from index `i0` on.
-            let i0 = log.index(self.cursor.next);
-            let first = log.at(i0).map_or(0, |e| e.bytes_before);
-            let end = first + bytes as u64;
-            let fits = |k: usize| {
-                let e = log.at(i0 + k).expect("in the backlog");
-                let rest = usize::try_from(end - e.bytes_before).unwrap_or(usize::MAX);
-                !over(frames - k, rest)
-            };
-            let (mut lo, mut hi) = (frames.saturating_sub(capacity), frames - 1);
-            while lo < hi {
-                let mid = lo + (hi - lo) / 2;
-                if fits(mid) {
-                    hi = mid;
-                } else {
-                    lo = mid + 1;
+            if self.classify.is_none() {
+                // Every frame droppable, the oldest first: the kept ones (a
+                // backfill's), then the log's.
+                while self.held.is_over(&self.config) && !self.held.kept.is_empty() {
+                    self.held.drop_oldest_kept(&mut skipped);
                 }
-            }
-            let k = lo;
-            let keep = log.at(i0 + k).expect("in the backlog");
-            let (keep_id, keep_before) = (keep.id, keep.bytes_before);
-            let mut kept_now: (usize, u64) = (0, 0);
-            let replaced_before = self.replaced;
-            if let Some(classify) = &self.classify {
-                // The frames skipped, one by one: a critical one cannot be
-                // skipped, a replace-class one leaves its key's newest.
-                let mut keys: HashMap<u64, usize> = HashMap::new();
-                let mut kept: Vec<(T, usize)> = Vec::new();
-                for e in log.iter_from(self.cursor.next).take(k) {
-                    match classify(&e.item) {
-                        FrameClass::Critical => return Err(EvictReason::Overflow),
-                        FrameClass::Replace(key) => {
-                            if let Some(&i) = keys.get(&key) {
-                                self.replaced += 1;
-                                kept[i] = (e.item.clone(), e.weight);
-                            } else {
-                                keys.insert(key, kept.len());
-                                kept.push((e.item.clone(), e.weight));
-                            }
+                if self.held.is_over(&self.config) {
+                    let more = self.held.skip_log(&mut self.cursor, &self.config, &log);
+                    skipped.frames += more.frames;
+                    skipped.bytes += more.bytes;
+                }
+            } else {
+                // The log's frames one by one from the cursor: a critical one
+                // cannot be skipped, a replace-class one is kept as its
+                // key's newest (superseding the one kept before), the rest
+                // are lost; then, if the kept frames alone are too many, the
+                // oldest of them.
+                while self.held.is_over(&self.config) && self.held.frames > 0 {
+                    let classify = self.classify.as_ref().expect("classified");
+                    let mut out = None;
+                    log.read(&mut self.cursor, 1, |gap, e| {
+                        let class = classify(&e.item);
+                        let item = matches!(class, FrameClass::Replace(_)).then(|| e.item.clone());
+                        out = Some((gap, e.weight, class, item));
+                    });
+                    let Some((gap, weight, class, item)) = out else {
+                        break;
+                    };
+                    self.held.frames -= 1;
+                    self.held.bytes = self.held.bytes.saturating_sub(weight);
+                    self.held.gap.add(gap);
+                    match (class, item) {
+                        (FrameClass::Critical, _) => return Err(EvictReason::Overflow),
+                        (FrameClass::Replace(key), Some(item)) => {
+                            self.held.keep_newest(key, item, weight);
                         }
                         _ => {
                             skipped.frames += 1;
-                            skipped.bytes += e.weight;
+                            skipped.bytes += weight;
+                            self.held.gap.add(Gap {
+                                frames: 1,
+                                bytes: weight as u64,
+                            });
                         }
                     }
                 }
-                kept_now = (kept.len(), kept.iter().map(|(_, w)| *w as u64).sum());
-                self.kept.extend(kept);
-            } else {
-                skipped.frames = k;
-                skipped.bytes = usize::try_from(keep_before - first).unwrap_or(usize::MAX);
+                while self.held.is_over(&self.config) && !self.held.kept.is_empty() {
+                    self.held.drop_oldest_kept(&mut skipped);
+                }
             }
-            // The gap the marker announces counts ids: frames skipped here,
-            // and any the log had let go of or never had.
-            let from = log.effective(self.cursor.next);
-            self.gap.add(Gap {
-                // Superseded frames are not lost: their key's newest comes.
-                frames: keep_id - from - kept_now.0 as u64 - (self.replaced - replaced_before),
-                bytes: self
-                    .cursor
-                    .pos
-                    .map_or(0, |p| keep_before.saturating_sub(p))
-                    .saturating_sub(kept_now.1),
-            });
-            self.cursor = Cursor {
-                next: keep_id,
-                pos: Some(keep_before),
-            };
-            self.frames = frames - k;
-            self.bytes = usize::try_from(end - keep_before).unwrap_or(usize::MAX);
-        } else {
-            self.frames = frames;
-            self.bytes = bytes;
         }
         drop(log);
         self.dropped += skipped.frames as u64;
         self.dropped_bytes += skipped.bytes as u64;
         self.high_water = self.high_water.max(self.waiting());
-        self.high_water_bytes = self.high_water_bytes.max(self.bytes);
+        self.high_water_bytes = self.high_water_bytes.max(self.held.total_bytes());
         Ok(skipped)
     }
 
@@ -281,16 +418,26 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
             // Parked by the look just before, under the same client lock.
             return true;
         }
-        if self.closed || !self.kept.is_empty() {
+        if self.closed || !self.held.kept.is_empty() {
             return false;
         }
-        self.shared
-            .lock()
-            .park(self.cursor.next, waker, &mut self.parked)
+        let mut log = self.shared.lock();
+        if log.finished(self.cursor.next) {
+            // Closed meanwhile: the next look ends the stream.
+            return false;
+        }
+        log.park(self.cursor.next, waker, &mut self.parked)
     }
 
     fn ended(&self) -> bool {
-        self.left == Some(0)
+        self.left == Some(0) || self.hub_ended
+    }
+
+    fn stop(&mut self) {
+        // What waits now is the last the client gets.
+        let waiting = self.waiting() as u64;
+        self.left = Some(self.left.map_or(waiting, |left| left.min(waiting)));
+        self.trailers = None;
     }
 
     fn end_trailers(&mut self) -> Option<HeaderMap> {
@@ -301,8 +448,9 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
         if self.closed || self.left == Some(0) {
             return None;
         }
-        let (item, weight, gap) = if let Some((item, weight)) = self.kept.pop_front() {
-            (item, weight, std::mem::take(&mut self.gap))
+        let (item, gap) = if let Some(kept) = self.held.kept.pop_front() {
+            self.held.kept_bytes -= kept.weight;
+            (kept.item, kept.gap)
         } else {
             let log = self.shared.lock();
             let mut out = None;
@@ -311,20 +459,21 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
             });
             drop(log);
             let (item, weight, mut gap) = out?;
-            gap.add(std::mem::take(&mut self.gap));
-            self.frames = self.frames.saturating_sub(1);
-            (item, weight, gap)
+            gap.add(std::mem::take(&mut self.held.gap));
+            self.held.frames = self.held.frames.saturating_sub(1);
+            self.held.bytes = self.held.bytes.saturating_sub(weight);
+            (item, gap)
         };
-        self.bytes = self.bytes.saturating_sub(weight);
         self.sent += 1;
         if let Some(left) = &mut self.left {
             *left -= 1;
             if *left == 0 {
                 // The limit ends the stream: nothing more waits for the
                 // client, however much was published after this frame.
-                self.kept.clear();
-                self.frames = 0;
-                self.bytes = 0;
+                self.held.kept.clear();
+                self.held.kept_bytes = 0;
+                self.held.frames = 0;
+                self.held.bytes = 0;
             }
         }
         Some((item, gap))
@@ -334,12 +483,12 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
         if self.closed || self.left == Some(0) {
             return None;
         }
-        if let Some((_, weight)) = self.kept.front() {
-            return Some((*weight, self.gap));
+        if let Some(kept) = self.held.kept.front() {
+            return Some((kept.weight, kept.gap));
         }
         let log = self.shared.lock();
         let e = log.iter_from(self.cursor.next).next()?;
-        let mut gap = self.gap;
+        let mut gap = self.held.gap;
         gap.frames += log.gap_before(self.cursor.next);
         Some((e.weight, gap))
     }
@@ -359,9 +508,10 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
 
     fn discard(&mut self) {
         self.closed = true;
-        self.kept.clear();
-        self.frames = 0;
-        self.bytes = 0;
+        self.held.kept.clear();
+        self.held.kept_bytes = 0;
+        self.held.frames = 0;
+        self.held.bytes = 0;
         self.shared.lock().unpark(&mut self.parked);
     }
 
@@ -369,14 +519,14 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
         let buffered = self.waiting();
         BufferStats {
             buffered,
-            buffered_bytes: self.bytes,
+            buffered_bytes: self.held.total_bytes(),
             capacity: self.config.capacity(),
             max_bytes: self.config.max_bytes(),
-            pushed: self.sent + self.dropped + self.replaced + buffered as u64,
+            pushed: self.sent + self.dropped + self.held.replaced + buffered as u64,
             sent: self.sent,
             dropped: self.dropped,
             dropped_bytes: self.dropped_bytes,
-            replaced: self.replaced,
+            replaced: self.held.replaced,
             high_water: self.high_water,
             high_water_bytes: self.high_water_bytes,
             healthy: self.is_healthy(),

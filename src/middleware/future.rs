@@ -19,7 +19,7 @@ use crate::client::{End, Reporter};
 use crate::config::BufferConfig;
 use crate::handle::HandleInner;
 use crate::hub::{Claimed, ClassifyFn, MakeWindow, Sweep, Tap, is_probe, probe};
-use crate::keep_alive::{Idle, SseOptions, no_proxy_buffering};
+use crate::keep_alive::{Idle, StreamOptions, no_proxy_buffering};
 use crate::observer::BackpressureObserver;
 use crate::policy::{Classify, GapMarker};
 use crate::predicate::{Predicate, can_drop_frames};
@@ -33,7 +33,7 @@ pub(crate) struct Wrap<P, O, M, C> {
     pub(crate) marker: M,
     pub(crate) classify: C,
     pub(crate) budget: Option<MemoryBudget>,
-    pub(crate) sse: SseOptions,
+    pub(crate) stream: StreamOptions,
 }
 
 /// Response future of [`Backpressure`](crate::Backpressure).
@@ -83,7 +83,7 @@ where
         // claim on the hub's body. Taken out whatever the path: nothing
         // after the layer may serve the hub's frames in place of the body.
         let mut response = response;
-        if wrap.sse.no_proxy_buffering {
+        if wrap.stream.no_proxy_buffering {
             no_proxy_buffering(response.headers_mut());
         }
         let tap = response.extensions_mut().remove::<Tap>();
@@ -163,8 +163,9 @@ where
     let (mut parts, inner) = response.into_parts();
     // Frames may be dropped: the length is no longer known.
     parts.headers.remove(header::CONTENT_LENGTH);
-    let idle = Idle::for_response::<I::Data>(wrap.sse.keep_alive.as_ref(), &parts.headers);
+    let idle = Idle::for_response::<I::Data>(wrap.stream.keep_alive.as_ref(), &parts.headers);
     let buffer = ClientBuffer::with_weigher(wrap.config, Remaining);
+    let connection = wrap.handle.connection().cloned();
     let shared = Shared::new(
         buffer,
         wrap.handle,
@@ -173,6 +174,9 @@ where
         Reporter::Producer,
     );
     shared.open();
+    if let Some(shutdown) = &wrap.stream.shutdown {
+        crate::shutdown::register(shutdown, &shared, &parts.headers, connection);
+    }
     let end = match early {
         None => None,
         Some(Some(Ok(frame))) => match frame.into_data() {
@@ -228,10 +232,14 @@ where
         let c = wrap.classify;
         Some(Box::new(move |d: &B::Data| c.classify(d)))
     };
-    let idle = Idle::for_response::<B::Data>(wrap.sse.keep_alive.as_ref(), &parts.headers);
+    let idle = Idle::for_response::<B::Data>(wrap.stream.keep_alive.as_ref(), &parts.headers);
     let (window, sweeper) = source.window(wrap.config, classify);
+    let connection = wrap.handle.connection().cloned();
     let client = Windowed::new(window, wrap.handle, wrap.observer, None, Reporter::Consumer);
     client.open();
+    if let Some(shutdown) = &wrap.stream.shutdown {
+        crate::shutdown::register(shutdown, &client, &parts.headers, connection);
+    }
     let sweep: Arc<dyn Sweep> = client.clone();
     sweeper.attach(Arc::downgrade(&sweep));
     Response::from_parts(

@@ -6,7 +6,7 @@ use tower_layer::Layer;
 use super::service::Backpressure;
 use crate::budget::MemoryBudget;
 use crate::config::{BufferConfig, ConfigError};
-use crate::keep_alive::{KeepAlive, SseOptions};
+use crate::keep_alive::{KeepAlive, StreamOptions};
 use crate::observer::BackpressureObserver;
 use crate::predicate::{DefaultPredicate, Predicate};
 
@@ -28,7 +28,7 @@ pub struct BackpressureLayer<P = DefaultPredicate, O = (), M = (), C = ()> {
     marker: M,
     classify: C,
     budget: Option<MemoryBudget>,
-    sse: SseOptions,
+    stream: StreamOptions,
 }
 
 impl BackpressureLayer {
@@ -62,7 +62,7 @@ impl BackpressureLayer {
             marker: (),
             classify: (),
             budget: None,
-            sse: SseOptions::default(),
+            stream: StreamOptions::default(),
         })
     }
 }
@@ -80,7 +80,7 @@ impl<P, O, M, C> BackpressureLayer<P, O, M, C> {
             marker: self.marker,
             classify: self.classify,
             budget: self.budget,
-            sse: self.sse,
+            stream: self.stream,
         }
     }
 
@@ -99,7 +99,7 @@ impl<P, O, M, C> BackpressureLayer<P, O, M, C> {
             marker: self.marker,
             classify: self.classify,
             budget: self.budget,
-            sse: self.sse,
+            stream: self.stream,
         }
     }
 
@@ -113,7 +113,7 @@ impl<P, O, M, C> BackpressureLayer<P, O, M, C> {
             marker,
             classify: self.classify,
             budget: self.budget,
-            sse: self.sse,
+            stream: self.stream,
         }
     }
 
@@ -127,7 +127,7 @@ impl<P, O, M, C> BackpressureLayer<P, O, M, C> {
             marker: self.marker,
             classify,
             budget: self.budget,
-            sse: self.sse,
+            stream: self.stream,
         }
     }
 
@@ -147,13 +147,34 @@ impl<P, O, M, C> BackpressureLayer<P, O, M, C> {
     /// a response the layer passes through (not selected by the predicate,
     /// or with a `Content-Encoding`) is left as it is.
     pub fn keep_alive(mut self, keep_alive: Option<KeepAlive>) -> Self {
-        self.sse.keep_alive = keep_alive;
+        self.stream.keep_alive = keep_alive;
         self
     }
 
     /// The keep-alive of SSE responses, if on.
     pub fn get_keep_alive(&self) -> Option<&KeepAlive> {
-        self.sse.keep_alive.as_ref()
+        self.stream.keep_alive.as_ref()
+    }
+
+    /// Ends every stream this layer serves (per client, or a window over a
+    /// hub's log) when `shutdown` is triggered: each gets what waits for it,
+    /// then a clean end, and one that does not end within the grace period
+    /// is cut, with its connection. See the [`shutdown`](crate::shutdown)
+    /// module. A response the layer passes through is left alone.
+    ///
+    /// ```
+    /// use tower_backpressure::shutdown::Shutdown;
+    /// use tower_backpressure::{BackpressureLayer, BufferConfig};
+    ///
+    /// let shutdown = Shutdown::new();
+    /// let layer = BackpressureLayer::new(BufferConfig::default()).shutdown(shutdown.clone());
+    /// // On SIGTERM:
+    /// shutdown.trigger();
+    /// # let _ = layer;
+    /// ```
+    pub fn shutdown(mut self, shutdown: crate::shutdown::Shutdown) -> Self {
+        self.stream.shutdown = Some(shutdown);
+        self
     }
 
     /// Whether the layer adds `X-Accel-Buffering: no` to every
@@ -169,7 +190,7 @@ impl<P, O, M, C> BackpressureLayer<P, O, M, C> {
     /// # let _ = layer;
     /// ```
     pub fn proxy_buffering_header(mut self, on: bool) -> Self {
-        self.sse.no_proxy_buffering = on;
+        self.stream.no_proxy_buffering = on;
         self
     }
 
@@ -188,7 +209,7 @@ impl<P, O, M, C> BackpressureLayer<P, O, M, C> {
             marker: self.marker,
             classify: self.classify,
             budget: self.budget,
-            sse: self.sse,
+            stream: self.stream,
         }
     }
 }
@@ -210,7 +231,7 @@ impl<P: Clone, O, M: Clone, C: Clone> Clone for BackpressureLayer<P, O, M, C> {
             marker: self.marker.clone(),
             classify: self.classify.clone(),
             budget: self.budget.clone(),
-            sse: self.sse.clone(),
+            stream: self.stream.clone(),
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::budget::MemoryBudget;
 use crate::client::{ClientInfo, connection, peer_addr, route};
 use crate::config::BufferConfig;
 use crate::handle::{ClientHandle, HandleInner};
-use crate::keep_alive::SseOptions;
+use crate::keep_alive::StreamOptions;
 use crate::observer::BackpressureObserver;
 use crate::policy::{Classify, GapMarker};
 use crate::predicate::{DefaultPredicate, Predicate};
@@ -33,7 +33,7 @@ pub struct Backpressure<S, P = DefaultPredicate, O = (), M = (), C = ()> {
     pub(crate) marker: M,
     pub(crate) classify: C,
     pub(crate) budget: Option<MemoryBudget>,
-    pub(crate) sse: SseOptions,
+    pub(crate) stream: StreamOptions,
 }
 
 impl<S> Backpressure<S> {
@@ -88,7 +88,7 @@ impl<S: Clone, P: Clone, O, M: Clone, C: Clone> Clone for Backpressure<S, P, O, 
             marker: self.marker.clone(),
             classify: self.classify.clone(),
             budget: self.budget.clone(),
-            sse: self.sse.clone(),
+            stream: self.stream.clone(),
         }
     }
 }
@@ -148,7 +148,7 @@ where
             marker: self.marker.clone(),
             classify: self.classify.clone(),
             budget: self.budget.clone(),
-            sse: self.sse.clone(),
+            stream: self.stream.clone(),
         };
         ResponseFuture::new(self.inner.call(req), wrap)
     }
