@@ -291,3 +291,35 @@ async fn comments_do_not_keep_a_stalled_client_alive() {
     let end = guard("the eviction", body.frame()).await.unwrap();
     assert!(end.is_err(), "{end:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_subscription_served_as_a_body_gets_comments_when_asked() {
+    use futures::StreamExt;
+    use tower_backpressure::SseGapMarker;
+    use tower_backpressure::hub::HubEvent;
+
+    let hub: Hub = Hub::new(HubConfig::new(100));
+    let mut body = hub
+        .subscribe()
+        .with_gap_marker(SseGapMarker::new())
+        .keep_alive(Some(KeepAlive::new()));
+    hub.publish_sse("a");
+    assert_eq!(next(&mut body).await, "id: 0\ndata: a\n\n");
+    let start = Instant::now();
+    assert_eq!(next(&mut body).await, ":\n\n");
+    assert_eq!(start.elapsed(), Duration::from_secs(15));
+    hub.publish_sse("b");
+    assert_eq!(next(&mut body).await, "id: 1\ndata: b\n\n");
+
+    // Off by default, and never in the `Stream` view.
+    let mut plain = hub.subscribe();
+    quiet(&mut plain).await;
+    let mut events = hub.subscribe_after(1).keep_alive(Some(KeepAlive::new()));
+    let waited = tokio::time::timeout(Duration::from_secs(600), events.next()).await;
+    assert!(waited.is_err(), "{waited:?}");
+    hub.publish_sse("c");
+    assert!(matches!(
+        events.next().await,
+        Some(HubEvent::Frame { id: 2, .. })
+    ));
+}
