@@ -479,8 +479,11 @@ const TICK: Duration = Duration::from_millis(1);
 
 fn check(case: Case) -> Result<(), TestCaseError> {
     let config = case.config();
+    // The model is of events: a reader idle for the keep-alive interval
+    // (paused time skips far ahead) would get comment lines, which
+    // `tests/keep_alive.rs` covers.
     let layer = match BackpressureLayer::try_new(config) {
-        Ok(layer) => layer,
+        Ok(layer) => layer.keep_alive(None),
         Err(e) => {
             prop_assert!(config.validate().is_err(), "try_new refused a valid config");
             prop_assert!(e.to_string().starts_with("invalid buffer config: "));
