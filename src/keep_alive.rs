@@ -7,7 +7,13 @@
 //! sets it for every `text/event-stream` response the layer buffers (per
 //! client, or a window over a hub's log); [`HubResponse::keep_alive`](crate::hub::HubResponse::keep_alive)
 //! for a hub's SSE response served without the layer. Both are on by
-//! default, every 15 seconds, as axum's `Sse::keep_alive`.
+//! default, every 15 seconds, as axum's `Sse::keep_alive`. A bare
+//! [`Subscription`](crate::hub::Subscription) served as a body gets them
+//! with [`Subscription::keep_alive`](crate::hub::Subscription::keep_alive)
+//! (off by default: it may not be SSE).
+//!
+//! The timer is armed when the body is first polled with nothing to send,
+//! not reset on every frame: a busy stream reads no clock.
 //!
 //! A comment is not an event: `EventSource` ignores it, it is not counted
 //! in a client's stats (`sent`, `pushed`), it fires no observer event, and
@@ -187,10 +193,17 @@ impl Idle {
         keep_alive: Option<&KeepAlive>,
         headers: &HeaderMap,
     ) -> Option<Self> {
-        let keep_alive = keep_alive?;
-        if !is_event_stream(headers) || comment_as::<D>(&keep_alive.comment).is_none() {
+        if !is_event_stream(headers) {
             return None;
         }
+        Self::new::<D>(keep_alive)
+    }
+
+    /// The keep-alive of a body known to be SSE, with data `D` (only
+    /// `Bytes` gets one).
+    pub(crate) fn new<D: 'static>(keep_alive: Option<&KeepAlive>) -> Option<Self> {
+        let keep_alive = keep_alive?;
+        comment_as::<D>(&keep_alive.comment)?;
         Some(Self {
             keep_alive: keep_alive.clone(),
             timer: Timer::default(),

@@ -24,10 +24,7 @@ use tower_http::compression::CompressionLayer;
 
 /// Compress every response, SSE included (tower-http's default predicate
 /// leaves `text/event-stream` alone).
-fn compression() -> CompressionLayer<
-    impl tower_http::compression::Predicate
-    + Fn(http::StatusCode, http::Version, &http::HeaderMap, &http::Extensions) -> bool,
-> {
+fn compression() -> CompressionLayer<impl tower_http::compression::Predicate> {
     CompressionLayer::new().gzip(true).compress_when(
         |_: http::StatusCode, _: http::Version, _: &http::HeaderMap, _: &http::Extensions| true,
     )

@@ -330,3 +330,30 @@ async fn only_a_body_that_is_still_the_hubs_own_is_replaced_by_a_window() {
         .build();
     assert_eq!(kind(plain).await, passthrough);
 }
+
+/// A handler that puts a frame of its own before the hub's (an SSE
+/// `retry:` hint): it comes first, then every event, in order.
+#[tokio::test]
+async fn a_frame_the_app_puts_before_the_hubs_comes_first() {
+    let hub: Hub = Hub::new(HubConfig::new(100));
+    let app = hub.clone();
+    let svc = ServiceBuilder::new()
+        .layer(BackpressureLayer::new(BufferConfig::new(100)))
+        .service(service_fn(move |_req: Request<Incoming>| {
+            let response = app.response().build().map(|body| {
+                let retry = futures::stream::once(async { Ok(Bytes::from("retry: 1000\n\n")) });
+                StreamBody::new(
+                    retry
+                        .chain(body.into_data_stream())
+                        .map(|d| d.map(Frame::data)),
+                )
+            });
+            async move { Ok::<_, Infallible>(response) }
+        }));
+    let addr = serve(svc).await;
+    let mut body = open(addr).await.into_body();
+    read_exactly(&mut body, b"retry: 1000\n\n").await;
+    hub.publish_sse("a");
+    hub.publish_sse("b");
+    read_exactly(&mut body, b"id: 0\ndata: a\n\nid: 1\ndata: b\n\n").await;
+}

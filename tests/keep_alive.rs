@@ -271,3 +271,55 @@ async fn a_hubs_sse_response_says_no_cache_and_no_proxy_buffering() {
     assert_eq!(response.headers()[header::CACHE_CONTROL], "no-cache");
     assert_eq!(response.headers()["x-accel-buffering"], "no");
 }
+
+#[tokio::test(start_paused = true)]
+async fn comments_do_not_keep_a_stalled_client_alive() {
+    use tower_backpressure::{EvictReason, Eviction};
+    let config =
+        BufferConfig::new(16).with_eviction(Eviction::none().after_stall(Duration::from_secs(20)));
+    let keep_alive = KeepAlive::new().interval(Duration::from_secs(5));
+    let layer = BackpressureLayer::new(config).keep_alive(Some(keep_alive));
+    let (producer, mut body, mut events) = per_client(layer, SSE).await;
+    producer.tx.send(Bytes::from("id: 0\n\n")).await.unwrap();
+    assert_eq!(next(&mut body).await, "id: 0\n\n");
+    assert_eq!(next(&mut body).await, ":\n\n");
+    // The client stops reading with an event waiting: 20 s later the
+    // stall rule evicts it, comments or not.
+    producer.tx.send(Bytes::from("id: 1\n\n")).await.unwrap();
+    let closed = closed_as(&mut events, CloseReason::Evicted(EvictReason::Stalled)).await;
+    assert_eq!(closed.stats.sent, 1);
+    let end = guard("the eviction", body.frame()).await.unwrap();
+    assert!(end.is_err(), "{end:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_subscription_served_as_a_body_gets_comments_when_asked() {
+    use futures::StreamExt;
+    use tower_backpressure::SseGapMarker;
+    use tower_backpressure::hub::HubEvent;
+
+    let hub: Hub = Hub::new(HubConfig::new(100));
+    let mut body = hub
+        .subscribe()
+        .with_gap_marker(SseGapMarker::new())
+        .keep_alive(Some(KeepAlive::new()));
+    hub.publish_sse("a");
+    assert_eq!(next(&mut body).await, "id: 0\ndata: a\n\n");
+    let start = Instant::now();
+    assert_eq!(next(&mut body).await, ":\n\n");
+    assert_eq!(start.elapsed(), Duration::from_secs(15));
+    hub.publish_sse("b");
+    assert_eq!(next(&mut body).await, "id: 1\ndata: b\n\n");
+
+    // Off by default, and never in the `Stream` view.
+    let mut plain = hub.subscribe();
+    quiet(&mut plain).await;
+    let mut events = hub.subscribe_after(1).keep_alive(Some(KeepAlive::new()));
+    let waited = tokio::time::timeout(Duration::from_secs(600), events.next()).await;
+    assert!(waited.is_err(), "{waited:?}");
+    hub.publish_sse("c");
+    assert!(matches!(
+        events.next().await,
+        Some(HubEvent::Frame { id: 2, .. })
+    ));
+}

@@ -479,10 +479,10 @@ const TICK: Duration = Duration::from_millis(1);
 
 fn check(case: Case) -> Result<(), TestCaseError> {
     let config = case.config();
+    // The model is of events: a reader idle for the keep-alive interval
+    // (paused time skips far ahead) would get comment lines, which
+    // `tests/keep_alive.rs` covers.
     let layer = match BackpressureLayer::try_new(config) {
-        // The promises here are about events; the keep-alive comments an
-        // idle SSE stream gets (paused time makes every stream idle) have
-        // tests of their own (`tests/keep_alive.rs`).
         Ok(layer) => layer.keep_alive(None),
         Err(e) => {
             prop_assert!(config.validate().is_err(), "try_new refused a valid config");

@@ -256,6 +256,13 @@ where
 /// ends the response when the wrappers end the body. A body whose frames
 /// were changed (mapped, encoded) is served as it was made, through the
 /// layer's buffer, as any other body.
+///
+/// The check is that a token frame comes out of the wrappers as it went
+/// in, so a wrapper that passes frames on unchanged but acts on them (one
+/// that counts them, or takes the first N) is taken for a box: it sees no
+/// frame of the hub's, only its end counts. Limit a response with
+/// [`HubResponse::limit`], watch its frames through the layer's observer,
+/// or put such a wrapper outside the layer.
 #[derive(Debug)]
 pub struct HubBody<T = Bytes, W = ByWeigh> {
     /// `None` once the layer serves the client from a window.

@@ -14,6 +14,7 @@ use http_body::{Body, Frame};
 use super::log::{Cursor, Parked};
 use super::{Shared, Subscriber};
 use crate::buffer::{ByWeigh, Gap};
+use crate::keep_alive::{Idle, KeepAlive};
 use crate::policy::{GapAction, GapMarker};
 
 /// How many frames a subscription takes from the log per lock.
@@ -73,6 +74,8 @@ pub struct Subscription<T = Bytes, W = ByWeigh, M = ()> {
     marker: M,
     /// The gap marker ended the body.
     ended: bool,
+    /// SSE keep-alive of the [`Body`] view (see `keep_alive`).
+    idle: Option<Idle>,
     /// Counted in [`Hub::subscribers`](super::Hub::subscribers).
     _counted: Subscriber,
 }
@@ -100,6 +103,7 @@ impl<T, W> Subscription<T, W> {
             ready: VecDeque::new(),
             marker: (),
             ended: false,
+            idle: None,
         }
     }
 }
@@ -120,8 +124,32 @@ impl<T, W, M> Subscription<T, W, M> {
             ready: std::mem::take(&mut self.ready),
             marker,
             ended: self.ended,
+            idle: self.idle.take(),
             _counted: std::mem::take(&mut self._counted),
         }
+    }
+
+    /// Served as an SSE body without [`BackpressureLayer`](crate::BackpressureLayer):
+    /// sends a comment line once the [`Body`] view has had nothing to send
+    /// for the [`KeepAlive`]'s interval, so that proxies keep the
+    /// connection (`None`, the default: no comment). Only for `Bytes`
+    /// frames. The comment is not a frame of the hub: the [`Stream`] view
+    /// and the cursor do not see it. [`Hub::response`](super::Hub::response)
+    /// sets this by itself for SSE.
+    ///
+    /// ```
+    /// use tower_backpressure::{Hub, KeepAlive};
+    ///
+    /// let hub: Hub = Hub::default();
+    /// let body = hub.subscribe().keep_alive(Some(KeepAlive::new()));
+    /// # let _ = body;
+    /// ```
+    pub fn keep_alive(mut self, keep_alive: Option<KeepAlive>) -> Self
+    where
+        T: 'static,
+    {
+        self.idle = Idle::new::<T>(keep_alive.as_ref());
+        self
     }
 
     /// The gap marker.
@@ -231,7 +259,7 @@ impl<T: Clone, W, M> Stream for Subscription<T, W, M> {
 
 impl<T, W, M> Body for Subscription<T, W, M>
 where
-    T: Buf + Clone,
+    T: Buf + Clone + 'static,
     M: GapMarker<T>,
 {
     type Data = T;
@@ -242,6 +270,32 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<T>, Infallible>>> {
         let this = self.get_mut();
+        let polled = this.poll_body(cx);
+        match (&mut this.idle, polled) {
+            (Some(idle), Poll::Pending) => idle
+                .poll_quiet(cx)
+                .map(|comment| Some(Ok(Frame::data(comment)))),
+            (Some(idle), ready) => {
+                idle.busy();
+                ready
+            }
+            (None, polled) => polled,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+}
+
+impl<T, W, M> Subscription<T, W, M>
+where
+    T: Buf + Clone,
+    M: GapMarker<T>,
+{
+    /// The [`Body`] view's next frame, keep-alive aside.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<T>, Infallible>>> {
+        let this = self;
         if this.ended {
             return Poll::Ready(None);
         }
@@ -262,10 +316,6 @@ where
             }
         }
         Poll::Ready(Some(Ok(Frame::data(item))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.ended
     }
 }
 

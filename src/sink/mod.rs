@@ -19,6 +19,16 @@
 //!   [`Eviction`](crate::Eviction) rules, [`Flush`](crate::Flush) strategies, frame classes
 //!   and a [`MemoryBudget`](crate::MemoryBudget) apply as they do to a response body.
 //!
+//! # Keep-alive
+//!
+//! A `BufferedSink` sends no keep-alive of its own: it is generic over its
+//! message type and cannot make a Ping. tungstenite and axum answer a
+//! peer's Ping by themselves; to keep a quiet connection through proxies
+//! and find a vanished peer, send a Ping from the application on a timer
+//! (into the `BufferedSink`, as a critical frame if a
+//! [`Classify`] hook marks frames). SSE responses get
+//! comment lines from the layer instead ([`KeepAlive`](crate::KeepAlive)).
+//!
 //! # Closing
 //!
 //! [`close`](futures_util::SinkExt::close) (or dropping the `BufferedSink`)
