@@ -105,7 +105,7 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -128,11 +128,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
-use tower_backpressure::conn::Closable;
+use tower_backpressure::conn::{Closable, ClosableListener, ConnectionInfo};
+use tower_backpressure::hub::{Hub, HubBody, HubConfig, sse};
+use tower_backpressure::shutdown::Shutdown;
 use tower_backpressure::{
     BackpressureEvent, BackpressureLayer, BackpressureObserver, BufferConfig, BufferStats,
-    ClientId, ClientRegistry, CloseReason, EventKind, EvictReason, Eviction, MemoryBudget,
-    Overflow, PeerAddr, SseGapMarker,
+    ClientId, ClientRegistry, CloseReason, EventKind, EvictReason, Eviction, FrameClass,
+    MemoryBudget, Overflow, PeerAddr, SseGapMarker,
 };
 
 /// Events per second from the shared producer.
@@ -173,10 +175,15 @@ const SETTLE: Duration = Duration::from_secs(30);
 
 /// An SSE event of exactly [`EVENT`] bytes: `id: <10 digits>\ndata: x…\n\n`.
 fn event(id: u64) -> Bytes {
-    static PAD: [u8; EVENT] = [b'x'; EVENT];
-    let mut b = BytesMut::with_capacity(EVENT);
+    sized_event(id, EVENT)
+}
+
+/// An SSE event of exactly `size` bytes (at most 1 KiB), as [`event`].
+fn sized_event(id: u64, size: usize) -> Bytes {
+    static PAD: [u8; 1024] = [b'x'; 1024];
+    let mut b = BytesMut::with_capacity(size);
     b.extend_from_slice(format!("id: {id:010}\ndata: ").as_bytes());
-    let pad = EVENT - b.len() - 2;
+    let pad = size - b.len() - 2;
     b.extend_from_slice(&PAD[..pad]);
     b.extend_from_slice(b"\n\n");
     b.freeze()
@@ -262,7 +269,8 @@ impl Ledger {
 #[derive(Clone)]
 struct Books {
     ledger: Arc<Mutex<Ledger>>,
-    budget: MemoryBudget,
+    /// Checked at every event, if the server has one.
+    budget: Option<MemoryBudget>,
 }
 
 impl Books {
@@ -273,10 +281,10 @@ impl Books {
 
 impl BackpressureObserver for Books {
     fn on_event(&self, e: &BackpressureEvent<'_>) {
-        let used = self.budget.used();
+        let used = self.budget.as_ref().map(|b| (b.used(), b.limit()));
         let mut l = self.ledger();
-        if used > self.budget.limit() {
-            l.violation(format!("budget at {used} bytes, over its limit, at {e:?}"));
+        if let Some((used, limit)) = used.filter(|(used, limit)| used > limit) {
+            l.violation(format!("budget at {used} bytes, over {limit}, at {e:?}"));
         }
         let id = e.client.id();
         if l.gone.contains(&id) {
@@ -369,7 +377,7 @@ async fn server() -> Server {
     let registry = ClientRegistry::new().with_budget(budget.clone());
     let books = Books {
         ledger: Arc::default(),
-        budget: budget.clone(),
+        budget: Some(budget.clone()),
     };
     let observer = (registry.clone(), books.clone());
     let sse = BackpressureLayer::new(
@@ -557,6 +565,10 @@ fn tag() -> u64 {
 enum Route {
     Sse,
     Pause,
+    /// The hub soak's `/events`.
+    Hub,
+    /// The hub soak's `/slow`.
+    HubSlow,
 }
 
 impl Route {
@@ -564,6 +576,8 @@ impl Route {
         let route = match self {
             Route::Sse => "/sse",
             Route::Pause => "/pause",
+            Route::Hub => "/events",
+            Route::HubSlow => "/slow",
         };
         match n {
             Some(n) => format!("{route}?c={tag}&n={n}"),
@@ -586,6 +600,18 @@ enum Kind {
     BackgroundSlow,
     /// Open across every wave, never reading: holds its share of the budget.
     BackgroundStuck,
+    /// Hub soak: the first request of a resumer, which reads a little and
+    /// leaves.
+    Leave,
+    /// Hub soak: a resumer's second request, within the hub's retention.
+    Resume,
+    /// Hub soak: a resumer's second request, beyond the hub's retention.
+    ResumeBeyond,
+    /// Hub soak: a resume served with a backfill from the history.
+    Backfill,
+    /// Hub soak: a client that never reads, whose observer panics in the
+    /// sweep.
+    Panic,
 }
 
 /// How a client reads its body.
@@ -604,14 +630,29 @@ enum Pace {
 /// Checks, as they arrive, the ids and gap markers of one stream whose
 /// handler sent `first..end`: ids strictly increase, and every gap is
 /// announced by exactly one marker with the exact count before the next id.
+///
+/// On the hub soak's routes ([`Check::hub`]) a missing frame of the
+/// classify hook's `Replace` class ([`is_replace`]) may also have been
+/// superseded by a newer one of its key, which is not a loss: a gap's
+/// marker counts at least every droppable id missing and at most every id
+/// missing, and the difference is counted `superseded`. The stream may end
+/// with the shutdown's `retry:` hint, after which nothing may come.
 #[derive(Debug, Default)]
 struct Check {
     next: u64,
     end: Option<u64>,
+    /// Bytes per event.
+    size: usize,
+    /// Missing `Replace` frames may have been superseded (the hub soak).
+    conflated: bool,
     announced: Option<u64>,
     delivered: u64,
     lost: u64,
+    /// Missing ids no marker announced: superseded `Replace` frames.
+    superseded: u64,
     markers: u64,
+    /// The `retry:` hint's milliseconds, once it came.
+    retry: Option<u64>,
     problems: Vec<String>,
     buf: Vec<u8>,
 }
@@ -621,6 +662,17 @@ impl Check {
         Self {
             next: first,
             end,
+            size: EVENT,
+            ..Self::default()
+        }
+    }
+
+    /// A stream of the hub soak, from id `first` on.
+    fn hub(first: u64) -> Self {
+        Self {
+            next: first,
+            size: HUB_EVENT,
+            conflated: true,
             ..Self::default()
         }
     }
@@ -636,14 +688,15 @@ impl Check {
         let mut at = 0;
         loop {
             let rest = &self.buf[at..];
+            let size = self.size;
             if rest.starts_with(b"id: ") {
-                if rest.len() < EVENT {
+                if rest.len() < size {
                     break;
                 }
                 let id = std::str::from_utf8(&rest[4..14])
                     .ok()
                     .and_then(|s| s.parse().ok());
-                match (id, rest[EVENT - 2..EVENT] == *b"\n\n") {
+                match (id, rest[size - 2..size] == *b"\n\n") {
                     (Some(id), true) => self.id(id),
                     _ => {
                         let what = format!("not an event: {:?}", String::from_utf8_lossy(rest));
@@ -652,15 +705,20 @@ impl Check {
                         return;
                     }
                 }
-                at += EVENT;
+                at += size;
             } else if let Some(end) = rest.windows(2).position(|w| w == b"\n\n") {
                 let text = String::from_utf8_lossy(&rest[..end]).into_owned();
+                let retry = text.strip_prefix("retry: ").and_then(|n| n.parse().ok());
                 match text
                     .strip_prefix("event: lagged\ndata: {\"dropped\":")
                     .and_then(|n| n.strip_suffix('}'))
                     .and_then(|n| n.parse().ok())
                 {
+                    _ if self.retry.is_some() => {
+                        self.problem(format!("{text:?} after the retry hint"));
+                    }
                     Some(n) => self.lagged(n),
+                    None if retry.is_some() => self.retry = retry,
                     None => self.problem(format!("not an event: {text:?}")),
                 }
                 at += end + 2;
@@ -672,6 +730,9 @@ impl Check {
     }
 
     fn id(&mut self, id: u64) {
+        if self.retry.is_some() {
+            self.problem(format!("id {id} after the retry hint"));
+        }
         if id < self.next || self.end.is_some_and(|end| id >= end) {
             self.problem(format!(
                 "id {id} out of order (expected from {})",
@@ -681,7 +742,19 @@ impl Check {
         }
         let gap = id - self.next;
         let announced = self.announced.take().unwrap_or(0);
-        if announced != gap {
+        if self.conflated {
+            // Droppable ids must be announced; `Replace` ids may have been
+            // superseded instead.
+            let droppable = gap - replace_ids(self.next, id);
+            if announced < droppable || announced > gap {
+                self.problem(format!(
+                    "{gap} ids missing before id {id} ({droppable} droppable), \
+                     {announced} announced"
+                ));
+            } else {
+                self.superseded += gap - announced;
+            }
+        } else if announced != gap {
             self.problem(format!(
                 "{gap} frames lost before id {id}, {announced} announced"
             ));
@@ -775,7 +848,11 @@ async fn read(
         .get("x-first-id")
         .and_then(|v| v.to_str().ok()?.parse().ok())
         .unwrap_or(0);
-    out.check = Check::new(first, out.n.map(|n| first + n));
+    out.check = match out.route {
+        // A hub response's limit counts frames delivered, not ids.
+        Route::Hub | Route::HubSlow => Check::hub(first),
+        Route::Sse | Route::Pause => Check::new(first, out.n.map(|n| first + n)),
+    };
     let mut body = response.into_body();
     let (mut since_pause, mut stalled) = (0, false);
     out.ended = loop {
@@ -992,13 +1069,15 @@ async fn h2_client(
 
 /// Sends a GET over a raw socket with a small receive buffer.
 async fn raw_get(addr: SocketAddr, route: Route, tag: u64) -> TcpStream {
+    raw_get_path(addr, &route.path(tag, None)).await
+}
+
+/// Sends a GET of `path` over a raw socket with a small receive buffer.
+async fn raw_get_path(addr: SocketAddr, path: &str) -> TcpStream {
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(addr).await.unwrap();
-    let req = format!(
-        "GET {} HTTP/1.1\r\nhost: soak\r\n\r\n",
-        route.path(tag, None)
-    );
+    let req = format!("GET {path} HTTP/1.1\r\nhost: soak\r\n\r\n");
     stream.write_all(req.as_bytes()).await.unwrap();
     stream
 }
@@ -1289,6 +1368,9 @@ fn verify(server: &Server, outcomes: &[Outcome], totals: &mut Totals) -> Vec<Str
                     }
                 }
             }
+            Kind::Leave | Kind::Resume | Kind::ResumeBeyond | Kind::Backfill | Kind::Panic => {
+                fail("a client of the hub soak".into());
+            }
             Kind::Head => {
                 if out.bytes != 0 {
                     fail(format!("HEAD got {} body bytes", out.bytes));
@@ -1326,6 +1408,7 @@ async fn wave(server: &Server, background: (usize, usize, usize)) -> Totals {
             let (pace, n) = match route {
                 Route::Sse => STALL_RESUME_SSE,
                 Route::Pause => STALL_RESUME_PAUSE,
+                Route::Hub | Route::HubSlow => unreachable!("the hub soak's routes"),
             };
             let client = H1::new(route, Kind::StallResume, Some(n), pace).recv_buffer(16 * 1024);
             set.spawn(h1_client(addr, client, None));
@@ -1631,4 +1714,796 @@ async fn budget_overshoots_when_a_full_client_sheds_its_own_frame() {
         "over the budget: {stats:?}"
     );
     drop(response);
+}
+
+// ----- the hub soak -----
+
+/// Events per second from the hub soak's producer.
+const HUB_RATE: u64 = 1_000;
+/// Bytes per event of the hub soak: hyper's write buffer (about 400 KiB)
+/// holds some 800 of them, so that a client that stops reading reaches its
+/// window within a second.
+const HUB_EVENT: usize = 512;
+/// Frames the hub retains: 4 s of the producer.
+const HUB_RETAIN: usize = 4_000;
+/// `/events`' window: 2 s of the producer, so that a fast reader would have
+/// to go unscheduled that long (past hyper's buffer) to lose a frame.
+const HUB_CAP: usize = 2_000;
+/// `/slow`'s window: small, so that its slow readers skip and conflate.
+const HUB_SLOW_CAP: usize = 64;
+/// `/events` evicts a client that took nothing for this long while frames
+/// wait.
+const HUB_STALL: Duration = Duration::from_secs(3);
+/// Frames the test keeps as the bus's history, for backfills: 40 s.
+const HISTORY: usize = 40_000;
+/// Every 5th id is a `Replace` frame ("the latest price")...
+const REPLACE_EVERY: u64 = 5;
+/// ... keyed by its id modulo 3.
+const REPLACE_KEYS: u64 = 3;
+/// Seconds of waves by default (`SOAK_SECS` overrides).
+const HUB_DEFAULT_SECS: u64 = 12;
+/// Frames per fast request.
+const HUB_FAST_N: u64 = 500;
+/// Frames per slow request: some 4 s at [`HUB_SLOW`], enough to fill
+/// hyper's buffer and the window and conflate for the second half.
+const HUB_SLOW_N: u64 = 1_200;
+/// About a third of the producer's rate.
+const HUB_SLOW: Pace = Pace::Slow {
+    chunk: 8192,
+    pause: Duration::from_millis(50),
+};
+/// A resumer reads this much, leaves, and resumes for [`RESUME_N`] frames.
+const LEAVE_AFTER: usize = 100 * HUB_EVENT;
+const RESUME_N: u64 = 300;
+/// A backfill client resumes this far before the hub's oldest frame, for
+/// [`BACKFILL_N`] frames.
+const BACKFILL_DEPTH: u64 = 500;
+const BACKFILL_N: u64 = 1_000;
+/// The shutdown's grace period and SSE `retry:` hint.
+const GRACE: Duration = Duration::from_secs(1);
+const RETRY: Duration = Duration::from_secs(2);
+
+/// How many clients of each kind a wave of the hub soak starts.
+struct HubPlan {
+    /// HTTP/1.1 connections of two fast requests each, on `/events`.
+    fast: usize,
+    /// Slow readers on `/slow`.
+    slow: usize,
+    /// Resumers within and beyond the hub's retention.
+    resume: usize,
+    resume_beyond: usize,
+    backfill: usize,
+    /// Clients that never read on `/events`, opened with the wave...
+    stalled: usize,
+    /// ... and after the observer's panic in the sweep.
+    stalled_after: usize,
+}
+
+const HUB_PLAN: HubPlan = HubPlan {
+    fast: 12,
+    slow: 6,
+    resume: 6,
+    resume_beyond: 3,
+    backfill: 6,
+    stalled: 8,
+    stalled_after: 8,
+};
+
+fn is_replace(id: u64) -> bool {
+    id % REPLACE_EVERY == 0
+}
+
+/// How many ids in `from..to` are `Replace` frames.
+fn replace_ids(from: u64, to: u64) -> u64 {
+    to.div_ceil(REPLACE_EVERY) - from.div_ceil(REPLACE_EVERY)
+}
+
+/// The layer's classify hook: every 5th frame is the latest of its key.
+fn classify_frame(frame: &Bytes) -> FrameClass {
+    let id: Option<u64> = frame
+        .get(4..14)
+        .and_then(|d| std::str::from_utf8(d).ok()?.parse().ok());
+    match id {
+        Some(id) if is_replace(id) => FrameClass::Replace(id % REPLACE_KEYS),
+        _ => FrameClass::Droppable,
+    }
+}
+
+/// The hub, and the history of everything published (standing in for a
+/// bus), oldest first.
+#[derive(Clone)]
+struct HubState {
+    hub: Hub,
+    history: Arc<Mutex<VecDeque<(u64, Bytes)>>>,
+}
+
+/// `GET /events` and `GET /slow`: the hub from the client's
+/// `Last-Event-ID`, or from after the newest frame (the first id is sent as
+/// `x-first-id`); `?n=` frames (endless without); `?backfill=1` starts with
+/// the history after the `Last-Event-ID`.
+async fn hub_events(
+    State(state): State<HubState>,
+    uri: Uri,
+    headers: http::HeaderMap,
+) -> Response<HubBody> {
+    let after = sse::last_event_id_from(&headers).or_else(|| state.hub.newest_id());
+    let mut response = state
+        .hub
+        .response()
+        .resume_after(after)
+        .limit(query(&uri, "n"))
+        .keep_alive(None);
+    if query(&uri, "backfill").is_some() {
+        let from = after.map_or(0, |id| id + 1);
+        let frames: Vec<_> = {
+            let history = state.history.lock().unwrap();
+            history.iter().filter(|(id, _)| *id >= from).cloned().collect()
+        };
+        response = response.backfill(frames);
+    }
+    let mut response = response.build();
+    let first = after.map_or(0, |id| id + 1);
+    response.headers_mut().insert("x-first-id", first.into());
+    response
+}
+
+/// An observer that panics once per client tagged `?panic=1`, at its first
+/// `Pressure` or `Dropped` event heard outside its connection's task: in the
+/// hub's sweep, which must survive it (and go on evicting stalled clients).
+/// Events heard in the connection's task (`Opened` is) never panic, so that
+/// the panic never depends on the machine's timing.
+#[derive(Clone, Default)]
+struct Panicky {
+    /// Each tagged client's connection task.
+    tasks: Arc<Mutex<HashMap<ClientId, Option<tokio::task::Id>>>>,
+    panics: Arc<AtomicUsize>,
+}
+
+impl BackpressureObserver for Panicky {
+    fn on_event(&self, e: &BackpressureEvent<'_>) {
+        if query(e.client.uri(), "panic").is_none() {
+            return;
+        }
+        let id = e.client.id();
+        let panic = {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            match e.kind {
+                EventKind::Opened => {
+                    tasks.insert(id, tokio::task::try_id());
+                    false
+                }
+                EventKind::Pressure | EventKind::Dropped { .. } => tasks
+                    .get(&id)
+                    .is_some_and(|task| *task != tokio::task::try_id())
+                    && tasks.remove(&id).is_some(),
+                _ => false,
+            }
+        };
+        if panic {
+            self.panics.fetch_add(1, Ordering::AcqRel);
+            panic!("soak: an observer panics in the hub's sweep (client {id}), on purpose");
+        }
+    }
+}
+
+struct HubServer {
+    addr: SocketAddr,
+    hub: Hub,
+    registry: ClientRegistry,
+    books: Books,
+    /// Panics of [`Panicky`].
+    panics: Arc<AtomicUsize>,
+    /// Starts axum's graceful shutdown, which triggers the `Shutdown`.
+    signal: Option<tokio::sync::oneshot::Sender<()>>,
+    serve: Option<JoinHandle<std::io::Result<()>>>,
+    stop: watch::Sender<bool>,
+    producer: Option<JoinHandle<()>>,
+}
+
+async fn hub_server() -> HubServer {
+    let hub: Hub = Hub::new(HubConfig::new(HUB_RETAIN));
+    let history = Arc::new(Mutex::new(VecDeque::with_capacity(HISTORY + 1)));
+    let registry = ClientRegistry::new();
+    let books = Books {
+        ledger: Arc::default(),
+        budget: None,
+    };
+    let panicky = Panicky::default();
+    let panics = panicky.panics.clone();
+    let shutdown = Shutdown::new().grace(GRACE).sse_retry(RETRY);
+    shutdown.close_hub(&hub);
+    let observer = ((registry.clone(), books.clone()), panicky);
+    let layer = |config: BufferConfig| {
+        BackpressureLayer::new(config.with_threshold(0.5))
+            .observer(observer.clone())
+            .gap_marker(SseGapMarker::new())
+            .classify(classify_frame)
+            .keep_alive(None)
+            .shutdown(shutdown.clone())
+    };
+    let app = Router::new()
+        .route(
+            "/events",
+            get(hub_events).layer(layer(
+                BufferConfig::new(HUB_CAP).with_eviction(Eviction::none().after_stall(HUB_STALL)),
+            )),
+        )
+        .route(
+            "/slow",
+            get(hub_events).layer(layer(BufferConfig::new(HUB_SLOW_CAP))),
+        )
+        .with_state(HubState {
+            hub: hub.clone(),
+            history: history.clone(),
+        });
+
+    // The producer: ids from 1, `HUB_RATE` per second since it started,
+    // each kept in the history before the hub has it.
+    let (stop, mut stopped) = watch::channel(false);
+    let producer = tokio::spawn({
+        let hub = hub.clone();
+        async move {
+            let start = Instant::now();
+            let mut next = 1;
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let due = 1 + (start.elapsed().as_micros() as u64) * HUB_RATE / 1_000_000;
+                        let mut history = history.lock().unwrap();
+                        while next <= due {
+                            let frame = sized_event(next, HUB_EVENT);
+                            history.push_back((next, frame.clone()));
+                            if history.len() > HISTORY {
+                                history.pop_front();
+                            }
+                            hub.publish_with_id(next, frame).expect("increasing ids");
+                            next += 1;
+                        }
+                    }
+                    _ = stopped.changed() => return,
+                }
+            }
+        }
+    });
+
+    // As in the first soak: a small send buffer on accepted sockets.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(64 * 1024).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1024).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (signal, signalled) = tokio::sync::oneshot::channel::<()>();
+    let serve = tokio::spawn(
+        axum::serve(
+            ClosableListener::new(listener),
+            app.into_make_service_with_connect_info::<ConnectionInfo>(),
+        )
+        .with_graceful_shutdown(shutdown.trigger_after(async {
+            let _ = signalled.await;
+        }))
+        .into_future(),
+    );
+    HubServer {
+        addr,
+        hub,
+        registry,
+        books,
+        panics,
+        signal: Some(signal),
+        serve: Some(serve),
+        stop,
+        producer: Some(producer),
+    }
+}
+
+impl HubServer {
+    /// Waits (bounded: a guard) until exactly `streams` streams are in the
+    /// registry and subscribed to the hub, and `tasks` tokio tasks are alive.
+    async fn settle(&self, what: &str, streams: usize, tasks: usize) {
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let now = (self.registry.len(), self.hub.subscribers(), alive_tasks());
+            if now == (streams, streams, tasks) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} did not settle: (registry, hub subscribers, alive tasks) = {now:?}, \
+                 expected {:?}; open: {}",
+                (streams, streams, tasks),
+                self.registry.snapshot().to_json(),
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// One GET over a new HTTP/1.1 connection, with a `Last-Event-ID`, read at
+/// `pace`.
+async fn hub_get(
+    addr: SocketAddr,
+    path: String,
+    last_event_id: Option<u64>,
+    out: Outcome,
+    pace: Pace,
+) -> Outcome {
+    let (mut sender, conn) = h1(addr, None).await;
+    let mut req = request(Method::GET, path);
+    if let Some(id) = last_event_id {
+        req.headers_mut().insert("last-event-id", id.into());
+    }
+    let response = sender.send_request(req).await.unwrap();
+    let out = read(response, out, pace, None).await;
+    drop(sender);
+    let _ = conn.await;
+    out
+}
+
+/// Reads a little, leaves, and resumes with its `Last-Event-ID`: at once
+/// (within the hub's retention), or once the hub no longer retains the
+/// next id (`beyond`).
+async fn resumer(addr: SocketAddr, hub: Hub, beyond: bool) -> Vec<Outcome> {
+    let leave_tag = tag();
+    let leave = hub_get(
+        addr,
+        Route::Hub.path(leave_tag, None),
+        None,
+        Outcome::new(leave_tag, Kind::Leave, Route::Hub, None),
+        Pace::DropAfter {
+            after: LEAVE_AFTER,
+        },
+    )
+    .await;
+    if leave.check.delivered == 0 {
+        return vec![leave];
+    }
+    let last = leave.check.next - 1;
+    if beyond {
+        guard("the hub to let go of a resumer's next id", async {
+            while hub.oldest_id().is_none_or(|oldest| oldest <= last + 1) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+    let tag = tag();
+    let kind = if beyond { Kind::ResumeBeyond } else { Kind::Resume };
+    let out = Outcome::new(tag, kind, Route::Hub, Some(RESUME_N));
+    let resumed = hub_get(
+        addr,
+        Route::Hub.path(tag, Some(RESUME_N)),
+        Some(last),
+        out,
+        Pace::Fast,
+    )
+    .await;
+    vec![leave, resumed]
+}
+
+/// Resumes from before the hub's oldest frame, with a backfill from the
+/// history.
+async fn backfiller(addr: SocketAddr, hub: Hub) -> Vec<Outcome> {
+    let last = hub.oldest_id().expect("published") - BACKFILL_DEPTH;
+    let tag = tag();
+    let out = Outcome::new(tag, Kind::Backfill, Route::Hub, Some(BACKFILL_N));
+    let path = format!("{}&backfill=1", Route::Hub.path(tag, Some(BACKFILL_N)));
+    vec![hub_get(addr, path, Some(last), out, Pace::Fast).await]
+}
+
+/// What a wave of the hub soak did, for its summary line.
+#[derive(Debug, Default)]
+struct HubTotals {
+    streams: usize,
+    sent: u64,
+    dropped: u64,
+    replaced: u64,
+    /// Superseded frames the clients saw missing, unannounced.
+    superseded: u64,
+    evicted: usize,
+    backfilled: u64,
+    resumed_lost: u64,
+}
+
+impl HubTotals {
+    fn add(&mut self, t: &HubTotals) {
+        self.streams += t.streams;
+        self.sent += t.sent;
+        self.dropped += t.dropped;
+        self.replaced += t.replaced;
+        self.superseded += t.superseded;
+        self.evicted += t.evicted;
+        self.backfilled += t.backfilled;
+        self.resumed_lost += t.resumed_lost;
+    }
+}
+
+/// Checks each outcome of the hub soak against what the server's ledger
+/// says of it; `shutdown`: the streams open at the shutdown.
+fn verify_hub(
+    server: &HubServer,
+    outcomes: &[Outcome],
+    totals: &mut HubTotals,
+    shutdown: bool,
+) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut ledger = server.books.ledger();
+    let retry = Some(RETRY.as_millis() as u64);
+    for out in outcomes {
+        let mut fail = |what: String| {
+            if failures.len() < 20 {
+                failures.push(format!(
+                    "client {} ({:?} on {:?}): {what}",
+                    out.tag, out.kind, out.route
+                ));
+            }
+        };
+        let Some(closed) = ledger.closed.remove(&out.tag) else {
+            fail("no Closed event".into());
+            continue;
+        };
+        let (s, c, reason) = (closed.stats, &out.check, closed.reason);
+        totals.streams += 1;
+        totals.sent += s.sent;
+        totals.dropped += s.dropped;
+        totals.replaced += s.replaced;
+        totals.superseded += c.superseded;
+        if matches!(reason, CloseReason::Evicted(_)) {
+            totals.evicted += 1;
+        }
+        if closed.reported != s.dropped {
+            fail(format!(
+                "Dropped events add up to {}, stats say {}",
+                closed.reported, s.dropped
+            ));
+        }
+        if out.status != StatusCode::OK {
+            fail(format!("status {}", out.status));
+        }
+        for problem in &c.problems {
+            fail(problem.clone());
+        }
+        // What a client saw is never more than the server sent, dropped or
+        // replaced (a limited or cut stream may not see the last of them).
+        if c.delivered > s.sent || c.superseded > s.replaced {
+            fail(format!(
+                "read {} ids, {} superseded; the server sent {}, replaced {}",
+                c.delivered, c.superseded, s.sent, s.replaced
+            ));
+        }
+        let clean = out.ended == Ended::Clean;
+        let stalled = CloseReason::Evicted(EvictReason::Stalled);
+        match out.kind {
+            Kind::Fast | Kind::Resume | Kind::ResumeBeyond | Kind::Backfill | Kind::Slow => {
+                let n = out.n.expect("a limited request");
+                if !clean || reason != CloseReason::Completed {
+                    fail(format!("ended {:?}, closed {reason}", out.ended));
+                } else if c.delivered != n || s.sent != n {
+                    fail(format!("read {} of {n} frames, {} sent", c.delivered, s.sent));
+                }
+                if c.lost > s.dropped && out.kind != Kind::ResumeBeyond {
+                    fail(format!("{} announced lost, {} dropped", c.lost, s.dropped));
+                }
+                match out.kind {
+                    // Fast: nothing lost, nothing skipped.
+                    Kind::Fast | Kind::Resume | Kind::Backfill
+                        if c.markers != 0 || c.superseded != 0 =>
+                    {
+                        fail(format!(
+                            "{} lost in {} gaps, {} superseded",
+                            c.lost, c.markers, c.superseded
+                        ));
+                    }
+                    Kind::ResumeBeyond => {
+                        // One gap, exact, then every id.
+                        if c.markers != 1 || c.lost == 0 || c.superseded != 0 {
+                            fail(format!(
+                                "{} lost in {} gaps, {} superseded, beyond the retention",
+                                c.lost, c.markers, c.superseded
+                            ));
+                        }
+                        totals.resumed_lost += c.lost;
+                    }
+                    Kind::Backfill => totals.backfilled += c.delivered,
+                    _ => {}
+                }
+            }
+            Kind::Leave => {
+                if reason != CloseReason::ClientGone || c.delivered == 0 || c.markers != 0 {
+                    fail(format!(
+                        "closed {reason} after {} ids, {} gaps",
+                        c.delivered, c.markers
+                    ));
+                }
+            }
+            Kind::ZeroWindow | Kind::Panic if !shutdown => {
+                if reason != stalled {
+                    fail(format!("a client that never read closed {reason}"));
+                }
+            }
+            Kind::ZeroWindow | Kind::BackgroundStuck => {
+                if reason != CloseReason::Shutdown && reason != stalled {
+                    fail(format!("a client that never read closed {reason}"));
+                }
+            }
+            Kind::BackgroundFast => {
+                // A clean end after whole events and the retry hint, and
+                // every frame the server sent, none lost.
+                if !clean || reason != CloseReason::Shutdown || c.retry != retry {
+                    fail(format!(
+                        "ended {:?}, closed {reason}, retry {:?}",
+                        out.ended, c.retry
+                    ));
+                }
+                if c.delivered == 0 || c.delivered != s.sent || c.lost != 0 || s.dropped != 0 {
+                    fail(format!(
+                        "read {} ids, {} lost; the server sent {}, dropped {}",
+                        c.delivered, c.lost, s.sent, s.dropped
+                    ));
+                }
+            }
+            Kind::BackgroundSlow => {
+                if reason != CloseReason::Shutdown {
+                    fail(format!("closed {reason}"));
+                }
+                // Cut at the end of the grace, or a clean end with every
+                // count exact.
+                if clean
+                    && (c.retry != retry
+                        || c.delivered != s.sent
+                        || c.lost != s.dropped
+                        || c.superseded != s.replaced)
+                {
+                    fail(format!(
+                        "retry {:?}, read {} ids, {} lost, {} superseded; the server sent {}, \
+                         dropped {}, replaced {}",
+                        c.retry, c.delivered, c.lost, c.superseded, s.sent, s.dropped, s.replaced
+                    ));
+                }
+            }
+            kind => fail(format!("{kind:?} is not a client of the hub soak")),
+        }
+    }
+    failures
+}
+
+/// Reads what a client that never read is left, to the end of its
+/// connection; its outcome.
+async fn never_read(tag: u64, kind: Kind, route: Route, stream: TcpStream) -> Outcome {
+    let head = guard("a stalled connection to end", read_to_end(stream)).await;
+    let mut out = Outcome::new(tag, kind, route, None);
+    out.status = head
+        .strip_prefix(b"HTTP/1.1 ")
+        .and_then(|rest| StatusCode::from_bytes(rest.get(..3)?).ok())
+        .unwrap_or(StatusCode::BAD_GATEWAY);
+    out
+}
+
+/// Runs one wave of the hub soak, settles, checks it; returns its totals.
+async fn hub_wave(server: &HubServer, background: (usize, usize)) -> HubTotals {
+    let addr = server.addr;
+    let panics = server.panics.load(Ordering::Acquire);
+    let mut set: JoinSet<Vec<Outcome>> = JoinSet::new();
+    let mut stalled = Vec::new();
+    // The client whose observer panics in the sweep, and clients that never
+    // read; then every other kind at once.
+    let panic_tag = tag();
+    let path = format!("{}&panic=1", Route::Hub.path(panic_tag, None));
+    stalled.push((panic_tag, Kind::Panic, raw_get_path(addr, &path).await));
+    for _ in 0..HUB_PLAN.stalled {
+        let tag = tag();
+        stalled.push((tag, Kind::ZeroWindow, raw_get(addr, Route::Hub, tag).await));
+    }
+    for _ in 0..HUB_PLAN.fast {
+        let client = H1::new(Route::Hub, Kind::Fast, Some(HUB_FAST_N), Pace::Fast).requests(2);
+        set.spawn(h1_client(addr, client, None));
+    }
+    for _ in 0..HUB_PLAN.slow {
+        let client = H1::new(Route::HubSlow, Kind::Slow, Some(HUB_SLOW_N), HUB_SLOW)
+            .recv_buffer(16 * 1024);
+        set.spawn(h1_client(addr, client, None));
+    }
+    for i in 0..HUB_PLAN.resume + HUB_PLAN.resume_beyond {
+        set.spawn(resumer(addr, server.hub.clone(), i >= HUB_PLAN.resume));
+    }
+    for _ in 0..HUB_PLAN.backfill {
+        set.spawn(backfiller(addr, server.hub.clone()));
+    }
+    // The sweep meets the panic; then more clients that never read, which
+    // it must still evict.
+    guard("the observer's panic in the sweep", async {
+        while server.panics.load(Ordering::Acquire) == panics {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    for _ in 0..HUB_PLAN.stalled_after {
+        let tag = tag();
+        stalled.push((tag, Kind::ZeroWindow, raw_get(addr, Route::Hub, tag).await));
+    }
+
+    let mut outcomes = Vec::new();
+    while let Some(done) = guard("the wave's clients", set.join_next()).await {
+        outcomes.extend(done.expect("a client task panicked"));
+    }
+    // Settled: the stalled clients were evicted and their connections
+    // ended, though they never read.
+    let (streams, tasks) = background;
+    server.settle("the hub wave", streams, tasks).await;
+    for (tag, kind, stream) in stalled {
+        outcomes.push(never_read(tag, kind, Route::Hub, stream).await);
+    }
+    let mut totals = HubTotals::default();
+    let failures = verify_hub(server, &outcomes, &mut totals, false);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(
+        server.panics.load(Ordering::Acquire),
+        panics + 1,
+        "one panic per wave"
+    );
+    totals
+}
+
+/// The soak of a hub's window path: see the module docs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_soak() {
+    let secs = std::env::var("SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(HUB_DEFAULT_SECS);
+    let start = Instant::now();
+    let baseline = alive_tasks();
+    let mut server = hub_server().await;
+    let addr = server.addr;
+    guard("the first frame", async {
+        while server.hub.oldest_id().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    // Background streams, open across every wave until the shutdown: two
+    // fast readers on `/events`, a slow reader and two that never read on
+    // `/slow` (which has no stall rule).
+    let mut background: JoinSet<Vec<Outcome>> = JoinSet::new();
+    for _ in 0..2 {
+        let client = H1::new(Route::Hub, Kind::BackgroundFast, None, Pace::Fast);
+        background.spawn(h1_client(addr, client, None));
+    }
+    let client =
+        H1::new(Route::HubSlow, Kind::BackgroundSlow, None, HUB_SLOW).recv_buffer(16 * 1024);
+    background.spawn(h1_client(addr, client, None));
+    let mut stuck = Vec::new();
+    for _ in 0..2 {
+        let tag = tag();
+        let stream = raw_get(addr, Route::HubSlow, tag).await;
+        stuck.push((tag, Kind::BackgroundStuck, Route::HubSlow, stream));
+    }
+    const STREAMS: usize = 5;
+    let opened = |n: usize| {
+        let registry = &server.registry;
+        async move {
+            loop {
+                let snapshot = registry.snapshot();
+                if snapshot.clients.len() == n && snapshot.clients.iter().all(|c| c.sent > 0) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    guard("the background streams to open", opened(STREAMS)).await;
+    let with_background = alive_tasks();
+
+    println!(
+        "hub soak: {secs} s of waves on {addr}, {HUB_RATE} events/s of {HUB_EVENT} B, \
+         hub retains {HUB_RETAIN}, windows of {HUB_CAP} (/events) and {HUB_SLOW_CAP} (/slow)"
+    );
+    let mut waves = 0;
+    let mut all = HubTotals::default();
+    while waves == 0 || start.elapsed() < Duration::from_secs(secs) {
+        waves += 1;
+        let began = Instant::now();
+        let t = hub_wave(&server, (STREAMS, with_background)).await;
+        println!(
+            "hub wave {waves:>3}: {:>3} streams, {:>6} frames sent, {:>5} dropped, \
+             {:>4} replaced ({} seen superseded), {:>2} evicted, {} backfilled, \
+             {} lost beyond the retention, {:.1} s",
+            t.streams,
+            t.sent,
+            t.dropped,
+            t.replaced,
+            t.superseded,
+            t.evicted,
+            t.backfilled,
+            t.resumed_lost,
+            began.elapsed().as_secs_f64(),
+        );
+        all.add(&t);
+        assert!(waves < 10_000, "bounded");
+    }
+
+    // A shutdown under load: the producer publishes, fast, slow and stalled
+    // clients are connected.
+    for _ in 0..4 {
+        let client = H1::new(Route::Hub, Kind::BackgroundFast, None, Pace::Fast);
+        background.spawn(h1_client(addr, client, None));
+    }
+    let client =
+        H1::new(Route::HubSlow, Kind::BackgroundSlow, None, HUB_SLOW).recv_buffer(16 * 1024);
+    background.spawn(h1_client(addr, client, None));
+    for _ in 0..4 {
+        let tag = tag();
+        let stream = raw_get(addr, Route::Hub, tag).await;
+        stuck.push((tag, Kind::ZeroWindow, Route::Hub, stream));
+    }
+    guard("the last streams to open", opened(STREAMS + 9)).await;
+    let signalled = Instant::now();
+    let _ = server.signal.take().expect("once").send(());
+    let serve = server.serve.take().expect("once");
+    guard("axum's graceful shutdown to finish", serve)
+        .await
+        .expect("the server task")
+        .expect("the server");
+    let stopped_in = signalled.elapsed();
+    let mut outcomes = Vec::new();
+    while let Some(done) = guard("the background streams", background.join_next()).await {
+        outcomes.extend(done.expect("a background task panicked"));
+    }
+    for (tag, kind, route, stream) in stuck {
+        outcomes.push(never_read(tag, kind, route, stream).await);
+    }
+    let mut t = HubTotals::default();
+    let failures = verify_hub(&server, &outcomes, &mut t, true);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    all.add(&t);
+    assert_eq!(outcomes.len(), STREAMS + 9);
+
+    println!(
+        "hub soak: {waves} waves, {} streams, {} frames sent, {} dropped, {} replaced \
+         ({} seen superseded), {} evicted, {} backfilled, {} lost beyond the retention; \
+         the server stopped {:.2} s after the signal; {:.0} s",
+        all.streams,
+        all.sent,
+        all.dropped,
+        all.replaced,
+        all.superseded,
+        all.evicted,
+        all.backfilled,
+        all.resumed_lost,
+        stopped_in.as_secs_f64(),
+        start.elapsed().as_secs_f64(),
+    );
+    assert!(all.replaced > 0, "slow readers had frames conflated");
+    assert!(all.superseded > 0, "and saw them missing, unannounced");
+    assert!(all.resumed_lost > 0 && all.backfilled > 0);
+    assert!(server.registry.is_empty(), "{}", server.registry.snapshot().to_json());
+    assert_eq!(server.hub.subscribers(), 0);
+    {
+        let ledger = server.books.ledger();
+        assert!(
+            ledger.violation_count == 0,
+            "{} violations: {:#?}",
+            ledger.violation_count,
+            ledger.violations
+        );
+        assert!(ledger.open.is_empty(), "clients never closed");
+        assert!(
+            ledger.closed.is_empty(),
+            "closed clients no client saw: {:?}",
+            ledger.closed.keys()
+        );
+    }
+
+    // The producer stops: the runtime is back to where it started.
+    server.stop.send(true).unwrap();
+    let producer = server.producer.take().expect("once");
+    guard("the producer to stop", producer).await.unwrap();
+    guard("every task to end", async {
+        while alive_tasks() > baseline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
