@@ -2085,7 +2085,17 @@ async fn resumer(addr: SocketAddr, hub: Hub, beyond: bool) -> Vec<Outcome> {
 /// Resumes from before the hub's oldest frame, with a backfill from the
 /// history.
 async fn backfiller(addr: SocketAddr, hub: Hub) -> Vec<Outcome> {
-    let last = hub.oldest_id().expect("published") - BACKFILL_DEPTH;
+    // The hub must have let go of some frames (the first wave waits).
+    let oldest = guard("the hub to let go of its first frames", async {
+        loop {
+            match hub.oldest_id() {
+                Some(oldest) if oldest > BACKFILL_DEPTH => return oldest,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await;
+    let last = oldest - BACKFILL_DEPTH;
     let tag = tag();
     let out = Outcome::new(tag, Kind::Backfill, Route::Hub, Some(BACKFILL_N));
     let path = format!("{}&backfill=1", Route::Hub.path(tag, Some(BACKFILL_N)));
