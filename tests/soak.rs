@@ -569,6 +569,8 @@ enum Route {
     Hub,
     /// The hub soak's `/slow`.
     HubSlow,
+    /// The hub soak's `/stall`.
+    HubStall,
 }
 
 impl Route {
@@ -578,6 +580,7 @@ impl Route {
             Route::Pause => "/pause",
             Route::Hub => "/events",
             Route::HubSlow => "/slow",
+            Route::HubStall => "/stall",
         };
         match n {
             Some(n) => format!("{route}?c={tag}&n={n}"),
@@ -850,7 +853,7 @@ async fn read(
         .unwrap_or(0);
     out.check = match out.route {
         // A hub response's limit counts frames delivered, not ids.
-        Route::Hub | Route::HubSlow => Check::hub(first),
+        Route::Hub | Route::HubSlow | Route::HubStall => Check::hub(first),
         Route::Sse | Route::Pause => Check::new(first, out.n.map(|n| first + n)),
     };
     let mut body = response.into_body();
@@ -1408,7 +1411,9 @@ async fn wave(server: &Server, background: (usize, usize, usize)) -> Totals {
             let (pace, n) = match route {
                 Route::Sse => STALL_RESUME_SSE,
                 Route::Pause => STALL_RESUME_PAUSE,
-                Route::Hub | Route::HubSlow => unreachable!("the hub soak's routes"),
+                Route::Hub | Route::HubSlow | Route::HubStall => {
+                    unreachable!("the hub soak's routes")
+                }
             };
             let client = H1::new(route, Kind::StallResume, Some(n), pace).recv_buffer(16 * 1024);
             set.spawn(h1_client(addr, client, None));
@@ -1724,16 +1729,20 @@ const HUB_RATE: u64 = 1_000;
 /// holds some 800 of them, so that a client that stops reading reaches its
 /// window within a second.
 const HUB_EVENT: usize = 512;
-/// Frames the hub retains: 4 s of the producer.
-const HUB_RETAIN: usize = 4_000;
+/// Frames the hub retains: 3 s of the producer.
+const HUB_RETAIN: usize = 3_000;
 /// `/events`' window: 2 s of the producer, so that a fast reader would have
 /// to go unscheduled that long (past hyper's buffer) to lose a frame.
 const HUB_CAP: usize = 2_000;
 /// `/slow`'s window: small, so that its slow readers skip and conflate.
 const HUB_SLOW_CAP: usize = 64;
-/// `/events` evicts a client that took nothing for this long while frames
-/// wait.
-const HUB_STALL: Duration = Duration::from_secs(3);
+/// `/stall`'s window: its clients never read; pressure at half of it.
+const HUB_STALL_CAP: usize = 500;
+/// `/stall` evicts a client that took nothing for this long while frames
+/// wait: long enough for its window to overflow first (so that the sweep
+/// has reported `Pressure` and `Dropped` before it evicts), and only
+/// clients that never read go there.
+const HUB_STALL: Duration = Duration::from_millis(1500);
 /// Frames the test keeps as the bus's history, for backfills: 40 s.
 const HISTORY: usize = 40_000;
 /// Every 5th id is a `Replace` frame ("the latest price")...
@@ -1922,10 +1931,12 @@ async fn hub_server() -> HubServer {
             .shutdown(shutdown.clone())
     };
     let app = Router::new()
+        .route("/events", get(hub_events).layer(layer(BufferConfig::new(HUB_CAP))))
         .route(
-            "/events",
+            "/stall",
             get(hub_events).layer(layer(
-                BufferConfig::new(HUB_CAP).with_eviction(Eviction::none().after_stall(HUB_STALL)),
+                BufferConfig::new(HUB_STALL_CAP)
+                    .with_eviction(Eviction::none().after_stall(HUB_STALL)),
             )),
         )
         .route(
@@ -2233,7 +2244,7 @@ fn verify_hub(
                 }
             }
             Kind::ZeroWindow | Kind::BackgroundStuck => {
-                if reason != CloseReason::Shutdown && reason != stalled {
+                if reason != CloseReason::Shutdown {
                     fail(format!("a client that never read closed {reason}"));
                 }
             }
@@ -2299,11 +2310,12 @@ async fn hub_wave(server: &HubServer, background: (usize, usize)) -> HubTotals {
     // The client whose observer panics in the sweep, and clients that never
     // read; then every other kind at once.
     let panic_tag = tag();
-    let path = format!("{}&panic=1", Route::Hub.path(panic_tag, None));
+    let path = format!("{}&panic=1", Route::HubStall.path(panic_tag, None));
     stalled.push((panic_tag, Kind::Panic, raw_get_path(addr, &path).await));
     for _ in 0..HUB_PLAN.stalled {
         let tag = tag();
-        stalled.push((tag, Kind::ZeroWindow, raw_get(addr, Route::Hub, tag).await));
+        let stream = raw_get(addr, Route::HubStall, tag).await;
+        stalled.push((tag, Kind::ZeroWindow, stream));
     }
     for _ in 0..HUB_PLAN.fast {
         let client = H1::new(Route::Hub, Kind::Fast, Some(HUB_FAST_N), Pace::Fast).requests(2);
@@ -2330,7 +2342,8 @@ async fn hub_wave(server: &HubServer, background: (usize, usize)) -> HubTotals {
     .await;
     for _ in 0..HUB_PLAN.stalled_after {
         let tag = tag();
-        stalled.push((tag, Kind::ZeroWindow, raw_get(addr, Route::Hub, tag).await));
+        let stream = raw_get(addr, Route::HubStall, tag).await;
+        stalled.push((tag, Kind::ZeroWindow, stream));
     }
 
     let mut outcomes = Vec::new();
@@ -2342,7 +2355,7 @@ async fn hub_wave(server: &HubServer, background: (usize, usize)) -> HubTotals {
     let (streams, tasks) = background;
     server.settle("the hub wave", streams, tasks).await;
     for (tag, kind, stream) in stalled {
-        outcomes.push(never_read(tag, kind, Route::Hub, stream).await);
+        outcomes.push(never_read(tag, kind, Route::HubStall, stream).await);
     }
     let mut totals = HubTotals::default();
     let failures = verify_hub(server, &outcomes, &mut totals, false);
