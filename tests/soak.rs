@@ -1750,7 +1750,7 @@ const REPLACE_EVERY: u64 = 5;
 /// ... keyed by its id modulo 3.
 const REPLACE_KEYS: u64 = 3;
 /// Seconds of waves by default (`SOAK_SECS` overrides).
-const HUB_DEFAULT_SECS: u64 = 12;
+const HUB_DEFAULT_SECS: u64 = 14;
 /// Frames per fast request.
 const HUB_FAST_N: u64 = 500;
 /// Frames per slow request: some 4 s at [`HUB_SLOW`], enough to fill
@@ -1782,9 +1782,10 @@ struct HubPlan {
     resume: usize,
     resume_beyond: usize,
     backfill: usize,
-    /// Clients that never read on `/events`, opened with the wave...
+    /// Clients that never read on `/stall`, opened with the panicking one
+    /// before the rest of the wave...
     stalled: usize,
-    /// ... and after the observer's panic in the sweep.
+    /// ... and with the rest.
     stalled_after: usize,
 }
 
@@ -2307,8 +2308,8 @@ async fn hub_wave(server: &HubServer, background: (usize, usize)) -> HubTotals {
     let panics = server.panics.load(Ordering::Acquire);
     let mut set: JoinSet<Vec<Outcome>> = JoinSet::new();
     let mut stalled = Vec::new();
-    // The client whose observer panics in the sweep, and clients that never
-    // read; then every other kind at once.
+    // First the client whose observer panics in the sweep, and clients that
+    // never read.
     let panic_tag = tag();
     let path = format!("{}&panic=1", Route::HubStall.path(panic_tag, None));
     stalled.push((panic_tag, Kind::Panic, raw_get_path(addr, &path).await));
@@ -2317,6 +2318,29 @@ async fn hub_wave(server: &HubServer, background: (usize, usize)) -> HubTotals {
         let stream = raw_get(addr, Route::HubStall, tag).await;
         stalled.push((tag, Kind::ZeroWindow, stream));
     }
+    guard("the observer's panic in the sweep", async {
+        while server.panics.load(Ordering::Acquire) == panics {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Nothing attaches to the hub until they are all evicted: the sweep
+    // that met the panic goes on by itself (a new client would start a new
+    // sweep task if it had ended).
+    let tags: Vec<u64> = stalled.iter().map(|(tag, ..)| *tag).collect();
+    guard(
+        "the stalled clients to be evicted after the panic, nothing attaching",
+        async {
+            while !tags
+                .iter()
+                .all(|tag| server.books.ledger().closed.contains_key(tag))
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        },
+    )
+    .await;
+    // Then every other kind at once, and more clients that never read.
     for _ in 0..HUB_PLAN.fast {
         let client = H1::new(Route::Hub, Kind::Fast, Some(HUB_FAST_N), Pace::Fast).requests(2);
         set.spawn(h1_client(addr, client, None));
@@ -2332,14 +2356,6 @@ async fn hub_wave(server: &HubServer, background: (usize, usize)) -> HubTotals {
     for _ in 0..HUB_PLAN.backfill {
         set.spawn(backfiller(addr, server.hub.clone()));
     }
-    // The sweep meets the panic; then more clients that never read, which
-    // it must still evict.
-    guard("the observer's panic in the sweep", async {
-        while server.panics.load(Ordering::Acquire) == panics {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
     for _ in 0..HUB_PLAN.stalled_after {
         let tag = tag();
         let stream = raw_get(addr, Route::HubStall, tag).await;
