@@ -1,12 +1,19 @@
-//! A soak: one real server, thousands of real connections in waves, every
-//! kind of client at once, and what a user would notice checked after every
-//! wave.
+//! Two soaks: one real server each, thousands of real connections in waves,
+//! every kind of client at once, and what a user would notice checked after
+//! every wave. [`soak`] soaks the per-client path (a ring and a pump per
+//! client, under a shared budget); [`hub_soak`] soaks a hub's window path
+//! (one shared log, a window per client), with resumes, backfills,
+//! conflated frames, a panicking observer in the hub's sweep, and a
+//! shutdown under load: see [The hub soak](#the-hub-soak).
 //!
-//! About 50 s in a debug build by default (45 s of waves, then the end);
-//! `SOAK_SECS=600 cargo test --release --test soak -- --nocapture` runs it
-//! longer. With `--nocapture` every wave prints one line: connections,
-//! streams, frames sent and frames/s, drops, evictions, pressure episodes,
-//! fast readers that lost frames, the budget's highest sample, RSS.
+//! They run at once. `soak` takes about 50 s in a debug build by default
+//! (45 s of waves, then the end), `hub_soak` about 20 s (14 s of waves);
+//! `SOAK_SECS=600 cargo test --release --test soak -- --nocapture` runs both
+//! longer. With `--nocapture` every wave prints one line: for `soak`,
+//! connections, streams, frames sent and frames/s, drops, evictions,
+//! pressure episodes, fast readers that lost frames, the budget's highest
+//! sample, RSS; for `hub_soak`, streams, frames sent, dropped and replaced,
+//! evictions, frames backfilled and lost beyond the retention.
 //!
 //! # The server
 //!
@@ -102,6 +109,80 @@
 //! ("pausing" evictions). The stall rule is 3 s; a fast reader (or the
 //! fast background reader on `/pause`) would have to go unscheduled that
 //! long to be evicted.
+//!
+//! # The hub soak
+//!
+//! One axum server (`axum::serve` over a [`ClosableListener`], with
+//! [`ConnectionInfo`], so that the layer can close a connection) on a
+//! loopback port, over ONE [`Hub`] fed by a producer task at [`HUB_RATE`]
+//! events/s of [`HUB_EVENT`] bytes, with the producer's ids
+//! (`publish_with_id`). The producer also keeps a history of everything it
+//! published (standing in for a bus), [`AHEAD`] frames ahead of the hub, as
+//! a bus is of a server it feeds. Three routes, each a
+//! [`BackpressureLayer`] with [`SseGapMarker`], a classify hook that marks
+//! every 5th frame `FrameClass::Replace(id % 3)` (conflated "latest price"
+//! frames) and the rest droppable, one observer (a [`ClientRegistry`], the
+//! ledger, and [`Panicky`]) and one [`Shutdown`] (which also closes the hub):
+//!
+//! - `/events`: a window of [`HUB_CAP`] frames (2 s of the producer), no
+//!   timed rule: fast readers, resumers and backfills;
+//! - `/slow`: a window of [`HUB_SLOW_CAP`] frames: slow readers skip, and
+//!   their `Replace` frames are conflated;
+//! - `/stall`: an `after_stall` rule: only clients that never read.
+//!
+//! Each handler answers [`Hub::response`] from the client's `Last-Event-ID`
+//! (else from the newest frame, sent as `x-first-id`), with `?n=` frames at
+//! most, and with `?backfill=1` a [`HubResponse::backfill`](tower_backpressure::hub::HubResponse::backfill)
+//! of the history after the `Last-Event-ID`.
+//!
+//! A wave first opens a client whose observer panics in the hub's sweep
+//! ([`Panicky`]: at its first `Pressure` or `Dropped` heard outside its
+//! connection's task) and clients that never read, all on `/stall`; once the
+//! panic has happened, nothing attaches to the hub until every one of them
+//! is evicted as stalled (a sweep that died with the panic would only be
+//! restarted by the next client). Then, at once: fast readers (two requests
+//! of [`HUB_FAST_N`] frames per connection), slow readers on `/slow`,
+//! resumers that read a little, leave, and resume with their
+//! `Last-Event-ID` at once (within the retention) or once the hub has let go
+//! of their next id (beyond it), backfill clients that resume from before
+//! the hub's oldest frame and read past the backfill's end, and more
+//! clients that never read. Background streams stay open across every wave:
+//! two fast readers on `/events`, a slow reader and two clients that never
+//! read on `/slow`. At the end, more fast, slow and never-reading clients
+//! join them and, while the producer publishes, the shutdown is triggered.
+//!
+//! What is checked:
+//!
+//! - What each client saw ([`Check::hub`]): whole SSE events with strictly
+//!   increasing ids (never a duplicate, never backwards), every gap
+//!   announced by one marker before the next id, counting every droppable
+//!   id missing and at most the `Replace` ids missing (the difference:
+//!   frames superseded by a newer one of their key, never more than the
+//!   server counted `replaced`). Fast readers, resumers within the
+//!   retention and backfills: every id of their request, none missing; a
+//!   resumer beyond the retention: exactly one gap, then every id; a
+//!   backfill: each id once, in order, across the backfill's end.
+//! - The server's books: per client `Opened` first, `Pressure`/`Recovered`
+//!   alternating, `Dropped` events adding up to `dropped`, exactly one
+//!   `Closed`, last, with the reason the client's kind calls for (`Completed`
+//!   for a limited request, `ClientGone` for a client that left,
+//!   `Evicted(Stalled)` for one that never read on `/stall`); every
+//!   backlog within its window (kept `Replace` frames included) unless
+//!   the client resumed and replays.
+//! - One panic per wave, survived: the clients opened before it are evicted
+//!   with nothing attaching after it, and their connections closed (their
+//!   sockets read to EOF).
+//! - After every wave: the registry and `Hub::subscribers` list exactly the
+//!   background streams, and tokio's alive-task count is what it was with
+//!   them alone.
+//! - The shutdown under load: axum's graceful shutdown finishes (a guard,
+//!   not a timed assertion; it prints how long it took); fast readers see a
+//!   clean end after whole events and the `retry:` hint, having lost
+//!   nothing; every client open at the signal closes `Shutdown`; then the
+//!   registry is empty, the hub has no subscriber, the ledger no open
+//!   client, and once the producer stops the alive tasks are back to the
+//!   count before the server started.
+//! - Over the run: frames were replaced, and clients saw them superseded.
 
 mod common;
 
@@ -1745,6 +1826,8 @@ const HUB_STALL_CAP: usize = 500;
 const HUB_STALL: Duration = Duration::from_millis(1500);
 /// Frames the test keeps as the bus's history, for backfills: 40 s.
 const HISTORY: usize = 40_000;
+/// How far the history runs ahead of the hub, in frames.
+const AHEAD: u64 = 5;
 /// Every 5th id is a `Replace` frame ("the latest price")...
 const REPLACE_EVERY: u64 = 5;
 /// ... keyed by its id modulo 3.
@@ -1764,10 +1847,11 @@ const HUB_SLOW: Pace = Pace::Slow {
 /// A resumer reads this much, leaves, and resumes for [`RESUME_N`] frames.
 const LEAVE_AFTER: usize = 100 * HUB_EVENT;
 const RESUME_N: u64 = 300;
-/// A backfill client resumes this far before the hub's oldest frame, for
-/// [`BACKFILL_N`] frames.
+/// A backfill client resumes this far before the hub's oldest frame, and
+/// reads up to [`BACKFILL_PAST`] frames past the hub's newest frame (so,
+/// past the end of its backfill).
 const BACKFILL_DEPTH: u64 = 500;
-const BACKFILL_N: u64 = 1_000;
+const BACKFILL_PAST: u64 = 200;
 /// The shutdown's grace period and SSE `retry:` hint.
 const GRACE: Duration = Duration::from_secs(1);
 const RETRY: Duration = Duration::from_secs(2);
@@ -1847,7 +1931,11 @@ async fn hub_events(
         let from = after.map_or(0, |id| id + 1);
         let frames: Vec<_> = {
             let history = state.history.lock().unwrap();
-            history.iter().filter(|(id, _)| *id >= from).cloned().collect()
+            history
+                .iter()
+                .filter(|(id, _)| *id >= from)
+                .cloned()
+                .collect()
         };
         response = response.backfill(frames);
     }
@@ -1882,10 +1970,12 @@ impl BackpressureObserver for Panicky {
                     tasks.insert(id, tokio::task::try_id());
                     false
                 }
-                EventKind::Pressure | EventKind::Dropped { .. } => tasks
-                    .get(&id)
-                    .is_some_and(|task| *task != tokio::task::try_id())
-                    && tasks.remove(&id).is_some(),
+                EventKind::Pressure | EventKind::Dropped { .. } => {
+                    tasks
+                        .get(&id)
+                        .is_some_and(|task| *task != tokio::task::try_id())
+                        && tasks.remove(&id).is_some()
+                }
                 _ => false,
             }
         };
@@ -1932,7 +2022,10 @@ async fn hub_server() -> HubServer {
             .shutdown(shutdown.clone())
     };
     let app = Router::new()
-        .route("/events", get(hub_events).layer(layer(BufferConfig::new(HUB_CAP))))
+        .route(
+            "/events",
+            get(hub_events).layer(layer(BufferConfig::new(HUB_CAP))),
+        )
         .route(
             "/stall",
             get(hub_events).layer(layer(
@@ -1949,14 +2042,15 @@ async fn hub_server() -> HubServer {
             history: history.clone(),
         });
 
-    // The producer: ids from 1, `HUB_RATE` per second since it started,
-    // each kept in the history before the hub has it.
+    // The producer: ids from 1, `HUB_RATE` per second since it started.
+    // The history (the bus) is [`AHEAD`] frames ahead of the hub, so that
+    // every backfill reaches past the hub's newest frame.
     let (stop, mut stopped) = watch::channel(false);
     let producer = tokio::spawn({
         let hub = hub.clone();
         async move {
             let start = Instant::now();
-            let mut next = 1;
+            let (mut next, mut published) = (1, 1);
             let mut tick = tokio::time::interval(TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
@@ -1964,14 +2058,18 @@ async fn hub_server() -> HubServer {
                     _ = tick.tick() => {
                         let due = 1 + (start.elapsed().as_micros() as u64) * HUB_RATE / 1_000_000;
                         let mut history = history.lock().unwrap();
-                        while next <= due {
-                            let frame = sized_event(next, HUB_EVENT);
-                            history.push_back((next, frame.clone()));
+                        while next <= due + AHEAD {
+                            history.push_back((next, sized_event(next, HUB_EVENT)));
                             if history.len() > HISTORY {
                                 history.pop_front();
                             }
-                            hub.publish_with_id(next, frame).expect("increasing ids");
                             next += 1;
+                        }
+                        let from = history.front().expect("kept").0;
+                        while published <= due {
+                            let frame = history[(published - from) as usize].1.clone();
+                            hub.publish_with_id(published, frame).expect("increasing ids");
+                            published += 1;
                         }
                     }
                     _ = stopped.changed() => return,
@@ -2063,9 +2161,7 @@ async fn resumer(addr: SocketAddr, hub: Hub, beyond: bool) -> Vec<Outcome> {
         Route::Hub.path(leave_tag, None),
         None,
         Outcome::new(leave_tag, Kind::Leave, Route::Hub, None),
-        Pace::DropAfter {
-            after: LEAVE_AFTER,
-        },
+        Pace::DropAfter { after: LEAVE_AFTER },
     )
     .await;
     if leave.check.delivered == 0 {
@@ -2081,7 +2177,11 @@ async fn resumer(addr: SocketAddr, hub: Hub, beyond: bool) -> Vec<Outcome> {
         .await;
     }
     let tag = tag();
-    let kind = if beyond { Kind::ResumeBeyond } else { Kind::Resume };
+    let kind = if beyond {
+        Kind::ResumeBeyond
+    } else {
+        Kind::Resume
+    };
     let out = Outcome::new(tag, kind, Route::Hub, Some(RESUME_N));
     let resumed = hub_get(
         addr,
@@ -2108,9 +2208,11 @@ async fn backfiller(addr: SocketAddr, hub: Hub) -> Vec<Outcome> {
     })
     .await;
     let last = oldest - BACKFILL_DEPTH;
+    // Past the end of the backfill (which reaches past the hub's newest).
+    let n = hub.newest_id().expect("published") - last + BACKFILL_PAST;
     let tag = tag();
-    let out = Outcome::new(tag, Kind::Backfill, Route::Hub, Some(BACKFILL_N));
-    let path = format!("{}&backfill=1", Route::Hub.path(tag, Some(BACKFILL_N)));
+    let out = Outcome::new(tag, Kind::Backfill, Route::Hub, Some(n));
+    let path = format!("{}&backfill=1", Route::Hub.path(tag, Some(n)));
     vec![hub_get(addr, path, Some(last), out, Pace::Fast).await]
 }
 
@@ -2194,6 +2296,15 @@ fn verify_hub(
                 c.delivered, c.superseded, s.sent, s.replaced
             ));
         }
+        // A client's backlog (kept `Replace` frames included) stays within
+        // its window, unless it resumed and replays what it missed.
+        let resumed = matches!(out.kind, Kind::Resume | Kind::ResumeBeyond | Kind::Backfill);
+        if !resumed && s.high_water > s.capacity {
+            fail(format!(
+                "{} frames waited at once, in a window of {}",
+                s.high_water, s.capacity
+            ));
+        }
         let clean = out.ended == Ended::Clean;
         let stalled = CloseReason::Evicted(EvictReason::Stalled);
         match out.kind {
@@ -2202,7 +2313,10 @@ fn verify_hub(
                 if !clean || reason != CloseReason::Completed {
                     fail(format!("ended {:?}, closed {reason}", out.ended));
                 } else if c.delivered != n || s.sent != n {
-                    fail(format!("read {} of {n} frames, {} sent", c.delivered, s.sent));
+                    fail(format!(
+                        "read {} of {n} frames, {} sent",
+                        c.delivered, s.sent
+                    ));
                 }
                 if c.lost > s.dropped && out.kind != Kind::ResumeBeyond {
                     fail(format!("{} announced lost, {} dropped", c.lost, s.dropped));
@@ -2346,8 +2460,8 @@ async fn hub_wave(server: &HubServer, background: (usize, usize)) -> HubTotals {
         set.spawn(h1_client(addr, client, None));
     }
     for _ in 0..HUB_PLAN.slow {
-        let client = H1::new(Route::HubSlow, Kind::Slow, Some(HUB_SLOW_N), HUB_SLOW)
-            .recv_buffer(16 * 1024);
+        let client =
+            H1::new(Route::HubSlow, Kind::Slow, Some(HUB_SLOW_N), HUB_SLOW).recv_buffer(16 * 1024);
         set.spawn(h1_client(addr, client, None));
     }
     for i in 0..HUB_PLAN.resume + HUB_PLAN.resume_beyond {
@@ -2517,7 +2631,11 @@ async fn hub_soak() {
     assert!(all.replaced > 0, "slow readers had frames conflated");
     assert!(all.superseded > 0, "and saw them missing, unannounced");
     assert!(all.resumed_lost > 0 && all.backfilled > 0);
-    assert!(server.registry.is_empty(), "{}", server.registry.snapshot().to_json());
+    assert!(
+        server.registry.is_empty(),
+        "{}",
+        server.registry.snapshot().to_json()
+    );
     assert_eq!(server.hub.subscribers(), 0);
     {
         let ledger = server.books.ledger();
