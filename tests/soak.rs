@@ -1852,8 +1852,9 @@ const RESUME_N: u64 = 300;
 /// past the end of its backfill).
 const BACKFILL_DEPTH: u64 = 500;
 const BACKFILL_PAST: u64 = 200;
-/// The shutdown's grace period and SSE `retry:` hint.
-const GRACE: Duration = Duration::from_secs(1);
+/// The shutdown's grace period (long enough for a reader on a starved
+/// machine to take what waits for it) and SSE `retry:` hint.
+const GRACE: Duration = Duration::from_secs(3);
 const RETRY: Duration = Duration::from_secs(2);
 
 /// How many clients of each kind a wave of the hub soak starts.
