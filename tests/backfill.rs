@@ -226,7 +226,12 @@ async fn a_resumed_client_that_reads_on_loses_nothing_when_its_replay_ends() {
     // The client reads one frame at a time up to id 20 (9 frames left, 21..=29).
     let mut got = String::new();
     while !got.ends_with("20;") {
-        let frame = body.frame().now_or_never().expect("ready").unwrap().unwrap();
+        let frame = body
+            .frame()
+            .now_or_never()
+            .expect("ready")
+            .unwrap()
+            .unwrap();
         got.push_str(&render(&frame.into_data().expect("data")));
     }
     // Two frames arrive before its next read (11 waiting, one over 10).

@@ -108,6 +108,11 @@ where
 {
     /// Resumes right after frame `id` (the SSE `Last-Event-ID`), as
     /// [`Hub::subscribe_after`] does; `None` starts after the newest frame.
+    ///
+    /// Through the layer, a resumed client replays what it missed whatever
+    /// its window's limits; the window bounds it again once its backlog is
+    /// back below the pressure threshold, so that a client that reads on
+    /// loses nothing when its replay ends.
     pub fn resume_after(mut self, id: Option<u64>) -> Self {
         self.after = id;
         self

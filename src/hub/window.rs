@@ -91,6 +91,13 @@ impl<T> Held<T> {
         over(config, self.frames + self.kept.len(), self.total_bytes())
     }
 
+    /// What waits is below the pressure threshold (whatever the client's
+    /// limit on frames left to deliver).
+    fn is_healthy(&self, config: &BufferConfig) -> bool {
+        self.frames + self.kept.len() < config.pressure_frames()
+            && self.total_bytes() < config.pressure_bytes().unwrap_or(usize::MAX)
+    }
+
     /// Drops the oldest kept frame: its gap, and itself, go to the frame
     /// after it.
     fn drop_oldest_kept(&mut self, skipped: &mut Dropped) {
@@ -202,7 +209,10 @@ pub(crate) struct Window<T, W> {
     /// Sent after the last frame of a limited window.
     trailers: Option<HeaderMap>,
     /// A resumed client replays what it missed, whatever its limits: it is
-    /// not slow. Its window bounds it once it has caught up to within it.
+    /// not slow. Its window bounds it once it has caught up to below its
+    /// pressure threshold, where a client that keeps up stays: bound as
+    /// soon as it was back within its capacity, at the window's edge, it
+    /// lost the next frame published before its next read.
     catching_up: bool,
     /// Parked by the last `refresh`, for the consumer's `park` right after.
     parked_now: bool,
@@ -347,7 +357,7 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
         self.held.frames = frames;
         self.held.bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
         let mut skipped = Dropped::default();
-        if self.catching_up && !self.held.is_over(&self.config) {
+        if self.catching_up && self.held.is_healthy(&self.config) {
             self.catching_up = false;
         }
         if !self.catching_up && self.held.is_over(&self.config) {
