@@ -157,8 +157,9 @@ mod serve;
 /// How long open streams get to finish after SIGINT/SIGTERM: the layer's
 /// [`Shutdown`] ends every stream at the signal, and cuts one (with its
 /// connection) that has not ended by then: a stalled client may never take
-/// the events still buffered for it.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// the events still buffered for it. Long enough for a reader on a starved
+/// machine to take its last events.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// How long the server waits for its connections after the grace: only
 /// `--passthrough` streams (no layer) can still be open by then.
