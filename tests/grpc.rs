@@ -291,3 +291,42 @@ async fn a_stalled_hub_call_that_resumes_gets_whole_increasing_ticks_and_ok() {
         closed.stats.pushed
     );
 }
+
+/// The layer's `Shutdown` ends an endless call (per client, and from a hub)
+/// with `UNAVAILABLE` after the ticks it had, so that its client retries
+/// elsewhere; the example's own shutdown signal is never sent here.
+#[tokio::test]
+async fn a_shutdown_ends_an_endless_call_with_unavailable() {
+    for hub in [None, log()] {
+        let shutdown = tower_backpressure::shutdown::Shutdown::new();
+        let (observer, mut events) = recorder();
+        let layer = BackpressureLayer::new(BufferConfig::new(4096))
+            .observer(observer)
+            .shutdown(shutdown.clone());
+        let (addr, _stop) = serve!(layer, hub.clone());
+        let mut stream = subscribe(addr, 0, None).await;
+        // A few ticks, then the signal.
+        for _ in 0..10 {
+            guard("a tick", stream.message()).await.unwrap().unwrap();
+        }
+        shutdown.trigger();
+        let (seqs, end) = read_to_end(&mut stream).await;
+        assert_increasing(&seqs);
+        let status = end.expect_err("the call ends with a status");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(status.message(), "server shutting down");
+        let mut all = Vec::new();
+        let closed = wait_for(&mut events, &mut all, |s| {
+            matches!(s.kind, EventKind::Closed { .. })
+        })
+        .await;
+        assert_eq!(
+            closed.kind,
+            EventKind::Closed {
+                reason: CloseReason::Shutdown
+            },
+            "hub: {}",
+            hub.is_some()
+        );
+    }
+}
