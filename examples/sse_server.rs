@@ -26,9 +26,9 @@
 //! Slow-client policies: `--policy drop-oldest|drop-newest|pause|disconnect`,
 //! `--evict-after-dropped N`, `--evict-after-stall-ms T`, and
 //! `--budget-bytes B` for one memory budget shared by all clients.
-//! `--flush coalesce` hands hyper the events that already wait for a client
-//! as one frame instead of one frame each (`--flush immediate`, the
-//! default).
+//! `--flush coalesce` (the default, as the library's) hands hyper the events
+//! that already wait for a client as one frame; `--flush immediate` hands
+//! them out one frame each.
 //!
 //! `GET /stream.ndjson` serves the same events as NDJSON
 //! (`application/x-ndjson`), one line `{"seq":N,"payload":"…"}` per event,
@@ -212,12 +212,12 @@ struct Args {
     /// With `--hub` only `drop-oldest` and `disconnect` apply.
     #[arg(long, value_enum, default_value_t = Policy::DropOldest)]
     policy: Policy,
-    /// How the events that wait for a client go out: `immediate`, one
-    /// event per body frame; `coalesce`, the events already waiting joined
-    /// into one frame, up to 100 events or 64 KiB (as
-    /// `BufferConfig::high_throughput`). The bytes are the same, in fewer
-    /// frames and writes, and nothing waits for events that have not come.
-    #[arg(long, value_enum, default_value_t = FlushMode::Immediate)]
+    /// How the events that wait for a client go out: `coalesce` (the
+    /// default, as `BufferConfig::default()`), the events already waiting
+    /// joined into one frame, up to 100 events or 64 KiB; `immediate`, one
+    /// event per body frame. The bytes are the same, in fewer frames and
+    /// writes, and nothing waits for events that have not come.
+    #[arg(long, value_enum, default_value_t = FlushMode::Coalesce)]
     flush: FlushMode,
     /// Mark each gap in a client's stream: `event: lagged` with
     /// `data: {"dropped":N}` on /events, `{"type":"lagged","dropped":N}` on
@@ -285,7 +285,7 @@ impl FlushMode {
     fn flush(self) -> Flush {
         match self {
             FlushMode::Immediate => Flush::Immediate,
-            FlushMode::Coalesce => Flush::coalesce(100, 64 * 1024),
+            FlushMode::Coalesce => Flush::default(),
         }
     }
 }

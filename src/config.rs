@@ -13,13 +13,22 @@ use std::time::Duration;
 ///
 /// | preset | capacity | threshold | flush | for |
 /// |---|---|---|---|---|
-/// | [`default`](Self::default) | 1000 | 0.8 | immediate | general use |
+/// | [`default`](Self::default) | 1000 | 0.8 | coalesce 100 frames / 64 KiB | general use |
 /// | [`low_latency`](Self::low_latency) | 100 | 0.3 | immediate | real-time dashboards: small buffer, early warning |
 /// | [`high_throughput`](Self::high_throughput) | 5000 | 0.8 | coalesce 100 frames / 64 KiB | analytics feeds: large buffer, late warning, fewer writes |
 /// | [`mobile`](Self::mobile) | 2000 | 0.5 | every 200 ms | unstable networks: room to recover, fewer radio wake-ups |
 ///
 /// Every preset drops the oldest frames ([`Overflow::DropOldest`]) and
 /// evicts no client ([`Eviction::none`]).
+///
+/// The default flush joins the frames that already wait for a client into
+/// one, up to 100 frames or 64 KiB ([`Flush::Coalesce`]): for a response
+/// body of `Bytes` (SSE, NDJSON, gRPC) the client gets the same bytes in
+/// fewer writes, and nothing waits for frames that have not come. Frames of
+/// other data types go out one by one, and a
+/// [`BufferedSink`](crate::BufferedSink) flushes after each message unless
+/// a flush is set. One frame per write is one setting away:
+/// [`with_flush(Flush::Immediate)`](Self::with_flush).
 ///
 /// # Example
 ///
@@ -45,19 +54,24 @@ pub struct BufferConfig {
     flush: Flush,
     eviction: Eviction,
     drop_report_interval: Duration,
+    /// Whether `with_flush` chose the flush (a sink keeps flushing after
+    /// each message unless it did).
+    flush_set: bool,
 }
 
 impl Default for BufferConfig {
-    /// 1000 frames, no byte limit, threshold 0.8.
+    /// 1000 frames, no byte limit, threshold 0.8, what waits joined up to
+    /// 100 frames or 64 KiB ([`Flush::default`]).
     fn default() -> Self {
         Self {
             capacity: 1000,
             max_bytes: None,
             threshold: 0.8,
             overflow: Overflow::DropOldest,
-            flush: Flush::Immediate,
+            flush: Flush::DEFAULT,
             eviction: Eviction::none(),
             drop_report_interval: Duration::from_secs(1),
+            flush_set: false,
         }
     }
 }
@@ -138,9 +152,24 @@ impl BufferConfig {
     }
 
     /// How waiting frames are handed to the connection. Default
-    /// [`Flush::Immediate`].
+    /// [`Flush::coalesce(100, 64 * 1024)`](Flush::coalesce): the frames that
+    /// already wait go out joined.
+    ///
+    /// For one body frame per frame (the default until this release):
+    ///
+    /// ```
+    /// use tower_backpressure::{BufferConfig, Flush};
+    ///
+    /// let config = BufferConfig::default().with_flush(Flush::Immediate);
+    /// assert_eq!(config.flush(), Flush::Immediate);
+    /// ```
+    ///
+    /// A [`BufferedSink`](crate::BufferedSink) never joins messages: with
+    /// the default it flushes after each one; a flush set here (the
+    /// default's value too) makes it flush once per batch instead.
     pub fn with_flush(mut self, flush: Flush) -> Self {
         self.flush = flush;
+        self.flush_set = true;
         self
     }
 
@@ -199,6 +228,16 @@ impl BufferConfig {
     /// The flush strategy.
     pub fn flush(&self) -> Flush {
         self.flush
+    }
+
+    /// The flush a [`BufferedSink`](crate::BufferedSink) applies: the
+    /// config's, or one flush per message if none was set.
+    pub(crate) fn sink_flush(&self) -> Flush {
+        if self.flush_set {
+            self.flush
+        } else {
+            Flush::Immediate
+        }
     }
 
     /// The eviction rules.
@@ -345,14 +384,22 @@ pub enum Overflow {
 /// data is `bytes::Bytes` can do (axum, tonic and hyper bodies are); frames of
 /// other data types go out one by one, at the same moments. A frame is never
 /// joined across a gap marker or trailers, and order is always kept.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+///
+/// The default ([`Flush::default`], and [`BufferConfig`]'s) is
+/// [`Flush::coalesce(100, 64 * 1024)`](Flush::coalesce).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Flush {
-    /// Each frame goes out as soon as the connection takes it (the default).
-    #[default]
+    /// Each frame goes out as soon as the connection takes it, one body
+    /// frame per frame.
+    ///
+    /// Use it when something after the layer gives each body frame a
+    /// meaning (counts frames, or expects one event per frame), or when
+    /// the frames are shared `Bytes` that should not be copied into a join.
     Immediate,
     /// When several data frames wait, hand them out as one frame of up to
     /// `max_frames` frames or `max_bytes` bytes: fewer writes at high rates.
+    /// The default, with 100 frames and 64 KiB.
     ///
     /// Nothing waits for frames that have not come; a join copies the
     /// waiting frames into one buffer. For a stream of many small frames
@@ -380,7 +427,27 @@ pub enum Flush {
     },
 }
 
+impl Default for Flush {
+    /// [`Flush::coalesce(100, 64 * 1024)`](Flush::coalesce).
+    ///
+    /// ```
+    /// use tower_backpressure::{BufferConfig, Flush};
+    ///
+    /// assert_eq!(Flush::default(), Flush::coalesce(100, 64 * 1024));
+    /// assert_eq!(BufferConfig::default().flush(), Flush::default());
+    /// ```
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
 impl Flush {
+    /// The default: what waits joined, up to 100 frames or 64 KiB.
+    const DEFAULT: Flush = Flush::Coalesce {
+        max_frames: 100,
+        max_bytes: 64 * 1024,
+    };
+
     /// The frames and bytes one batch may hold, unless frames go one by one.
     pub(crate) fn limits(&self) -> Option<(usize, usize)> {
         match *self {
@@ -537,6 +604,14 @@ mod tests {
         assert_eq!((c.capacity(), c.threshold()), (5000, 0.8));
         let c = BufferConfig::mobile();
         assert_eq!((c.capacity(), c.threshold()), (2000, 0.5));
+        assert_eq!(
+            BufferConfig::default().flush(),
+            Flush::coalesce(100, 64 * 1024)
+        );
+        assert_eq!(
+            BufferConfig::new(10).flush(),
+            BufferConfig::default().flush()
+        );
         assert_eq!(BufferConfig::low_latency().flush(), Flush::Immediate);
         assert_eq!(
             BufferConfig::high_throughput().flush(),

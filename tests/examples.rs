@@ -149,7 +149,7 @@ const SSE_RUNS: &[&str] = &[
     "--hub --policy disconnect --evict-after-dropped 0 --evict-after-stall-ms 5000",
     "--hub --evict-after-dropped 100000 --budget-bytes 65536",
     "--hub --passthrough --rate 2000 --size 16",
-    "--hub --flush coalesce --rate 20000 --size 16",
+    "--hub --flush immediate --rate 20000 --size 16",
     "--keep-alive-ms 0",
     "--hub --keep-alive-ms 250 --rate 20",
     "--passthrough --keep-alive-ms 15000",

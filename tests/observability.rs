@@ -521,6 +521,88 @@ async fn coalesce_joins_waiting_frames_in_order_up_to_its_limits() {
     );
 }
 
+#[tokio::test]
+async fn the_default_flush_joins_what_waits_and_immediate_is_one_setting_away() {
+    // The default: what waits goes out joined, 100 events per frame, in
+    // order, every byte.
+    let frames = read_frames_with(BufferConfig::default(), 250, false).await;
+    assert_eq!(
+        frames.iter().map(|f| sse_ids(f).len()).collect::<Vec<_>>(),
+        [100, 100, 50],
+        "250 waiting events, up to 100 per frame"
+    );
+    let all: Vec<u8> = frames.iter().flat_map(|b| b.to_vec()).collect();
+    assert_eq!(sse_ids(&all), (0..250).collect::<Vec<_>>());
+    assert_eq!(all.len(), 250 * 40);
+
+    // Never across a gap, with the default too: the marker stands at it.
+    let frames = read_frames_with(BufferConfig::new(5), 20, true).await;
+    assert_eq!(frames.len(), 2);
+    assert_eq!(parse_sse(&frames[0]), vec![Sse::Lagged(15)]);
+    assert_eq!(
+        parse_sse(&frames[1]),
+        (15..20).map(Sse::Id).collect::<Vec<_>>()
+    );
+
+    // One setting away: one frame per event.
+    let frames = read_frames_with(
+        BufferConfig::default().with_flush(Flush::Immediate),
+        250,
+        false,
+    )
+    .await;
+    assert_eq!(frames.len(), 250);
+    for (seq, frame) in frames.iter().enumerate() {
+        assert_eq!(sse_ids(frame), [seq as u64]);
+    }
+}
+
+#[tokio::test]
+async fn the_default_flush_hands_out_other_data_types_frame_by_frame() {
+    use std::collections::VecDeque;
+
+    use futures::StreamExt;
+    use http_body::Frame;
+
+    // Data that is not `Bytes` cannot be joined: each frame goes out as it
+    // came, as with `Flush::Immediate`.
+    let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
+    let frames = futures::stream::iter(
+        (0..10u8)
+            .map(|i| Ok::<_, std::convert::Infallible>(Frame::data(VecDeque::from(vec![i; 3])))),
+    )
+    .chain(
+        futures::stream::once(async move {
+            let _ = done_tx.send(());
+            None
+        })
+        .filter_map(std::future::ready),
+    )
+    .boxed();
+    let body = http_body_util::StreamBody::new(frames);
+    let body = std::sync::Mutex::new(Some(body));
+    let svc = ServiceBuilder::new()
+        .layer(BackpressureLayer::new(BufferConfig::default()))
+        .service(tower::service_fn(move |_req: Request<()>| {
+            let body = body.lock().unwrap().take().expect("one request only");
+            std::future::ready(Ok::<_, std::convert::Infallible>(
+                http::Response::builder()
+                    .header(http::header::CONTENT_TYPE, "text/event-stream")
+                    .body(body)
+                    .unwrap(),
+            ))
+        }));
+    let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+    assert!(body.is_buffered());
+    // Every frame waits before the first is read.
+    guard("the inner body's end", done).await.unwrap();
+    let mut out = Vec::new();
+    while let Some(f) = body.frame().await {
+        out.push(Vec::from(f.unwrap().into_data().unwrap()));
+    }
+    assert_eq!(out, (0..10u8).map(|i| vec![i; 3]).collect::<Vec<_>>());
+}
+
 #[tokio::test(start_paused = true)]
 async fn interval_releases_at_most_once_per_period_and_never_delays_the_end() {
     let period = Duration::from_millis(100);

@@ -128,6 +128,38 @@ async fn a_client_that_keeps_up_gets_every_message_in_order() {
 }
 
 #[tokio::test]
+async fn the_default_config_flushes_after_each_message() {
+    // Messages are never joined, and the default config leaves a sink as it
+    // was: one flush per message, even when many wait.
+    let log = Log::default();
+    let mut sink = BufferedSink::builder(BufferConfig::new(1000))
+        .weigh(eight)
+        .spawn(log.clone());
+    for i in 0..95 {
+        sink.send(i).await.unwrap();
+    }
+    sink.close().await.unwrap();
+    let (items, flushes, closed) = log.0.lock().unwrap().clone();
+    assert_eq!(items, (0..95).collect::<Vec<_>>());
+    assert_eq!(flushes, 95, "one flush per message");
+    assert!(closed, "the real sink is closed");
+
+    // Set explicitly, the same flush as the default batches the flushes.
+    let log = Log::default();
+    let mut sink =
+        BufferedSink::builder(BufferConfig::new(1000).with_flush(BufferConfig::default().flush()))
+            .weigh(eight)
+            .spawn(log.clone());
+    for i in 0..95 {
+        sink.send(i).await.unwrap();
+    }
+    sink.close().await.unwrap();
+    let (items, flushes, _) = log.0.lock().unwrap().clone();
+    assert_eq!(items, (0..95).collect::<Vec<_>>());
+    assert_eq!(flushes, 1, "all 95 waited: one batch");
+}
+
+#[tokio::test]
 async fn coalesce_flushes_once_per_batch() {
     let log = Log::default();
     let mut sink =

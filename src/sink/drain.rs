@@ -66,7 +66,7 @@ where
         let limits = core
             .client
             .config()
-            .flush()
+            .sink_flush()
             .limits()
             .unwrap_or((1, usize::MAX));
         Self {

@@ -45,10 +45,12 @@
 //! # Flush strategies
 //!
 //! The drain task calls the real sink's `poll_flush` after each message
-//! ([`Flush::Immediate`](crate::Flush::Immediate)), after up to `max_frames` messages or `max_bytes`
-//! bytes ([`Flush::Coalesce`](crate::Flush::Coalesce); messages are never joined), or once per
+//! ([`Flush::Immediate`](crate::Flush::Immediate), and with a config whose flush was not set), after up to `max_frames` messages or `max_bytes`
+//! bytes ([`Flush::Coalesce`](crate::Flush::Coalesce) set with
+//! [`with_flush`](crate::BufferConfig::with_flush); messages are never joined), or once per
 //! release every `period` ([`Flush::Interval`](crate::Flush::Interval)), and always before it waits
-//! for more messages.
+//! for more messages. The default config's [`Flush::Coalesce`](crate::Flush::Coalesce) joins the
+//! frames of a response body; a sink with that default still flushes after each message.
 //!
 //! # Example
 //!
