@@ -8,7 +8,8 @@
 Each run starts the server on a free loopback port, connects `--clients`
 `curl -N` readers to `/events`, waits `--warmup` seconds, then measures for
 `--seconds` (`--server-arg` passes more arguments to both runs, e.g.
-`--server-arg=--flush --server-arg=coalesce`):
+`--server-arg=--flush --server-arg=immediate`; without it, the
+library's default flush, `coalesce`):
 
 - with `--stalled N`, N more clients that send their request and never
   read (a 4 KiB receive buffer), held open for the whole run;
@@ -178,7 +179,7 @@ def main():
         default=[],
         metavar="ARG",
         help="one more argument for sse_server, both runs (repeat for several; "
-        "e.g. --server-arg=--flush --server-arg=coalesce)",
+        "e.g. --server-arg=--flush --server-arg=immediate)",
     )
     p.add_argument("--json", action="store_true")
     args = p.parse_args()

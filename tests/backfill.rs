@@ -11,7 +11,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt as _;
 use tower::{ServiceBuilder, ServiceExt as _, service_fn};
 use tower_backpressure::hub::{Hub, HubBody, HubConfig};
-use tower_backpressure::{BackpressureLayer, BufferConfig, SseGapMarker};
+use tower_backpressure::{BackpressureLayer, BufferConfig, Flush, SseGapMarker};
 
 /// The hub holds 20..30 (retains 10 of 0..30).
 fn hub() -> Hub {
@@ -213,8 +213,13 @@ async fn a_resumed_client_that_reads_on_loses_nothing_when_its_replay_ends() {
         let hub = hub.clone();
         ServiceBuilder::new()
             .layer(
-                BackpressureLayer::new(BufferConfig::new(10).with_threshold(0.5))
-                    .gap_marker(SseGapMarker::new()),
+                // One frame per read: the client steps through its replay.
+                BackpressureLayer::new(
+                    BufferConfig::new(10)
+                        .with_threshold(0.5)
+                        .with_flush(Flush::Immediate),
+                )
+                .gap_marker(SseGapMarker::new()),
             )
             .service(service_fn(move |_req: Request<()>| {
                 // Resumed after 0: 29 frames to replay, a window of 10.

@@ -14,7 +14,7 @@ use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full, StreamBody};
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 use tower_backpressure::{
-    BackpressureEvent, BackpressureLayer, BufferConfig, CloseReason, EventKind, PumpStopped,
+    BackpressureEvent, BackpressureLayer, BufferConfig, CloseReason, EventKind, Flush, PumpStopped,
 };
 
 fn frames(range: std::ops::Range<u64>) -> Vec<Result<Frame<Bytes>, io::Error>> {
@@ -35,8 +35,14 @@ fn kinds(all: &[Seen]) -> Vec<EventKind> {
 #[tokio::test]
 async fn a_ready_burst_is_one_pressure_one_dropped_batch_then_one_recovery() {
     let (observer, mut events) = recorder();
-    let layer =
-        BackpressureLayer::new(BufferConfig::new(10).with_threshold(0.5)).observer(observer);
+    // One frame per read, so that the client recovers frame by frame (the
+    // default would take the 10 kept frames in one read).
+    let layer = BackpressureLayer::new(
+        BufferConfig::new(10)
+            .with_threshold(0.5)
+            .with_flush(Flush::Immediate),
+    )
+    .observer(observer);
     let svc = ServiceBuilder::new()
         .layer(layer)
         .service(service_fn(|_: Request<()>| async {
@@ -157,11 +163,15 @@ async fn an_inner_error_arrives_after_the_data_kept_before_it() {
             ))
         }));
     let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
-    for i in 0..3 {
-        let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(sse_ids(&data), vec![i]);
-    }
-    let err = body.frame().await.unwrap().unwrap_err();
+    // The kept data (joined or not), then the error.
+    let mut ids = Vec::new();
+    let err = loop {
+        match body.frame().await.unwrap() {
+            Ok(frame) => ids.extend(sse_ids(&frame.into_data().unwrap())),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(ids, vec![0, 1, 2]);
     let io = err
         .downcast_ref::<io::Error>()
         .expect("the inner error, boxed");
@@ -290,8 +300,10 @@ async fn a_panicking_observer_ends_the_body_with_pump_stopped_after_kept_data() 
 #[tokio::test]
 async fn dropping_the_body_early_fires_closed_client_gone_exactly_once() {
     let (observer, mut events) = recorder();
+    // One frame per read: the client takes exactly one before it goes.
+    let config = BufferConfig::new(10).with_flush(Flush::Immediate);
     let svc = ServiceBuilder::new()
-        .layer(BackpressureLayer::new(BufferConfig::new(10)).observer(observer))
+        .layer(BackpressureLayer::new(config).observer(observer))
         .service(service_fn(|_: Request<()>| async {
             let s = futures::stream::iter(frames(0..3)).chain(futures::stream::pending());
             Ok::<_, Infallible>(response("text/event-stream", StreamBody::new(s)))

@@ -18,7 +18,7 @@ use tower::{ServiceBuilder, ServiceExt, service_fn};
 use tower_backpressure::hub::{Hub, HubBody, HubConfig};
 use tower_backpressure::{
     BackpressureBody, BackpressureLayer, BackpressureObserver, BufferConfig, ClientBuffer,
-    ClientRegistry, CloseReason, EventKind, Gap, GapAction, Overflow,
+    ClientRegistry, CloseReason, EventKind, Flush, Gap, GapAction, Overflow,
 };
 
 type Body = BackpressureBody<HubBody, Arc<dyn BackpressureObserver>, Marker>;
@@ -34,6 +34,10 @@ impl tower_backpressure::GapMarker<Bytes> for Marker {
 }
 
 /// One client's response from `hub`, through the layer with `config`.
+///
+/// The frames published here carry no delimiter: each is one event, and
+/// the tests read them one body frame each, so the clients hand them out
+/// one by one (`Flush::Immediate`, not the default's joins).
 async fn client(
     hub: &Hub,
     config: BufferConfig,
@@ -62,7 +66,7 @@ async fn limited_client(
     let hub = hub.clone();
     let svc = ServiceBuilder::new()
         .layer(
-            BackpressureLayer::new(config)
+            BackpressureLayer::new(config.with_flush(Flush::Immediate))
                 .observer(Arc::new((observer, registry.clone())) as Arc<dyn BackpressureObserver>)
                 .gap_marker(Marker),
         )
@@ -334,7 +338,8 @@ async fn classified_client(
     let hub = hub.clone();
     let svc = ServiceBuilder::new()
         .layer(
-            BackpressureLayer::new(config)
+            // One body frame per frame, as `client`.
+            BackpressureLayer::new(config.with_flush(Flush::Immediate))
                 .observer(Arc::new(observer) as Arc<dyn BackpressureObserver>)
                 .gap_marker(Marker)
                 .classify(classify),

@@ -531,8 +531,9 @@ async fn nats_flags_are_refused_when_they_cannot_be_honoured() {
     let (server, addr) = server(&nats.url(), &["--subject", "other"]).await;
     let mut client = Client::connect(addr, None).await;
     let publisher = publisher(&nats.url(), &["--subject", "other"]).await;
+    // At least 10 (the last read may hold more, joined).
     let got = ids(&client.events(10).await);
-    assert_eq!(got.len(), 10, "{got:?}");
+    assert!(got.len() >= 10, "{got:?}");
     consecutive(&got, "on subject other");
     publisher.stop_cleanly().await;
     drop(client);

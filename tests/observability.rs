@@ -394,8 +394,11 @@ async fn the_handler_sees_its_client_come_under_pressure_and_recover() {
     let (producer, body) = channel_body(256, None);
     let inner = one_response(body, "text/event-stream");
     let svc = ServiceBuilder::new()
+        // One frame per read: four reads take four frames.
         .layer(BackpressureLayer::new(
-            BufferConfig::new(10).with_threshold(0.5),
+            BufferConfig::new(10)
+                .with_threshold(0.5)
+                .with_flush(Flush::Immediate),
         ))
         .map_request(move |req: Request<()>| {
             let handle = req.extensions().get::<ClientHandle>().cloned().unwrap();

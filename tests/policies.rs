@@ -343,8 +343,10 @@ async fn ndjson_marker_is_one_line_before_the_next_kept_line() {
 #[tokio::test]
 async fn critical_frames_survive_and_replaceable_frames_keep_only_the_newest() {
     // Frames starting with '!' are critical; ':' are keep-alives that
-    // replace each other; the rest are droppable.
-    let layer = BackpressureLayer::new(BufferConfig::new(4)).classify(|b: &Bytes| match b[0] {
+    // replace each other; the rest are droppable. They carry no delimiter:
+    // one body frame each.
+    let config = BufferConfig::new(4).with_flush(tower_backpressure::Flush::Immediate);
+    let layer = BackpressureLayer::new(config).classify(|b: &Bytes| match b[0] {
         b'!' => FrameClass::Critical,
         b':' => FrameClass::Replace(0),
         _ => FrameClass::Droppable,

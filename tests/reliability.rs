@@ -127,9 +127,12 @@ impl<T> Sink<T> for Stalled {
 #[tokio::test(start_paused = true)]
 async fn a_paused_pump_stops_and_drops_the_inner_body_when_the_stream_closes() {
     let (observer, mut events) = recorder();
+    // One frame per read: the client takes the first frame only, and the
+    // pump stays paused.
     let config = BufferConfig::new(1000)
         .with_max_bytes(100)
-        .with_overflow(Overflow::Pause);
+        .with_overflow(Overflow::Pause)
+        .with_flush(Flush::Immediate);
     let layer = BackpressureLayer::new(config)
         .observer(observer)
         .gap_marker(GrpcDataLoss::new())

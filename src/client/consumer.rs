@@ -277,7 +277,11 @@ fn coalesce<D: 'static, S: Storage<D>>(
     if !fits(storage, head.len()) {
         return first;
     }
-    let mut joined = BytesMut::with_capacity(max_bytes.min(64 * 1024));
+    // Room for what waits (as weighed), within the limit: a join of two
+    // small frames does not take a buffer of `max_bytes`, which hyper may
+    // hold until the client reads it.
+    let room = head.len().saturating_add(storage.bytes()).min(max_bytes);
+    let mut joined = BytesMut::with_capacity(room);
     joined.extend_from_slice(head);
     while *taken < max_frames && fits(storage, joined.len()) {
         let (next, _) = storage.pop().expect("peeked");
