@@ -176,6 +176,37 @@ async fn a_window_delivers_what_a_client_buffer_of_the_same_config_would() {
     }
 }
 
+/// The default flush over a hub's window: what waits goes out joined, never
+/// across a gap; the marker stands alone at it.
+#[tokio::test]
+async fn a_window_with_the_default_flush_joins_what_waits_but_never_across_a_gap() {
+    let hub: Hub = Hub::default();
+    let svc = {
+        let hub = hub.clone();
+        ServiceBuilder::new()
+            .layer(BackpressureLayer::new(BufferConfig::new(5)).gap_marker(Marker))
+            .service(service_fn(move |_req: Request<()>| {
+                let response: Response<HubBody> = hub.response().build();
+                async move { Ok::<_, Infallible>(response) }
+            }))
+    };
+    let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+    for i in 0..20u64 {
+        hub.publish(Bytes::from(format!("{i};")));
+    }
+    let mut read = Vec::new();
+    while let Some(Some(Ok(frame))) = body.frame().now_or_never() {
+        read.push(String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap());
+    }
+    assert_eq!(read, ["gap:15", "15;16;17;18;19;"]);
+    for i in 20..23u64 {
+        hub.publish(Bytes::from(format!("{i};")));
+    }
+    let frame = body.frame().now_or_never().unwrap().unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "20;21;22;");
+    assert!(body.frame().now_or_never().is_none(), "nothing more waits");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_stalled_window_hears_of_pressure_and_drops_from_the_sweep() {
     let hub: Hub = Hub::default();
