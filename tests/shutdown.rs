@@ -22,6 +22,41 @@ use tower_backpressure::hub::{Hub, HubConfig, sse};
 use tower_backpressure::shutdown::Shutdown;
 use tower_backpressure::{BackpressureLayer, BufferConfig, CloseReason, EventKind};
 
+/// `GET /events`: a response from `hub`.
+fn events_from(hub: &Hub) -> Router {
+    let hub = hub.clone();
+    Router::new().route(
+        "/events",
+        get(move || {
+            let hub = hub.clone();
+            async move { hub.response().build() }
+        }),
+    )
+}
+
+/// Serves `app` with axum on 127.0.0.1:0, over connections the layer can
+/// close; at `signal` the server stops accepting and waits for its
+/// connections (axum's graceful shutdown).
+async fn serve(
+    app: Router,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        axum::serve(
+            ClosableListener::new(listener),
+            app.into_make_service_with_connect_info::<ConnectionInfo>(),
+        )
+        .with_graceful_shutdown(signal)
+        .into_future(),
+    );
+    (addr, server)
+}
+
 /// A GET over a raw socket with a tiny receive window that never reads: its
 /// TCP window goes to zero, and hyper stops polling its body.
 async fn stalled_get(addr: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
@@ -85,35 +120,19 @@ async fn graceful_shutdown_ends_a_thousand_streams_half_never_reading() {
         .sse_retry(Duration::from_secs(2));
     shutdown.close_hub(&hub);
     let (observer, mut events) = recorder();
-    let app = {
-        let hub = hub.clone();
-        Router::new()
-            .route(
-                "/events",
-                get(move || {
-                    let hub = hub.clone();
-                    async move { hub.response().build() }
-                }),
-            )
-            .layer(
-                BackpressureLayer::new(BufferConfig::new(4))
-                    .observer(observer)
-                    .shutdown(shutdown.clone()),
-            )
-    };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (signal, signalled) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        axum::serve(
-            ClosableListener::new(listener),
-            app.into_make_service_with_connect_info::<ConnectionInfo>(),
-        )
-        .with_graceful_shutdown(shutdown.clone().trigger_after(async {
-            let _ = signalled.await;
-        }))
-        .into_future(),
+    let app = events_from(&hub).layer(
+        BackpressureLayer::new(BufferConfig::new(4))
+            .observer(observer)
+            .shutdown(shutdown.clone()),
     );
+    let (signal, signalled) = tokio::sync::oneshot::channel::<()>();
+    let (addr, server) = serve(
+        app,
+        shutdown.clone().trigger_after(async {
+            let _ = signalled.await;
+        }),
+    )
+    .await;
 
     let mut stalled = Vec::new();
     for _ in 0..STALLED {
@@ -281,35 +300,16 @@ async fn a_client_whose_window_is_zero_is_cut_at_the_end_of_the_grace() {
     let shutdown = Shutdown::new().grace(Duration::from_millis(200));
     let (observer, mut events) = recorder();
     let registry = tower_backpressure::ClientRegistry::new();
-    let app = {
-        let hub = hub.clone();
-        Router::new()
-            .route(
-                "/events",
-                get(move || {
-                    let hub = hub.clone();
-                    async move { hub.response().build() }
-                }),
-            )
-            .layer(
-                BackpressureLayer::new(BufferConfig::new(4))
-                    .observer((registry.clone(), observer))
-                    .shutdown(shutdown.clone()),
-            )
-    };
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(
-        axum::serve(
-            ClosableListener::new(listener),
-            app.into_make_service_with_connect_info::<ConnectionInfo>(),
-        )
-        .with_graceful_shutdown({
-            let shutdown = shutdown.clone();
-            async move { shutdown.triggered().await }
-        })
-        .into_future(),
+    let app = events_from(&hub).layer(
+        BackpressureLayer::new(BufferConfig::new(4))
+            .observer((registry.clone(), observer))
+            .shutdown(shutdown.clone()),
     );
+    let (addr, server) = serve(app, {
+        let shutdown = shutdown.clone();
+        async move { shutdown.triggered().await }
+    })
+    .await;
     let mut stalled = Vec::new();
     for _ in 0..STALLED {
         stalled.push(stalled_get(addr, "/events").await);
