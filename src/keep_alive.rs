@@ -162,9 +162,10 @@ pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
     })
 }
 
-/// The comment as the body's data type: only `Bytes` bodies get one.
-fn comment_as<D: 'static>(comment: &Bytes) -> Option<D> {
-    let boxed: Box<dyn std::any::Any> = Box::new(comment.clone());
+/// `bytes` as a body's data type `D`, if `D` is `Bytes` (a comment, a
+/// shutdown's `retry:` hint: only `Bytes` bodies get one).
+pub(crate) fn bytes_as<D: 'static>(bytes: &Bytes) -> Option<D> {
+    let boxed: Box<dyn std::any::Any> = Box::new(bytes.clone());
     boxed.downcast::<D>().ok().map(|d| *d)
 }
 
@@ -203,7 +204,7 @@ impl Idle {
     /// `Bytes` gets one).
     pub(crate) fn new<D: 'static>(keep_alive: Option<&KeepAlive>) -> Option<Self> {
         let keep_alive = keep_alive?;
-        comment_as::<D>(&keep_alive.comment)?;
+        bytes_as::<D>(&keep_alive.comment)?;
         Some(Self {
             keep_alive: keep_alive.clone(),
             timer: Timer::default(),
@@ -227,7 +228,7 @@ impl Idle {
             return Poll::Pending;
         }
         self.due = None;
-        match comment_as(&self.keep_alive.comment) {
+        match bytes_as(&self.keep_alive.comment) {
             Some(comment) => Poll::Ready(comment),
             None => Poll::Pending,
         }

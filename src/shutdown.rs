@@ -348,11 +348,11 @@ pub(crate) fn register<D, O, S>(
     O: crate::observer::BackpressureObserver,
     S: crate::client::Storage<D> + Send + 'static,
 {
-    let content_type = headers
+    let grpc = headers
         .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let (last, trailers) = if content_type.starts_with("application/grpc") {
+        .and_then(|v| v.as_bytes().get(..16))
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"));
+    let (last, trailers) = if grpc {
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from_static("14"));
         trailers.insert(
@@ -360,16 +360,10 @@ pub(crate) fn register<D, O, S>(
             http::HeaderValue::from_static("server%20shutting%20down"),
         );
         (None, Some(trailers))
-    } else if content_type.starts_with("text/event-stream") {
+    } else if crate::keep_alive::is_event_stream(headers) {
         let last = shutdown.inner.sse_retry.and_then(|after| {
-            let hint = bytes::Bytes::from(format!(
-                "retry: {}
-
-",
-                after.as_millis()
-            ));
-            let any: Box<dyn std::any::Any> = Box::new(hint);
-            any.downcast::<D>().ok().map(|d| *d)
+            let hint = bytes::Bytes::from(format!("retry: {}\n\n", after.as_millis()));
+            crate::keep_alive::bytes_as::<D>(&hint)
         });
         (last, None)
     } else {

@@ -11,8 +11,7 @@ use common::*;
 use http::{Request, Response, header};
 use http_body_util::StreamBody;
 use hyper::body::Incoming;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpSocket;
+use tokio::io::AsyncReadExt;
 use tower::{ServiceBuilder, service_fn};
 use tower_backpressure::{
     BackpressureLayer, BufferConfig, ClientRegistry, CloseReason, EventKind, EvictReason, Eviction,
@@ -30,19 +29,6 @@ fn endless() -> Response<StreamBody<BoxStream>> {
         .header(header::CONTENT_TYPE, "text/event-stream")
         .body(StreamBody::new(events.boxed()))
         .unwrap()
-}
-
-/// Sends a GET over a raw socket with a tiny receive window and never reads:
-/// its TCP window goes to zero, so hyper stops polling the body.
-async fn stalled_get(addr: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    stream
 }
 
 /// Reads what the server left in the socket, then expects the end of the

@@ -402,3 +402,17 @@ pub async fn closed_as(
     assert_eq!(seen.kind, tower_backpressure::EventKind::Closed { reason });
     seen
 }
+
+/// Sends a GET over a raw socket with a tiny receive window and never reads:
+/// its TCP window goes to zero, so hyper stops polling the body.
+pub async fn stalled_get(addr: SocketAddr, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    stream
+}
