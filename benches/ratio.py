@@ -9,7 +9,9 @@ Each run starts the server on a free loopback port, connects `--clients`
 `curl -N` readers to `/events`, waits `--warmup` seconds, then measures for
 `--seconds` (`--server-arg` passes more arguments to both runs, e.g.
 `--server-arg=--flush --server-arg=immediate`; without it, the
-library's default flush, `coalesce`):
+library's default flush, `coalesce`; `--layer-arg` passes arguments to
+the layer's run only, e.g. `--layer-arg=--hub` for the hub behind the
+layer against the plain `--passthrough`):
 
 - with `--stalled N`, N more clients that send their request and never
   read (a 4 KiB receive buffer), held open for the whole run;
@@ -102,6 +104,8 @@ def run(args, passthrough):
     cmd += args.server_arg
     if passthrough:
         cmd.append("--passthrough")
+    else:
+        cmd += args.layer_arg
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp = tempfile.mkdtemp()
     readers = []
@@ -180,6 +184,15 @@ def main():
         metavar="ARG",
         help="one more argument for sse_server, both runs (repeat for several; "
         "e.g. --server-arg=--flush --server-arg=immediate)",
+    )
+    p.add_argument(
+        "--layer-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for the layer's run only (repeat for several; "
+        "e.g. --layer-arg=--hub: the hub behind the layer against the plain "
+        "--passthrough)",
     )
     p.add_argument("--json", action="store_true")
     args = p.parse_args()

@@ -124,8 +124,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -646,8 +646,11 @@ async fn ndjson_events(State(app): State<AppState>) -> Response {
 /// `GET /events` with `--hub`: a window over the SSE hub's log, from after
 /// the request's `Last-Event-ID` if it has one. The layer finds the
 /// subscription in the response and serves it (no task, no copy).
-async fn hub_sse_events(State(app): State<HubState>, headers: HeaderMap) -> Response<HubBody> {
-    let last = sse::last_event_id_from(&headers);
+async fn hub_sse_events(State(app): State<HubState>, request: Request) -> Response<HubBody> {
+    // Read from the request itself: a `HeaderMap` extractor would copy
+    // every header, for every client.
+    let last = sse::last_event_id(&request);
+    drop(request);
     let response = app
         .sse
         .response()

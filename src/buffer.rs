@@ -6,6 +6,8 @@ use std::fmt;
 use bytes::{Buf, Bytes};
 use http_body::Frame;
 
+use std::sync::Arc;
+
 use crate::config::{BufferConfig, ConfigError, Overflow};
 
 /// How many bytes an item counts for against
@@ -262,7 +264,9 @@ pub struct ClientBuffer<T, W = ByWeigh> {
     slot_keys: HashMap<u64, u64>,
     /// `config`'s byte limit, `usize::MAX` for none.
     max_bytes: usize,
-    config: BufferConfig,
+    /// Shared: the layer hands every client's buffer its own configuration
+    /// (no copy per connection).
+    config: Arc<BufferConfig>,
     pressure_frames: usize,
     pressure_bytes: usize,
     weigher: W,
@@ -322,16 +326,23 @@ impl<T, W> ClientBuffer<T, W> {
     /// Like [`with_weigher`](Self::with_weigher), but returns the error.
     pub fn try_with_weigher(config: BufferConfig, weigher: W) -> Result<Self, ConfigError> {
         config.validate()?;
-        Ok(Self {
-            // Grow on demand: a fast client never needs the whole capacity.
-            slots: VecDeque::with_capacity(config.capacity().min(16)),
+        Ok(Self::with_shared_config(Arc::new(config), weigher))
+    }
+
+    /// A buffer with `config`, already validated, shared with others.
+    pub(crate) fn with_shared_config(config: Arc<BufferConfig>, weigher: W) -> Self {
+        Self {
+            // Grow on demand, from the first push: a client that keeps up
+            // never needs more than a few slots, and every connection pays
+            // for the slots it holds.
+            slots: VecDeque::new(),
             gaps: VecDeque::new(),
             keys: HashMap::new(),
             slot_keys: HashMap::new(),
             max_bytes: config.max_bytes().unwrap_or(usize::MAX),
-            config,
             pressure_frames: config.pressure_frames(),
             pressure_bytes: config.pressure_bytes().unwrap_or(usize::MAX),
+            config,
             weigher,
             live: 0,
             bytes: 0,
@@ -344,11 +355,16 @@ impl<T, W> ClientBuffer<T, W> {
             replaced: 0,
             high_water: 0,
             high_water_bytes: 0,
-        })
+        }
     }
 
     /// The configuration it was built with.
     pub fn config(&self) -> &BufferConfig {
+        &self.config
+    }
+
+    /// The configuration, to share with the client state around it.
+    pub(crate) fn shared_config(&self) -> &Arc<BufferConfig> {
         &self.config
     }
 

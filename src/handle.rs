@@ -1,10 +1,10 @@
 //! The handle a handler finds in its request's extensions.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::buffer::BufferStats;
 use crate::client::ClientInfo;
@@ -35,9 +35,15 @@ pub(crate) struct HandleInner {
     /// Closed when the client is evicted (HTTP/1, sinks).
     connection: Option<Connection>,
     opened_at: SystemTime,
-    health: watch::Sender<Health>,
+    /// The health, and how many times it changed: what a handle's
+    /// [`changed`](ClientHandle::changed) compares with what it saw. Held
+    /// inline (with `changed`) rather than in a `watch` channel, which
+    /// would cost every connection an allocation of its own.
+    health: Mutex<(Health, u64)>,
+    changed: Notify,
     state: OnceLock<Weak<dyn ClientState>>,
-    final_stats: OnceLock<BufferStats>,
+    /// Boxed: set once, at the end, and most of a connection's life unset.
+    final_stats: OnceLock<Box<BufferStats>>,
 }
 
 impl HandleInner {
@@ -51,7 +57,8 @@ impl HandleInner {
             info,
             connection,
             opened_at: SystemTime::now(),
-            health: watch::Sender::new(Health::Healthy),
+            health: Mutex::new((Health::Healthy, 0)),
+            changed: Notify::new(),
             state: OnceLock::new(),
             final_stats: OnceLock::new(),
         })
@@ -67,12 +74,24 @@ impl HandleInner {
     }
 
     pub(crate) fn set_health(&self, health: Health) {
-        self.health.send_replace(health);
+        {
+            let mut current = self.health.lock().unwrap_or_else(|e| e.into_inner());
+            if current.0 == health {
+                return;
+            }
+            *current = (health, current.1.wrapping_add(1));
+        }
+        self.changed.notify_waiters();
     }
 
     pub(crate) fn set_closed(&self, reason: CloseReason, stats: BufferStats) {
-        let _ = self.final_stats.set(stats);
-        self.health.send_replace(Health::Closed(reason));
+        let _ = self.final_stats.set(Box::new(stats));
+        self.set_health(Health::Closed(reason));
+    }
+
+    /// The health and its version.
+    fn health(&self) -> (Health, u64) {
+        *self.health.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -112,13 +131,14 @@ impl HandleInner {
 /// [`Health::Healthy`].
 pub struct ClientHandle {
     inner: Arc<HandleInner>,
-    rx: watch::Receiver<Health>,
+    /// The version of the health this handle last saw.
+    seen: u64,
 }
 
 impl ClientHandle {
     pub(crate) fn new(inner: Arc<HandleInner>) -> Self {
-        let rx = inner.health.subscribe();
-        Self { inner, rx }
+        let (_, seen) = inner.health();
+        Self { inner, seen }
     }
 
     /// Who the response streams to.
@@ -140,7 +160,7 @@ impl ClientHandle {
     /// it closed, `None` if it is not buffered.
     pub fn stats(&self) -> Option<BufferStats> {
         if let Some(stats) = self.inner.final_stats.get() {
-            return Some(*stats);
+            return Some(**stats);
         }
         let state = self.inner.state.get()?.upgrade()?;
         Some(state.stats())
@@ -158,7 +178,7 @@ impl ClientHandle {
 
     /// The current health.
     pub fn health(&self) -> Health {
-        *self.rx.borrow()
+        self.inner.health().0
     }
 
     /// `health() == Health::Healthy`.
@@ -169,12 +189,19 @@ impl ClientHandle {
     /// Waits until the health changes (from what this handle last saw) and
     /// returns the new value. Once [`Health::Closed`] was returned, it stays.
     pub async fn changed(&mut self) -> Health {
-        if matches!(*self.rx.borrow(), Health::Closed(_)) {
-            return *self.rx.borrow_and_update();
+        loop {
+            // Registered before the health is read: a change in between
+            // wakes it.
+            let notified = std::pin::pin!(self.inner.changed.notified());
+            let mut notified = notified;
+            notified.as_mut().enable();
+            let (health, version) = self.inner.health();
+            if matches!(health, Health::Closed(_)) || version != self.seen {
+                self.seen = version;
+                return health;
+            }
+            notified.await;
         }
-        // The sender lives as long as `inner`, which this handle holds.
-        let _ = self.rx.changed().await;
-        *self.rx.borrow_and_update()
     }
 }
 
@@ -182,7 +209,7 @@ impl Clone for ClientHandle {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            rx: self.rx.clone(),
+            seen: self.seen,
         }
     }
 }

@@ -165,8 +165,11 @@ pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
 /// `bytes` as a body's data type `D`, if `D` is `Bytes` (a comment, a
 /// shutdown's `retry:` hint: only `Bytes` bodies get one).
 pub(crate) fn bytes_as<D: 'static>(bytes: &Bytes) -> Option<D> {
-    let boxed: Box<dyn std::any::Any> = Box::new(bytes.clone());
-    boxed.downcast::<D>().ok().map(|d| *d)
+    // Downcast in place: no allocation, for every stream that asks.
+    let mut slot = Some(bytes.clone());
+    (&mut slot as &mut dyn std::any::Any)
+        .downcast_mut::<Option<D>>()
+        .and_then(Option::take)
 }
 
 /// One stream's keep-alive: the timer, armed when the stream goes quiet.

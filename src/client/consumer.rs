@@ -97,13 +97,13 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         }
         if st.end {
             if let Some(last) = st.last.take() {
-                return Next::Data(last, Gap::default());
+                return Next::Data(*last, Gap::default());
             }
         }
         if let Some(trailers) = st.trailers.take() {
             let reason = st.end_reason();
             self.close_locked(&mut st, reason);
-            return Next::Trailers(trailers);
+            return Next::Trailers(*trailers);
         }
         if let Some(error) = st.error.take() {
             self.close_locked(&mut st, CloseReason::InnerError);
@@ -138,7 +138,10 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         let was_empty = st.storage.is_empty();
         // What this look finds skipped was published since the last one.
         let since = if self.config.rules().dropped_within.is_some() {
-            st.looked_at.replace(now())
+            st.drop_window
+                .get_or_insert_with(Box::default)
+                .looked_at
+                .replace(now())
         } else {
             None
         };
@@ -157,7 +160,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         }
         if !st.end && st.storage.ended() {
             st.end = true;
-            st.trailers = st.storage.end_trailers();
+            st.trailers = st.storage.end_trailers().map(Box::new);
             self.refresh_done(st);
         }
     }

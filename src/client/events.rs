@@ -26,6 +26,11 @@ pub(super) struct Outbox {
 
 impl Outbox {
     pub(super) fn push(&mut self, kind: EventKind, stats: BufferStats) {
+        // Most queues hold one event (a client that keeps up has `Opened`,
+        // later `Closed`): room for one, not the four a `Vec` starts with.
+        if self.queue.capacity() == 0 {
+            self.queue.reserve_exact(1);
+        }
         self.queue.push((kind, stats));
     }
 
@@ -48,16 +53,14 @@ impl Outbox {
 
     /// Like [`take`](Self::take) for the thread that is delivering
     /// already: swaps the delivered (now empty) `batch` for the events
-    /// queued since, or, when there are none, gives its allocation back to
-    /// the queue (a client that reports on every wake-up then allocates
-    /// nothing per report) and returns `false`.
+    /// queued since, or, when there are none, returns `false` (the batch's
+    /// allocation is then freed with it: events are rare, at most a few a
+    /// second with the drop reports paced, and a queue kept allocated would
+    /// cost every connection its size for as long as it is open).
     pub(super) fn take_more(&mut self, batch: &mut Vec<(EventKind, BufferStats)>) -> bool {
         debug_assert!(batch.is_empty());
         if self.queue.is_empty() {
             self.delivering = false;
-            if self.queue.capacity() < batch.capacity() {
-                std::mem::swap(&mut self.queue, batch);
-            }
             return false;
         }
         std::mem::swap(&mut self.queue, batch);

@@ -117,10 +117,31 @@ impl ClientInfo {
 pub(crate) fn route(_extensions: &Extensions) -> Option<Arc<str>> {
     #[cfg(feature = "axum")]
     if let Some(m) = _extensions.get::<axum::extract::MatchedPath>() {
-        return Some(Arc::from(m.as_str()));
+        return Some(interned(m.as_str()));
     }
     None
 }
+
+/// The one `Arc<str>` of `route`: every client of a route names the same,
+/// so it is allocated once per route, not once per client. Up to
+/// [`INTERNED`] routes are kept; past that each client gets its own.
+#[cfg(feature = "axum")]
+fn interned(route: &str) -> Arc<str> {
+    static ROUTES: std::sync::Mutex<Vec<Arc<str>>> = std::sync::Mutex::new(Vec::new());
+    let mut routes = ROUTES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(known) = routes.iter().find(|known| ***known == *route) {
+        return known.clone();
+    }
+    let new: Arc<str> = Arc::from(route);
+    if routes.len() < INTERNED {
+        routes.push(new.clone());
+    }
+    new
+}
+
+/// How many routes [`interned`] keeps.
+#[cfg(feature = "axum")]
+const INTERNED: usize = 256;
 
 /// Reads the handle that closes the request's connection.
 pub(crate) fn connection(extensions: &Extensions) -> Option<Connection> {

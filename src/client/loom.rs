@@ -118,6 +118,7 @@ fn client(config: BufferConfig, budget: Option<MemoryBudget>) -> (Arc<TestClient
     let info = ClientInfo::new(Method::GET, Uri::from_static("/"), None);
     let client = TestClient::new(
         ClientBuffer::with_weigher(config, Remaining),
+        Arc::new(config),
         HandleInner::new(info),
         Arc::new(recorder.clone()),
         budget,

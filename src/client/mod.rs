@@ -113,11 +113,25 @@ pub(crate) enum Next<D> {
     Wait(Option<Instant>),
 }
 
+/// What the `after_dropped_within` rule keeps.
+#[derive(Default)]
+struct DropWindow {
+    /// Drops in buckets of a 64th of the rule's window, and their sum:
+    /// constant work per push whatever the rate.
+    buckets: VecDeque<(Instant, u64)>,
+    sum: u64,
+    /// When the last look at a window counted its drops: the drops the
+    /// next look finds happened since then, not at that look.
+    looked_at: Option<Instant>,
+}
+
 /// One client's stream, shared by its producer and consumer sides.
 pub(crate) struct Client<D, O, S> {
     state: Mutex<State<D, S>>,
     handle: Arc<HandleInner>,
-    config: BufferConfig,
+    /// The storage's configuration, shared with it (and, through the
+    /// layer, with every client of the layer).
+    config: Arc<BufferConfig>,
     observer: Arc<O>,
     budget: Option<MemoryBudget>,
     reporter: Reporter,
@@ -134,15 +148,16 @@ pub(crate) struct Client<D, O, S> {
 
 struct State<D, S> {
     storage: S,
-    trailers: Option<HeaderMap>,
+    /// Boxed, as most streams end without trailers.
+    trailers: Option<Box<HeaderMap>>,
     error: Option<BoxError>,
     /// The producer has ended (end of stream, trailers, error).
     end: bool,
     /// The end came from a shutdown: `Closed` says so.
     shutdown: bool,
     /// A frame that goes out after the kept ones, before the end (a
-    /// shutdown's SSE `retry:` hint).
-    last: Option<D>,
+    /// shutdown's SSE `retry:` hint); boxed, as only a shutdown sets it.
+    last: Option<Box<D>>,
     /// How a shutdown ends this stream, if one may: the last frame and the
     /// trailers (boxed: most clients never shut down).
     ending: Option<Box<(Option<D>, Option<HeaderMap>)>>,
@@ -170,14 +185,10 @@ struct State<D, S> {
     last_taken: Instant,
     /// Since when frames have waited without the client taking one.
     waiting_since: Option<Instant>,
-    /// Drops in buckets of a 64th of `after_dropped_within`'s window, and
-    /// their sum: constant work per push whatever the rate.
-    drop_window: VecDeque<(Instant, u64)>,
-    drop_window_sum: u64,
-    /// When the last look at a window counted its drops (only with an
-    /// `after_dropped_within` rule): the drops the next look finds happened
-    /// since then, not at that look.
-    looked_at: Option<Instant>,
+    /// The `after_dropped_within` rule's state, made with its first use
+    /// (boxed: most clients have no such rule, and every one pays for what
+    /// its state holds inline).
+    drop_window: Option<Box<DropWindow>>,
     /// The hub's sweep: when it next looks at this client, and how long it
     /// waits after that if the client stays stalled.
     sweep_next: Option<Instant>,
@@ -301,12 +312,13 @@ where
     /// fires with [`open`](Self::open).
     pub(crate) fn new(
         storage: S,
+        config: Arc<BufferConfig>,
         handle: Arc<HandleInner>,
         observer: Arc<O>,
         budget: Option<MemoryBudget>,
         reporter: Reporter,
     ) -> Arc<Self> {
-        let config = *storage.config();
+        debug_assert_eq!(*storage.config(), *config, "the storage's configuration");
         let client = Arc::new(Self {
             state: Mutex::new(State {
                 storage,
@@ -329,9 +341,7 @@ where
                 drop_report_at: None,
                 last_taken: now(),
                 waiting_since: None,
-                drop_window: VecDeque::new(),
-                drop_window_sum: 0,
-                looked_at: None,
+                drop_window: None,
                 sweep_next: None,
                 sweep_every: Duration::ZERO,
                 outbox: Outbox::default(),
@@ -472,8 +482,8 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         st.storage.stop();
         st.end = true;
         st.shutdown = true;
-        st.last = last;
-        st.trailers = trailers;
+        st.last = last.map(Box::new);
+        st.trailers = trailers.map(Box::new);
         if self.reporter == Reporter::Producer {
             self.report_drops_locked(&mut st);
         }

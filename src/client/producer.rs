@@ -111,7 +111,7 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         st.end = true;
         match end {
             End::Eof => {}
-            End::Trailers(t) => st.trailers = Some(t),
+            End::Trailers(t) => st.trailers = Some(Box::new(t)),
             End::Error(e) => st.error = Some(e),
         }
         if self.reporter == Reporter::Producer {

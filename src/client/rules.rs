@@ -53,23 +53,24 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         if let Some((max, window)) = rules.dropped_within {
             let t = now();
             let bucket = window / 64;
+            let drops = st.drop_window.get_or_insert_with(Box::default);
             for (at, frames) in spread(dropped.frames as u64, since, t, window) {
-                match st.drop_window.back_mut() {
+                match drops.buckets.back_mut() {
                     Some((last, n)) if at.saturating_duration_since(*last) <= bucket => {
                         *n += frames;
                     }
-                    _ => st.drop_window.push_back((at, frames)),
+                    _ => drops.buckets.push_back((at, frames)),
                 }
-                st.drop_window_sum += frames;
+                drops.sum += frames;
             }
-            while let Some(&(at, n)) = st.drop_window.front() {
+            while let Some(&(at, n)) = drops.buckets.front() {
                 if t.saturating_duration_since(at) <= window {
                     break;
                 }
-                st.drop_window.pop_front();
-                st.drop_window_sum -= n;
+                drops.buckets.pop_front();
+                drops.sum -= n;
             }
-            if st.drop_window_sum > max {
+            if drops.sum > max {
                 return Some(EvictReason::DroppedWindow);
             }
         }

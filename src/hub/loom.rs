@@ -123,10 +123,11 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
 fn window_client(hub: &Hub, config: BufferConfig, limit: Option<u64>) -> (Arc<Windowed>, Recorder) {
     let recorder = Recorder::default();
     let cursor = hub.shared().lock().tail();
+    let config = Arc::new(config);
     let window = Window::new(
         hub.shared().clone(),
         cursor,
-        config,
+        config.clone(),
         None,
         limit,
         false,
@@ -135,6 +136,7 @@ fn window_client(hub: &Hub, config: BufferConfig, limit: Option<u64>) -> (Arc<Wi
     let info = ClientInfo::new(Method::GET, Uri::from_static("/"), None);
     let client = Windowed::new(
         window,
+        config,
         HandleInner::new(info),
         Arc::new(recorder.clone()),
         None,

@@ -592,7 +592,7 @@ mod tests {
         // A client's window, as the layer makes it, counts too.
         let (window, _) = hub
             .window_source(None, None)
-            .window(crate::BufferConfig::new(10), None);
+            .window(Arc::new(crate::BufferConfig::new(10)), None);
         assert_eq!(hub.subscribers(), 3);
         drop((a, window));
         assert_eq!(hub.subscribers(), 1);

@@ -193,11 +193,13 @@ where
         no_proxy_buffering(&mut headers);
         let idle = Idle::for_response::<T>(self.keep_alive.as_ref(), &headers);
         let mut response = Response::new(HubBody {
-            subscription: Some(subscription),
-            left: self.limit,
-            trailers: self.trailers,
+            serving: Some(Box::new(Serving {
+                subscription,
+                left: self.limit,
+                trailers: self.trailers,
+                idle,
+            })),
             claim: claim.clone(),
-            idle,
         });
         *response.headers_mut() = headers;
         response.extensions_mut().insert(Tap::new(source));
@@ -270,11 +272,20 @@ where
 /// or put such a wrapper outside the layer.
 #[derive(Debug)]
 pub struct HubBody<T = Bytes, W = ByWeigh> {
-    /// `None` once the layer serves the client from a window.
-    subscription: Option<Subscription<T, W>>,
+    /// What serves the client without the layer; `None` once the layer
+    /// serves it from a window. Boxed: such a body stays in the response's
+    /// wrappers (polled only for their end) for as long as the client is
+    /// connected, and then holds nothing but its claim.
+    serving: Option<Box<Serving<T, W>>>,
+    claim: Arc<Claim>,
+}
+
+/// A [`HubBody`] serving its subscription itself.
+#[derive(Debug)]
+struct Serving<T, W> {
+    subscription: Subscription<T, W>,
     left: Option<u64>,
     trailers: Option<HeaderMap>,
-    claim: Arc<Claim>,
     /// SSE keep-alive, served without the layer.
     idle: Option<Idle>,
 }
@@ -303,18 +314,21 @@ impl<T: Buf + Clone + 'static, W> Body for HubBody<T, W> {
             // Nothing comes from here: the window serves the client (the
             // body is polled only so that its wrappers can end it).
             SHADOW => {
-                self.subscription = None;
+                self.serving = None;
                 return Poll::Pending;
             }
             _ => return Poll::Pending,
         }
-        if self.left == Some(0) {
-            return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
-        }
-        let Some(subscription) = self.subscription.as_mut() else {
+        let Some(serving) = self.serving.as_deref_mut() else {
             return Poll::Pending;
         };
-        let frame = match (Pin::new(subscription).poll_frame(cx), &mut self.idle) {
+        if serving.left == Some(0) {
+            return Poll::Ready(serving.trailers.take().map(|t| Ok(Frame::trailers(t))));
+        }
+        let frame = match (
+            Pin::new(&mut serving.subscription).poll_frame(cx),
+            &mut serving.idle,
+        ) {
             (Poll::Ready(frame), idle) => {
                 if let Some(idle) = idle {
                     idle.busy();
@@ -330,7 +344,7 @@ impl<T: Buf + Clone + 'static, W> Body for HubBody<T, W> {
             }
             (Poll::Pending, _) => return Poll::Pending,
         };
-        if let (Some(Ok(f)), Some(left)) = (&frame, &mut self.left) {
+        if let (Some(Ok(f)), Some(left)) = (&frame, &mut serving.left) {
             if f.is_data() {
                 *left -= 1;
             }
@@ -339,11 +353,10 @@ impl<T: Buf + Clone + 'static, W> Body for HubBody<T, W> {
     }
 
     fn is_end_stream(&self) -> bool {
-        (self.left == Some(0) && self.trailers.is_none())
-            || self
-                .subscription
-                .as_ref()
-                .is_some_and(|s| s.is_end_stream())
+        self.serving.as_deref().is_some_and(|serving| {
+            (serving.left == Some(0) && serving.trailers.is_none())
+                || serving.subscription.is_end_stream()
+        })
     }
 }
 

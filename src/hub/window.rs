@@ -199,7 +199,8 @@ pub(crate) struct Window<T, W> {
     shared: Arc<Shared<T, W>>,
     cursor: Cursor,
     parked: Parked,
-    config: BufferConfig,
+    /// Shared with the client (and the layer's other clients).
+    config: Arc<BufferConfig>,
     /// `None`: every frame is droppable (the default hook).
     classify: Option<ClassifyFn<T>>,
     /// What waits for the client, besides the log.
@@ -207,7 +208,7 @@ pub(crate) struct Window<T, W> {
     /// Frames still to deliver before the stream ends, if limited.
     left: Option<u64>,
     /// Sent after the last frame of a limited window.
-    trailers: Option<HeaderMap>,
+    trailers: Option<Box<HeaderMap>>,
     /// A resumed client replays what it missed, whatever its limits: it is
     /// not slow. Its window bounds it once it has caught up to below its
     /// pressure threshold, where a client that keeps up stays: bound as
@@ -232,7 +233,7 @@ impl<T, W> Window<T, W> {
     pub(crate) fn new(
         shared: Arc<Shared<T, W>>,
         cursor: Cursor,
-        config: BufferConfig,
+        config: Arc<BufferConfig>,
         classify: Option<ClassifyFn<T>>,
         limit: Option<u64>,
         resumed: bool,
@@ -240,7 +241,7 @@ impl<T, W> Window<T, W> {
     ) -> Self {
         Self {
             _counted: shared.subscriber(),
-            trailers,
+            trailers: trailers.map(Box::new),
             catching_up: resumed,
             parked_now: false,
             hub_ended: false,
@@ -450,7 +451,7 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
     }
 
     fn end_trailers(&mut self) -> Option<HeaderMap> {
-        self.trailers.take()
+        self.trailers.take().map(|t| *t)
     }
 
     fn pop(&mut self) -> Option<(T, Gap)> {
@@ -558,7 +559,7 @@ pub(crate) trait MakeWindow<T>: Send + Sync {
     /// The window of a client with `config`, and the hub's sweep to join.
     fn window(
         &self,
-        config: BufferConfig,
+        config: Arc<BufferConfig>,
         classify: Option<ClassifyFn<T>>,
     ) -> (Box<dyn Storage<T> + Send>, Arc<Sweeper>);
 }
@@ -597,7 +598,7 @@ where
 {
     fn window(
         &self,
-        config: BufferConfig,
+        config: Arc<BufferConfig>,
         classify: Option<ClassifyFn<T>>,
     ) -> (Box<dyn Storage<T> + Send>, Arc<Sweeper>) {
         let window = Window::new(

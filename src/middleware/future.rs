@@ -27,7 +27,7 @@ use crate::predicate::{Predicate, can_drop_frames};
 /// What wrapping a response needs, besides the response.
 pub(crate) struct Wrap<P, O, M, C> {
     pub(crate) handle: Arc<HandleInner>,
-    pub(crate) config: BufferConfig,
+    pub(crate) config: Arc<BufferConfig>,
     pub(crate) predicate: P,
     pub(crate) observer: Arc<O>,
     pub(crate) marker: M,
@@ -164,10 +164,11 @@ where
     // Frames may be dropped: the length is no longer known.
     parts.headers.remove(header::CONTENT_LENGTH);
     let idle = Idle::for_response::<I::Data>(wrap.stream.keep_alive.as_ref(), &parts.headers);
-    let buffer = ClientBuffer::with_weigher(wrap.config, Remaining);
+    let buffer = ClientBuffer::with_shared_config(wrap.config.clone(), Remaining);
     let connection = wrap.handle.connection().cloned();
     let shared = Shared::new(
         buffer,
+        wrap.config,
         wrap.handle,
         wrap.observer,
         wrap.budget,
@@ -233,9 +234,16 @@ where
         Some(Box::new(move |d: &B::Data| c.classify(d)))
     };
     let idle = Idle::for_response::<B::Data>(wrap.stream.keep_alive.as_ref(), &parts.headers);
-    let (window, sweeper) = source.window(wrap.config, classify);
+    let (window, sweeper) = source.window(wrap.config.clone(), classify);
     let connection = wrap.handle.connection().cloned();
-    let client = Windowed::new(window, wrap.handle, wrap.observer, None, Reporter::Consumer);
+    let client = Windowed::new(
+        window,
+        wrap.config,
+        wrap.handle,
+        wrap.observer,
+        None,
+        Reporter::Consumer,
+    );
     client.open();
     if let Some(shutdown) = &wrap.stream.shutdown {
         crate::shutdown::register(shutdown, &client, &parts.headers, connection);

@@ -22,7 +22,9 @@ use crate::predicate::{DefaultPredicate, Predicate};
 ///
 /// See the [crate docs](crate) for an example.
 pub struct BackpressureLayer<P = DefaultPredicate, O = (), M = (), C = ()> {
-    config: BufferConfig,
+    /// Shared by every client the layer serves (the layer's clones and its
+    /// services' too): no copy per connection.
+    config: Arc<BufferConfig>,
     predicate: P,
     observer: Arc<O>,
     marker: M,
@@ -56,7 +58,7 @@ impl BackpressureLayer {
     pub fn try_new(config: BufferConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(Self {
-            config,
+            config: Arc::new(config),
             predicate: DefaultPredicate::new(),
             observer: Arc::new(()),
             marker: (),
@@ -225,7 +227,7 @@ impl<S, P: Clone, O, M: Clone, C: Clone> Layer<S> for BackpressureLayer<P, O, M,
 impl<P: Clone, O, M: Clone, C: Clone> Clone for BackpressureLayer<P, O, M, C> {
     fn clone(&self) -> Self {
         Self {
-            config: self.config,
+            config: self.config.clone(),
             predicate: self.predicate.clone(),
             observer: self.observer.clone(),
             marker: self.marker.clone(),

@@ -27,7 +27,7 @@ use crate::predicate::{DefaultPredicate, Predicate};
 /// into the request's extensions.
 pub struct Backpressure<S, P = DefaultPredicate, O = (), M = (), C = ()> {
     pub(crate) inner: S,
-    pub(crate) config: BufferConfig,
+    pub(crate) config: Arc<BufferConfig>,
     pub(crate) predicate: P,
     pub(crate) observer: Arc<O>,
     pub(crate) marker: M,
@@ -82,7 +82,7 @@ impl<S: Clone, P: Clone, O, M: Clone, C: Clone> Clone for Backpressure<S, P, O, 
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            config: self.config,
+            config: self.config.clone(),
             predicate: self.predicate.clone(),
             observer: self.observer.clone(),
             marker: self.marker.clone(),
@@ -142,7 +142,7 @@ where
             .insert(ClientHandle::new(handle.clone()));
         let wrap = Wrap {
             handle,
-            config: self.config,
+            config: self.config.clone(),
             predicate: self.predicate.clone(),
             observer: self.observer.clone(),
             marker: self.marker.clone(),

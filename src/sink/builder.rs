@@ -176,8 +176,10 @@ impl<O, M, C, W> Builder<O, M, C, W> {
             .info
             .unwrap_or_else(|| ClientInfo::new(Method::GET, Uri::from_static("/"), None));
         let buffer = ClientBuffer::with_weigher(self.config, self.weigher.clone());
+        let config = buffer.shared_config().clone();
         let client = Client::new(
             buffer,
+            config,
             HandleInner::with_connection(info, self.connection),
             self.observer,
             self.budget,
@@ -247,9 +249,13 @@ impl<O, M, C, W> Builder<O, M, C, W> {
             let c = self.classify.clone();
             Some(Box::new(move |item: &T| c.classify(item)))
         };
-        let (window, sweeper) = hub.window_source(after, None).window(self.config, classify);
+        let config = Arc::new(self.config);
+        let (window, sweeper) = hub
+            .window_source(after, None)
+            .window(config.clone(), classify);
         let client = Client::new(
             window,
+            config,
             HandleInner::with_connection(info, self.connection),
             self.observer,
             None,
