@@ -552,7 +552,7 @@ impl<T, W> Drop for Window<T, W> {
 }
 
 /// What a subscription leaves in its response's extensions for the layer
-/// (see [`Subscription::into_response`](super::Subscription::into_response)):
+/// (see [`HubResponse::build`](super::HubResponse::build)):
 /// how to make the client's window, type-erased over the hub's weigher.
 pub(crate) trait MakeWindow<T>: Send + Sync {
     /// The window of a client with `config`, and the hub's sweep to join.
