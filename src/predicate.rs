@@ -5,6 +5,10 @@
 //! A compressed body, a file or arbitrary bytes cannot. So a [`Predicate`]
 //! decides, and whatever it says, the layer never wraps a response that has a
 //! `Content-Encoding` (other than `identity`) or a body of exact size.
+//! A response the predicate selects but that is already encoded means a
+//! compression layer sits inside this one: the layer lets it through and,
+//! with the `tracing` feature, says so at `DEBUG` (put the layer inside the
+//! compression layer instead).
 //!
 //! Predicates combine with [`Predicate::and`], [`Predicate::or`] and
 //! [`Predicate::not`] (into [`And`], [`Or`] and [`Not`]), so the
