@@ -12,7 +12,7 @@
 //! The window is brought up to date when its client reads, and by the hub's
 //! sweep for clients that do not: a stalled client costs nothing per
 //! publish, and one step per sweep (a binary search, not a step per frame
-//! published, unless a [`Classify`] hook must see the frames it skips).
+//! published, unless a [`Classify`](crate::Classify) hook must see the frames it skips).
 
 use std::any::Any;
 use std::collections::VecDeque;
