@@ -138,3 +138,29 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// The guides in `docs/`: their Rust blocks compiled and run as doctests
+/// (`cargo test --all-features --doc`), as the README's are.
+#[cfg(doctest)]
+mod guides {
+    #[doc = include_str!("../docs/choosing-a-path.md")]
+    struct ChoosingAPath;
+
+    #[doc = include_str!("../docs/integrations.md")]
+    struct Integrations;
+
+    #[doc = include_str!("../docs/production.md")]
+    struct Production;
+
+    #[doc = include_str!("../docs/guarantees.md")]
+    struct Guarantees;
+
+    #[doc = include_str!("../docs/configuration.md")]
+    struct Configuration;
+
+    #[doc = include_str!("../docs/architecture.md")]
+    struct Architecture;
+
+    #[doc = include_str!("../docs/examples.md")]
+    struct Examples;
+}

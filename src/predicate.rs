@@ -5,6 +5,10 @@
 //! A compressed body, a file or arbitrary bytes cannot. So a [`Predicate`]
 //! decides, and whatever it says, the layer never wraps a response that has a
 //! `Content-Encoding` (other than `identity`) or a body of exact size.
+//! A response the predicate selects but that is already encoded means a
+//! compression layer sits inside this one: the layer lets it through and,
+//! with the `tracing` feature, says so at `DEBUG` (put the layer inside the
+//! compression layer instead).
 //!
 //! Predicates combine with [`Predicate::and`], [`Predicate::or`] and
 //! [`Predicate::not`] (into [`And`], [`Or`] and [`Not`]), so the
@@ -221,13 +225,24 @@ impl Predicate for DefaultPredicate {
 
 /// The rule no predicate overrides: no `Content-Encoding` (but `identity`),
 /// no exact body size.
+///
+/// Asked only of a response the predicate selected, once per response. A
+/// selected response that is already encoded (a compression layer inside
+/// this one) is a stack in the wrong order, which the layer otherwise gets
+/// through in silence: with the `tracing` feature, it says so at `DEBUG`.
 pub(crate) fn can_drop_frames<B: Body>(response: &http::Response<B>) -> bool {
-    let encoded = response
-        .headers()
-        .get_all(header::CONTENT_ENCODING)
-        .iter()
-        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-    !encoded && response.body().size_hint().exact().is_none()
+    let mut encodings = response.headers().get_all(header::CONTENT_ENCODING).iter();
+    let encoded = encodings.find(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if let Some(_encoding) = encoded {
+        #[cfg(feature = "tracing")]
+        tracing::debug!(
+            content_encoding = ?_encoding,
+            "response not buffered: it already has a Content-Encoding; \
+             put BackpressureLayer inside the compression layer, so that it sees the frames before they are compressed"
+        );
+        return false;
+    }
+    response.body().size_hint().exact().is_none()
 }
 
 #[cfg(test)]
@@ -392,5 +407,53 @@ mod tests {
 
         let full = http::Response::new(Full::new(Bytes::from_static(b"data: x\n\n")));
         assert!(!can_drop_frames(&full));
+    }
+
+    /// A selected response that is already compressed is let through with
+    /// one `DEBUG` line that says why and what to change; an identity or
+    /// unencoded one, without.
+    #[cfg(feature = "tracing")]
+    #[test]
+    fn an_encoded_response_says_why_it_is_not_buffered() {
+        use std::sync::{Arc, Mutex};
+
+        #[derive(Clone, Default)]
+        struct Capture(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let mut r = streaming("text/event-stream");
+            assert!(can_drop_frames(&r));
+            r.headers_mut()
+                .insert(header::CONTENT_ENCODING, "identity".parse().unwrap());
+            assert!(can_drop_frames(&r));
+            r.headers_mut()
+                .insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
+            assert!(!can_drop_frames(&r));
+        });
+        let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 1, "{out}");
+        assert!(lines[0].contains("DEBUG"), "{out}");
+        assert!(lines[0].contains("already has a Content-Encoding"), "{out}");
+        assert!(lines[0].contains("content_encoding=\"gzip\""), "{out}");
+        assert!(
+            lines[0].contains("put BackpressureLayer inside the compression layer"),
+            "{out}"
+        );
     }
 }

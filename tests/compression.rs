@@ -172,3 +172,65 @@ async fn inside_compression_each_event_reaches_the_client_as_it_comes() {
         }
     }
 }
+
+/// Compression inside the layer is let through, but not in silence: one
+/// `DEBUG` line per selected response says why and what to change. A
+/// response the predicate does not select (here `text/html`) logs nothing.
+#[cfg(feature = "tracing")]
+#[tokio::test]
+async fn compression_inside_the_layer_says_so_once_at_debug() {
+    use std::sync::{Arc, Mutex};
+    use tower::ServiceExt as _;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let capture = Capture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The test's runtime polls on this thread: the default subscriber sees it.
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    for content_type in ["text/event-stream", "text/html"] {
+        let (producer, body) = channel_body(1, None);
+        drop(producer.tx);
+        let svc = ServiceBuilder::new()
+            .layer(backpressure())
+            .layer(compression())
+            .service(one_response(body, content_type));
+        let req = Request::get("/events")
+            .header(header::ACCEPT_ENCODING, "gzip")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let response = svc.oneshot(req).await.unwrap();
+        assert_eq!(response.headers()[header::CONTENT_ENCODING], "gzip");
+        response.into_body().collect().await.unwrap();
+    }
+    let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("tower_backpressure"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{out}");
+    assert!(lines[0].contains("DEBUG"), "{out}");
+    assert!(
+        lines[0].contains("response not buffered: it already has a Content-Encoding"),
+        "{out}"
+    );
+    assert!(
+        lines[0].contains("put BackpressureLayer inside the compression layer"),
+        "{out}"
+    );
+}

@@ -1,8 +1,9 @@
 //! Where a client's frames wait: the one thing the state machine asks of a
 //! storage.
 //!
-//! Today that is a private [`ClientBuffer`] ring per client; a window over a
-//! shared log fits the same trait.
+//! Two storages implement it: a private [`ClientBuffer`] ring per client,
+//! and a window over a hub's shared log (`crate::hub::window`), which the
+//! hub fills and which only reads the log.
 
 use crate::buffer::{BufferStats, ClientBuffer, Dropped, FrameClass, Gap, Weigher};
 use std::task::Waker;

@@ -338,7 +338,6 @@ impl<T> Log<T> {
     /// How many ids a reader at `next` skips before the first frame it can
     /// get (frames no longer retained and holes); 0 if it is up to date.
     /// O(log n).
-    #[allow(dead_code)] // For the layer's per-client windows.
     pub(crate) fn gap_before(&self, next: u64) -> u64 {
         let from = self.effective(next);
         let i = self.index(next);

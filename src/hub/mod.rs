@@ -437,9 +437,8 @@ impl<T, W> Hub<T, W> {
         self.shared.config
     }
 
-    /// The state shared with subscriptions (and, later, the layer's
-    /// per-client windows).
-    #[allow(dead_code)]
+    /// The state shared with subscriptions and the layer's per-client
+    /// windows.
     pub(crate) fn shared(&self) -> &Arc<Shared<T, W>> {
         &self.shared
     }

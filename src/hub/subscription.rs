@@ -176,7 +176,6 @@ impl<T, W, M> Subscription<T, W, M> {
     }
 
     /// The cursor in the log (past the frames taken and not handed out).
-    #[allow(dead_code)]
     pub(crate) fn cursor(&self) -> Cursor {
         self.cursor
     }

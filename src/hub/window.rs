@@ -12,7 +12,7 @@
 //! The window is brought up to date when its client reads, and by the hub's
 //! sweep for clients that do not: a stalled client costs nothing per
 //! publish, and one step per sweep (a binary search, not a step per frame
-//! published, unless a [`Classify`] hook must see the frames it skips).
+//! published, unless a [`Classify`](crate::Classify) hook must see the frames it skips).
 
 use std::any::Any;
 use std::collections::VecDeque;
@@ -553,7 +553,7 @@ impl<T, W> Drop for Window<T, W> {
 }
 
 /// What a subscription leaves in its response's extensions for the layer
-/// (see [`Subscription::into_response`](super::Subscription::into_response)):
+/// (see [`HubResponse::build`](super::HubResponse::build)):
 /// how to make the client's window, type-erased over the hub's weigher.
 pub(crate) trait MakeWindow<T>: Send + Sync {
     /// The window of a client with `config`, and the hub's sweep to join.
