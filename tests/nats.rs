@@ -30,7 +30,7 @@ mod binaries;
 use binaries::bus::{
     Client, Process, Proxy, accepting, consecutive, free_port, metric, scrape, spawn,
 };
-use binaries::{STEP, Sse, ids, refused_with, within};
+use binaries::{Sse, ids, refused_with};
 
 /// The publishers' rate: events per second.
 const RATE: u64 = 200;
@@ -354,7 +354,8 @@ mod history {
     use bytes::Bytes;
     use tower_backpressure::bus::nats;
 
-    use super::{Nats, STEP, within};
+    use super::Nats;
+    use super::binaries::{STEP, within};
 
     /// A message on `subject`: `Event-Id: id` if `id` is given, else no
     /// header at all; its payload is `payload`. Waits for the stream's ack.

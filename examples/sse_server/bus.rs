@@ -48,6 +48,14 @@ fn json_text(data: &str) -> String {
     quoted[1..quoted.len() - 1].to_owned()
 }
 
+/// A bus feeding the hubs: its name (the `bus` label of its series), its
+/// history for resumes if it keeps one, and its counters.
+pub(super) struct Feeding {
+    pub(super) bus: &'static str,
+    pub(super) history: Option<History>,
+    pub(super) stats: FeedStats,
+}
+
 /// Logs the end of a feed (a bus stream that ended: the hubs go on).
 fn ended(bus: &'static str, source: String, stats: FeedStats) -> impl FnOnce(FeedReport) {
     move |report| tracing::warn!(%source, ?report, ?stats, "the {bus} feed ended")
@@ -58,7 +66,7 @@ fn ended(bus: &'static str, source: String, stats: FeedStats) -> impl FnOnce(Fee
 pub(super) enum History {
     /// `--jetstream`: the subject's JetStream stream.
     #[cfg(feature = "nats")]
-    Nats(nats::History),
+    Nats(Box<nats::History>),
     /// `--redis`: the Redis stream.
     #[cfg(feature = "redis")]
     Redis(redis::History),

@@ -393,6 +393,8 @@ struct HubState {
 
 #[cfg(not(any(feature = "nats", feature = "redis")))]
 type History = std::convert::Infallible;
+#[cfg(not(any(feature = "nats", feature = "redis")))]
+type Feeding = std::convert::Infallible;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -493,28 +495,26 @@ async fn main() -> ExitCode {
         // no layer serves them (`--passthrough`).
         shutdown.close_hub(&state.sse);
         shutdown.close_hub(&state.ndjson);
-        let started: Result<Option<(&str, (Option<History>, _))>, String> =
-            match (&args.nats, &args.redis) {
-                (None, None) => {
-                    tokio::spawn(produce(args.rate, publish_into(&state, payload)));
-                    Ok(None)
-                }
-                #[cfg(feature = "nats")]
-                (Some(url), _) => bus::nats::start(&state, url, &args.subject, args.jetstream)
-                    .await
-                    .map(|started| Some(("nats", started))),
-                #[cfg(feature = "redis")]
-                (_, Some(url)) => bus::redis::start(&state, url, &args.stream)
-                    .await
-                    .map(|started| Some(("redis", started))),
-                #[allow(unreachable_patterns)]
-                _ => unreachable!("refused above"),
-            };
+        let started: Result<Option<Feeding>, String> = match (&args.nats, &args.redis) {
+            (None, None) => {
+                tokio::spawn(produce(args.rate, publish_into(&state, payload)));
+                Ok(None)
+            }
+            #[cfg(feature = "nats")]
+            (Some(url), _) => bus::nats::start(&state, url, &args.subject, args.jetstream)
+                .await
+                .map(Some),
+            #[cfg(feature = "redis")]
+            (_, Some(url)) => bus::redis::start(&state, url, &args.stream).await.map(Some),
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("refused above"),
+        };
         let history = match started {
             Ok(None) => None,
-            Ok(Some((name, (history, stats)))) => {
-                bus_stats = Some((name, stats));
-                history
+            #[cfg(any(feature = "nats", feature = "redis"))]
+            Ok(Some(feeding)) => {
+                bus_stats = Some((feeding.bus, feeding.stats));
+                feeding.history
             }
             Err(e) => {
                 eprintln!("error: {e}");
@@ -740,7 +740,7 @@ fn publish_into(hubs: &HubState, payload: Arc<str>) -> impl FnMut(u64) + Send + 
 #[cfg(any(feature = "nats", feature = "redis"))]
 mod bus;
 #[cfg(any(feature = "nats", feature = "redis"))]
-use bus::History;
+use bus::{Feeding, History};
 
 /// The one producer: `rate` events per second, ids 0, 1, 2, ..., each
 /// handed to `emit`.

@@ -1,5 +1,5 @@
 //! Feeding a [`Hub`](crate::Hub) from a Redis stream with the
-//! [`redis`](::redis) crate: the publisher's ids as the entries' ids, a
+//! [`redis`] crate: the publisher's ids as the entries' ids, a
 //! retention of the newest entries, one `XREAD` per batch.
 //!
 //! # Entry format

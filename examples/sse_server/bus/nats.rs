@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tower_backpressure::BoxError;
 use tower_backpressure::bus::{self, FeedStats, nats};
 
-use super::{HubState, ended};
+use super::{Feeding, HubState, ended};
 
 /// The retention of a JetStream stream made here: `nats_publisher`'s
 /// default.
@@ -42,9 +42,13 @@ pub(crate) async fn start(
     url: &str,
     subject: &str,
     jetstream: bool,
-) -> Result<(Option<super::History>, FeedStats), String> {
+) -> Result<Feeding, String> {
     let stats = FeedStats::new();
-    let scraped = stats.clone();
+    let mut feeding = Feeding {
+        bus: "nats",
+        history: None,
+        stats: stats.clone(),
+    };
     let cannot = |e: &dyn std::fmt::Display| format!("cannot connect to NATS at {url}: {e}");
     let client = tokio::time::timeout(CONNECT, nats::connect_options(&stats).connect(url))
         .await
@@ -66,7 +70,7 @@ pub(crate) async fn start(
             stream,
             subject: subject.to_owned(),
         };
-        Ok((Some(super::History::Nats(history)), scraped))
+        feeding.history = Some(super::History::Nats(Box::new(history)));
     } else {
         let subscriber = client
             .subscribe(subject.to_owned())
@@ -83,6 +87,6 @@ pub(crate) async fn start(
             let _client = client;
             ended(bus::feed(&hubs, &stats, events).await)
         });
-        Ok((None, scraped))
     }
+    Ok(feeding)
 }

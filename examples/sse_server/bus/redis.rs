@@ -9,7 +9,7 @@ use tokio::sync::Mutex;
 use tower_backpressure::BoxError;
 use tower_backpressure::bus::{self, FeedStats, redis as bus_redis};
 
-use super::{HubState, ended};
+use super::{Feeding, HubState, ended};
 
 /// How long connecting to Redis may take at start.
 const CONNECT: Duration = Duration::from_secs(10);
@@ -50,11 +50,7 @@ impl History {
 /// before the server listens), and feeds `state`'s hubs from the stream
 /// `key` in a task of its own: every event the stream retains (the hubs
 /// start warm), then the new ones. Returns the history for resumes.
-pub(crate) async fn start(
-    state: &HubState,
-    url: &str,
-    key: &str,
-) -> Result<(Option<super::History>, FeedStats), String> {
+pub(crate) async fn start(state: &HubState, url: &str, key: &str) -> Result<Feeding, String> {
     let cannot = |e: &dyn std::fmt::Display| format!("cannot connect to Redis at {url}: {e}");
     let client = redis::Client::open(url).map_err(|e| cannot(&e))?;
     let mut connection = tokio::time::timeout(CONNECT, bus_redis::connect(&client))
@@ -76,5 +72,9 @@ pub(crate) async fn start(
         key: key.to_owned(),
         connection: Arc::new(Mutex::new(Some(connection))),
     };
-    Ok((Some(super::History::Redis(history)), scraped))
+    Ok(Feeding {
+        bus: "redis",
+        history: Some(super::History::Redis(history)),
+        stats: scraped,
+    })
 }
