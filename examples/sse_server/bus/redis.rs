@@ -14,8 +14,9 @@ use super::{Feeding, HubState, ended};
 /// How long connecting to Redis may take at start.
 const CONNECT: Duration = Duration::from_secs(10);
 
-/// The Redis stream, for resumes older than the hub: one connection,
-/// made again after an error.
+/// The Redis stream, for resumes older than the hub: one multiplexed
+/// connection shared by every resume (each takes a clone, so that resumes
+/// do not wait for each other), made again after an error.
 #[derive(Clone)]
 pub(crate) struct History {
     client: redis::Client,
@@ -32,15 +33,19 @@ impl History {
         before: u64,
         max: usize,
     ) -> Result<Vec<(u64, Bytes)>, BoxError> {
-        let mut connection = self.connection.lock().await;
-        let live = match connection.as_mut() {
-            Some(live) => live,
-            None => connection.insert(bus_redis::connect(&self.client).await?),
+        let mut connection = {
+            let mut shared = self.connection.lock().await;
+            match shared.as_ref() {
+                Some(connection) => connection.clone(),
+                None => shared
+                    .insert(bus_redis::connect(&self.client).await?)
+                    .clone(),
+            }
         };
-        let read = bus_redis::history(live, &self.key, after, before, max).await;
+        let read = bus_redis::history(&mut connection, &self.key, after, before, max).await;
         if read.is_err() {
             // Made again at the next resume.
-            *connection = None;
+            *self.connection.lock().await = None;
         }
         Ok(read?)
     }
