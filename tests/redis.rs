@@ -10,8 +10,9 @@
 //!   reads on after its last event: no gap while the stream still retains
 //!   what it missed, ONE gap marker with the exact count when the stream
 //!   was trimmed past it; `/metrics` counts the disconnect and reconnect.
-//! - A client resumes on a server that started after it left, from ids
-//!   older than that server's hub retains (served from the stream).
+//! - A server started later warms its hubs from the stream, and a client
+//!   resumes on a server that started after it left, from ids older than
+//!   that server's hub retains (served from the stream).
 //! - Redis restarted under load, with its data (append-only file, fsync
 //!   at every write) and without: with it, the client sees every id, in
 //!   order; without it, the ids go on after the ones it saw (the publisher
@@ -410,6 +411,62 @@ async fn a_client_resumes_on_a_server_started_after_it_left() {
 
     publisher.stop_cleanly().await;
     tokio::join!(a_server.stop_cleanly(), b_server.stop_cleanly());
+}
+
+/// A server started while the stream already holds events warms both
+/// hubs from it: it publishes, under their ids and in order, the events
+/// added before it started (its SSE hub's oldest is 0), with no
+/// duplicate, gap or invalid entry counted; a client that resumes from 0
+/// gets 1, 2, … from the hub alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_started_later_starts_warm() {
+    let redis = Redis::start(false).await;
+    let url = redis.url();
+    let publisher = publisher(&url, &[]).await;
+    let mut connection = redis.connect().await;
+    within(STEP, "20 events in the stream", async {
+        while bus_redis::last_id(&mut connection, "ticks").await.unwrap() < Some(20) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (server, addr) = server(&url, &[]).await;
+    let hubs = within(STEP, "the hubs to hold 20 events", async {
+        loop {
+            let body = binaries::get_ok(addr, "/health/hub", "application/json").await;
+            let health: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let hubs = health["hubs"].as_array().unwrap().clone();
+            if hubs.iter().all(|h| h["newest_id"].as_u64() >= Some(20)) {
+                return hubs;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    for hub in &hubs {
+        assert_eq!(hub["oldest_id"], 0, "{hub}");
+        assert_eq!(
+            hub["published"].as_u64(),
+            hub["newest_id"].as_u64().map(|n| n + 1),
+            "every id once: {hub}"
+        );
+    }
+    let mut resumed = Client::connect(addr, Some(0)).await;
+    let items = resumed.events(30).await;
+    let got = ids(&items);
+    assert_eq!(items.len(), got.len(), "no gap marker: {items:?}");
+    assert_eq!(got[..30], (1..=30).collect::<Vec<_>>()[..]);
+    let metrics = scrape(addr).await;
+    for name in [
+        "backpressure_bus_frames_missed_total",
+        "backpressure_bus_duplicates_total",
+        "backpressure_bus_invalid_total",
+    ] {
+        assert_eq!(metric(&metrics, name, BUS), 0, "{name}: {metrics}");
+    }
+    drop(resumed);
+    publisher.stop_cleanly().await;
+    server.stop_cleanly().await;
 }
 
 /// Redis killed and restarted under load (the publisher and a server keep
