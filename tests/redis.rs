@@ -63,21 +63,60 @@ struct Redis {
 
 impl Redis {
     /// Starts `redis-server` on a free loopback port, and waits until it
-    /// accepts connections. Its streams are kept in nodes of 10 entries,
-    /// so that `MAXLEN ~ N` trims to within 10 of N.
+    /// answers. Its streams are kept in nodes of 10 entries, so that
+    /// `MAXLEN ~ N` trims to within 10 of N.
+    ///
+    /// A port free when picked may be taken before `redis-server` binds it
+    /// (tests run in parallel): it is ours only if the server there says
+    /// its directory is ours; else another port, 5 tries at most.
     async fn start(durable: bool) -> Redis {
-        let port = free_port().await;
-        let dir = std::env::temp_dir().join(format!("tb-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Self::spawn(port, &dir, durable);
-        let redis = Redis {
-            child,
-            port,
-            dir,
-            durable,
-        };
-        accepting(redis.addr(), "redis-server").await;
-        redis
+        for _ in 0..5 {
+            let port = free_port().await;
+            let dir = std::env::temp_dir().join(format!("tb-redis-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let child = Self::spawn(port, &dir, durable);
+            let mut redis = Redis {
+                child,
+                port,
+                dir,
+                durable,
+            };
+            if redis.answers().await {
+                return redis;
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
+    }
+
+    /// Waits until this `redis-server` answers on its port: `true`, or
+    /// `false` if it exited first, or another server answers there.
+    async fn answers(&mut self) -> bool {
+        accepting(self.addr(), "redis-server").await;
+        let dir = std::fs::canonicalize(&self.dir).unwrap();
+        let client = redis::Client::open(self.url()).unwrap();
+        within(STEP, "redis-server to answer", async {
+            for _ in 0..1_000 {
+                if self.child.try_wait().unwrap().is_some() {
+                    return false;
+                }
+                let answer: redis::RedisResult<(String, String)> = async {
+                    let mut connection = bus_redis::connect(&client).await?;
+                    redis::cmd("CONFIG")
+                        .arg("GET")
+                        .arg("dir")
+                        .query_async(&mut connection)
+                        .await
+                }
+                .await;
+                match answer {
+                    Ok((_, there)) => return std::path::Path::new(&there) == dir,
+                    // `LOADING`: reading its data back.
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+                }
+            }
+            false
+        })
+        .await
     }
 
     fn spawn(port: u16, dir: &std::path::Path, durable: bool) -> Child {
@@ -112,7 +151,11 @@ impl Redis {
             .await
             .unwrap();
         self.child = Self::spawn(self.port, &self.dir, self.durable);
-        accepting(self.addr(), "the restarted redis-server").await;
+        assert!(
+            self.answers().await,
+            "redis-server did not start again on port {}",
+            self.port
+        );
     }
 
     fn addr(&self) -> SocketAddr {
