@@ -154,7 +154,14 @@ impl Client {
             );
             let frame = within(STEP, "the next event", self.body.frame())
                 .await
-                .expect("the stream goes on")
+                .unwrap_or_else(|| {
+                    let tail = items.len().saturating_sub(3);
+                    panic!(
+                        "the stream ended (did the server stop?) after {} events: … {:?}",
+                        items.len(),
+                        &items[tail..]
+                    )
+                })
                 .expect("a frame");
             if let Ok(bytes) = frame.into_data() {
                 self.data.extend_from_slice(&bytes);
