@@ -48,6 +48,16 @@
 //! `Last-Event-ID` [`history`] can serve: size it to at least the hubs'
 //! retention plus what a client may miss while it moves between servers.
 //!
+//! # Connections
+//!
+//! Every function takes a [`Client`] (`redis://HOST:PORT[/DB]`, with a
+//! user and password if set: `redis://user:secret@host:6379`) or a
+//! connection from [`connect`]. This crate enables only the `redis`
+//! crate's tokio connection and streams commands: for TLS (`rediss://`),
+//! depend on `redis` 1.2 with one of its TLS features as well (Cargo
+//! unifies them). A Redis Cluster holds a stream on one node; point the
+//! client at that node.
+//!
 //! # Example
 //!
 //! ```no_run
