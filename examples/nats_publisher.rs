@@ -35,14 +35,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use tokio::time::{Instant, MissedTickBehavior};
 use tower_backpressure::bus::nats;
 
-/// The largest `--rate`.
-const MAX_RATE: u64 = 1_000_000;
-
-/// The largest `--size` (1 MiB, NATS' default largest payload).
-const MAX_SIZE: u64 = 1 << 20;
+#[path = "common/publisher.rs"]
+mod publisher;
+use publisher::{Pace, Pacer};
 
 /// How long connecting may take.
 const CONNECT: Duration = Duration::from_secs(10);
@@ -57,14 +54,8 @@ struct Args {
     /// The subject to publish to.
     #[arg(long, value_name = "S", default_value = "ticks")]
     subject: String,
-    /// Events per second.
-    #[arg(long, value_name = "EVENTS_PER_SEC", default_value_t = 1000,
-          value_parser = clap::value_parser!(u64).range(1..=MAX_RATE))]
-    rate: u64,
-    /// Size of each event's payload.
-    #[arg(long, value_name = "BYTES", default_value_t = 256,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_SIZE))]
-    size: usize,
+    #[command(flatten)]
+    pace: Pace,
     /// Make sure a JetStream stream retains the subject's newest events.
     #[arg(long)]
     jetstream: bool,
@@ -118,15 +109,15 @@ async fn main() -> ExitCode {
     println!("publishing to {} subject {}", args.nats, args.subject);
     let _ = std::io::stdout().flush();
     tracing::info!(
-        rate = args.rate,
-        size = args.size,
+        rate = args.pace.rate,
+        size = args.pace.size,
         jetstream = args.jetstream,
         first,
         "publishing"
     );
 
-    let payload = Bytes::from("x".repeat(args.size));
-    let publish = publish(&client, &args.subject, args.rate, first, payload);
+    let payload = args.pace.payload();
+    let publish = publish(&client, &args.subject, args.pace.rate, first, payload);
     tokio::select! {
         e = publish => {
             eprintln!("error: cannot publish: {e}");
@@ -150,24 +141,19 @@ async fn publish(
     first: u64,
     payload: Bytes,
 ) -> async_nats::Error {
-    let start = Instant::now();
-    let mut ticker = tokio::time::interval(Duration::from_millis(1));
-    // Every tick publishes what is due since the start.
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let mut sent: u64 = 0;
+    let mut pacer = Pacer::new(rate);
+    let mut next = first;
     loop {
-        ticker.tick().await;
-        let due = (start.elapsed().as_nanos() * u128::from(rate) / 1_000_000_000) as u64;
-        while sent < due {
-            let id = first + sent;
+        let due = pacer.due().await;
+        for id in next..next + due {
             if let Err(e) = client
                 .publish_with_headers(subject.to_owned(), nats::headers(id), payload.clone())
                 .await
             {
                 return e.into();
             }
-            sent += 1;
         }
+        next += due;
     }
 }
 

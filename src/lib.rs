@@ -70,6 +70,8 @@
 //! - `serde`: `Serialize` for stats and registry snapshots.
 //! - `nats`: [`bus::nats`](crate::bus), feeding a [`Hub`] from a NATS subject
 //!   or a JetStream stream with `async-nats`.
+//! - `redis`: [`bus::redis`](crate::bus), feeding a [`Hub`] from a Redis
+//!   stream with the `redis` crate.
 //!
 //! # Scale out
 //!
@@ -163,4 +165,7 @@ mod guides {
 
     #[doc = include_str!("../docs/examples.md")]
     struct Examples;
+
+    #[doc = include_str!("../docs/scale-out.md")]
+    struct ScaleOut;
 }

@@ -15,25 +15,22 @@
 //! Each test starts its own `nats-server` on a free loopback port and kills
 //! it at the end (a guard with `Drop`); a test that cannot start it fails
 //! with a clear message. The binaries are built as `tests/examples.rs`
-//! builds them (the helpers below are copied from it). Every wait is
+//! builds them; the helpers shared with `tests/redis.rs` (proxy, processes,
+//! clients) are in `tests/binaries/bus.rs`. Every wait is
 //! bounded: on an observable condition (a line, an event, a TCP connect),
 //! never a sleep that hopes.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
 
-use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
-use tokio::io::AsyncReadExt as _;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 mod binaries;
-use binaries::{EXIT, STARTUP, STEP, Sse, events_after, ids, refused_with, sse, within};
+use binaries::bus::{
+    Client, Process, Proxy, accepting, consecutive, free_port, metric, scrape, spawn,
+};
+use binaries::{Sse, ids, refused_with};
 
 /// The publishers' rate: events per second.
 const RATE: u64 = 200;
@@ -74,17 +71,7 @@ impl Nats {
                 )
             });
         let nats = Nats { child, port, dir };
-        let addr = nats.addr();
-        within(STARTUP, "nats-server to accept connections", async {
-            for _ in 0..2_000 {
-                if TcpStream::connect(addr).await.is_ok() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            panic!("nats-server never accepted a connection on {addr}");
-        })
-        .await;
+        accepting(nats.addr(), "nats-server").await;
         nats
     }
 
@@ -104,118 +91,7 @@ impl Drop for Nats {
     }
 }
 
-/// A port free on 127.0.0.1 right now.
-async fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-// --- A TCP proxy that can cut its connections -------------------------------------
-
-/// Forwards connections on 127.0.0.1 to `upstream`. [`cut`](Self::cut)
-/// drops every connection and refuses new ones (closing them at once) until
-/// [`restore`](Self::restore).
-struct Proxy {
-    addr: SocketAddr,
-    open: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(upstream: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (open, watching) = watch::channel(true);
-        let task = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if !*watching.borrow() {
-                    continue; // dropped: closed at once
-                }
-                let mut open = watching.clone();
-                tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = open.wait_for(|open| !*open) => {}
-                    }
-                });
-            }
-        });
-        Proxy { addr, open, task }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://{}", self.addr)
-    }
-
-    fn cut(&self) {
-        self.open.send_replace(false);
-    }
-
-    fn restore(&self) {
-        self.open.send_replace(true);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 // --- The examples -----------------------------------------------------------------
-
-/// A running example; killed on drop.
-struct Process {
-    name: String,
-    child: Child,
-    /// The first line it printed.
-    line: String,
-    stderr: JoinHandle<String>,
-}
-
-/// Starts the example `name` with `args`; waits for its first stdout line.
-async fn spawn(name: &str, args: &[&str]) -> Process {
-    let binaries::Spawned {
-        child,
-        first: line,
-        mut rest,
-        stderr,
-    } = binaries::spawn(name, args).await;
-    // Keep reading stdout: a full pipe would stall it.
-    tokio::spawn(async move { while let Ok(Some(_)) = rest.next_line().await {} });
-    Process {
-        name: format!("{name} {}", args.join(" ")),
-        child,
-        line,
-        stderr,
-    }
-}
-
-impl Process {
-    /// SIGTERM; it must exit with status 0. Returns its stderr.
-    async fn stop_cleanly(mut self) -> String {
-        let pid = self.child.id().expect("running").to_string();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-            .unwrap();
-        assert!(status.success());
-        let status = within(EXIT, &format!("{} to exit", self.name), self.child.wait())
-            .await
-            .unwrap();
-        let stderr = within(STEP, "stderr", &mut self.stderr).await.unwrap();
-        assert!(
-            status.success(),
-            "{}: exit {status:?} after SIGTERM; stderr:\n{stderr}",
-            self.name
-        );
-        stderr
-    }
-}
 
 /// `sse_server --hub --nats URL --size SIZE` and `extra`; returns it and
 /// its address.
@@ -253,57 +129,6 @@ async fn publisher(url: &str, extra: &[&str]) -> Process {
     let p = spawn("nats_publisher", &args).await;
     assert_eq!(p.line, want);
     p
-}
-
-// --- Clients ----------------------------------------------------------------------
-
-/// One client's SSE stream, read as it comes.
-struct Client {
-    body: Incoming,
-    data: Vec<u8>,
-}
-
-impl Client {
-    async fn connect(addr: SocketAddr, last: Option<u64>) -> Client {
-        Client {
-            body: events_after(addr, last).await,
-            data: Vec::new(),
-        }
-    }
-
-    /// Reads until `enough` holds for the items read so far; returns them.
-    async fn until(&mut self, enough: impl Fn(&[Sse]) -> bool) -> Vec<Sse> {
-        loop {
-            let items = sse(&self.data);
-            if enough(&items) {
-                return items;
-            }
-            assert!(
-                self.data.len() < 16 << 20,
-                "16 MiB without what was expected"
-            );
-            let frame = within(STEP, "the next event", self.body.frame())
-                .await
-                .expect("the stream goes on")
-                .expect("a frame");
-            if let Ok(bytes) = frame.into_data() {
-                self.data.extend_from_slice(&bytes);
-            }
-        }
-    }
-
-    /// Reads until `n` events have come.
-    async fn events(&mut self, n: usize) -> Vec<Sse> {
-        self.until(|items| ids(items).len() >= n).await
-    }
-}
-
-/// Asserts that `ids` are consecutive.
-fn consecutive(ids: &[u64], what: &str) {
-    assert!(
-        ids.windows(2).all(|w| w[1] == w[0] + 1),
-        "{what}: ids with a gap or a duplicate: {ids:?}"
-    );
 }
 
 // --- The tests --------------------------------------------------------------------
@@ -363,7 +188,7 @@ async fn two_servers_serve_the_same_ids_and_a_client_moves_between_them() {
 async fn a_server_cut_off_from_nats_announces_one_exact_gap() {
     let nats = Nats::start(false).await;
     let proxy = Proxy::start(nats.addr()).await;
-    let (via_proxy, direct) = (proxy.url(), nats.url());
+    let (via_proxy, direct) = (proxy.url("nats"), nats.url());
     let ((cut, a), (whole, b)) = tokio::join!(server(&via_proxy, &[]), server(&direct, &[]));
     let (mut on_a, mut on_b) = tokio::join!(Client::connect(a, None), Client::connect(b, None));
     let publisher = publisher(&nats.url(), &[]).await;
@@ -402,12 +227,8 @@ async fn a_server_cut_off_from_nats_announces_one_exact_gap() {
     assert!(got_b.contains(&(before + 1)) && got_b.contains(&(after - 1)));
     // `/metrics` tells the operator of A about the outage and the ids lost.
     let metrics = scrape(a).await;
-    let value = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} in /metrics: {metrics}"))
-    };
+    // The bus series are labelled by bus.
+    let value = |name: &str| metric(&metrics, name, r#"bus="nats""#);
     assert!(
         value("backpressure_bus_frames_missed_total") >= *n,
         "{metrics}"
@@ -429,24 +250,6 @@ async fn a_server_cut_off_from_nats_announces_one_exact_gap() {
     assert!(log.contains("disconnected from NATS"), "{log}");
     assert!(log.contains("connected to NATS reconnects=1"), "{log}");
     drop(nats);
-}
-
-/// `GET /metrics` from a server, as text.
-async fn scrape(addr: SocketAddr) -> String {
-    use tokio::io::AsyncWriteExt as _;
-    let mut stream = within(STEP, "connecting for /metrics", TcpStream::connect(addr))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    within(STEP, "/metrics", stream.read_to_string(&mut text))
-        .await
-        .unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text
 }
 
 /// `--jetstream`: a client leaves server A; server B starts afterwards,
@@ -551,7 +354,8 @@ mod history {
     use bytes::Bytes;
     use tower_backpressure::bus::nats;
 
-    use super::{Nats, STEP, within};
+    use super::Nats;
+    use super::binaries::{STEP, within};
 
     /// A message on `subject`: `Event-Id: id` if `id` is given, else no
     /// header at all; its payload is `payload`. Waits for the stream's ack.

@@ -148,8 +148,9 @@ pub(crate) fn registry_series(registry: ClientRegistry) -> impl Fn() + Send + Sy
     move || gauge!("backpressure_clients_open").set(registry.len() as f64)
 }
 
-/// The bus feed's series (`sse_server --hub --nats`), read at each scrape
-/// from its [`FeedStats`](tower_backpressure::bus::FeedStats):
+/// The bus feed's series (`sse_server --hub --nats` or `--redis`), read at
+/// each scrape from its [`FeedStats`](tower_backpressure::bus::FeedStats),
+/// each labelled `bus` (`nats`, `redis`):
 ///
 /// | metric | kind |
 /// |---|---|
@@ -162,8 +163,9 @@ pub(crate) fn registry_series(registry: ClientRegistry) -> impl Fn() + Send + Sy
 /// | `backpressure_bus_reconnects_total` | counter |
 /// | `backpressure_bus_disconnects_total` | counter |
 /// | `backpressure_bus_connected` | gauge: 1 while connected |
-#[allow(dead_code)] // Used only when built with the `nats` feature.
+#[allow(dead_code)] // Used only when built with the `nats` or `redis` feature.
 pub(crate) fn bus_series(
+    bus: &'static str,
     stats: tower_backpressure::bus::FeedStats,
 ) -> impl Fn() + Send + Sync + 'static {
     let counters = [
@@ -181,11 +183,11 @@ pub(crate) fn bus_series(
         ),
         (
             "backpressure_bus_invalid_total",
-            "Bus messages without a valid Event-Id header.",
+            "Bus messages without a valid event id (NATS: Event-Id header; Redis: entry id <id>-1 with a data field).",
         ),
         (
             "backpressure_bus_outliers_total",
-            "Bus messages skipped because their Event-Id was too far from the newest.",
+            "Bus messages skipped because their event id was too far from the newest.",
         ),
         (
             "backpressure_bus_epochs_total",
@@ -209,14 +211,16 @@ pub(crate) fn bus_series(
         "1 while the connection to the bus is up, else 0."
     );
     move || {
-        counter!("backpressure_bus_frames_fed_total").absolute(stats.fed());
-        counter!("backpressure_bus_frames_missed_total").absolute(stats.missed());
-        counter!("backpressure_bus_duplicates_total").absolute(stats.duplicates());
-        counter!("backpressure_bus_invalid_total").absolute(stats.invalid());
-        counter!("backpressure_bus_outliers_total").absolute(stats.outliers());
-        counter!("backpressure_bus_epochs_total").absolute(stats.epochs());
-        counter!("backpressure_bus_reconnects_total").absolute(stats.reconnects());
-        counter!("backpressure_bus_disconnects_total").absolute(stats.disconnects());
-        gauge!("backpressure_bus_connected").set(if stats.is_connected() { 1.0 } else { 0.0 });
+        let labels = [("bus", bus)];
+        counter!("backpressure_bus_frames_fed_total", &labels).absolute(stats.fed());
+        counter!("backpressure_bus_frames_missed_total", &labels).absolute(stats.missed());
+        counter!("backpressure_bus_duplicates_total", &labels).absolute(stats.duplicates());
+        counter!("backpressure_bus_invalid_total", &labels).absolute(stats.invalid());
+        counter!("backpressure_bus_outliers_total", &labels).absolute(stats.outliers());
+        counter!("backpressure_bus_epochs_total", &labels).absolute(stats.epochs());
+        counter!("backpressure_bus_reconnects_total", &labels).absolute(stats.reconnects());
+        counter!("backpressure_bus_disconnects_total", &labels).absolute(stats.disconnects());
+        let connected = if stats.is_connected() { 1.0 } else { 0.0 };
+        gauge!("backpressure_bus_connected", &labels).set(connected);
     }
 }

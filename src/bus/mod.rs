@@ -111,7 +111,9 @@
 //!
 //! With the `nats` feature, [`nats`] feeds a hub from a NATS
 //! subject, or from a JetStream stream that also warms a new server's hub
-//! and serves clients from its history.
+//! and serves clients from its history. With the `redis` feature,
+//! [`redis`](mod@redis) does the same from a Redis stream (`XADD` with the
+//! event's id as the entry's id, `XREAD BLOCK`, `XRANGE`).
 //!
 //! # Example
 //!
@@ -142,6 +144,9 @@
 #[cfg(feature = "nats")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub mod nats;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -5,6 +5,8 @@
 //! killed on drop.
 #![allow(dead_code)]
 
+pub mod bus;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

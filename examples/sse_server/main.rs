@@ -111,6 +111,24 @@
 //! the binary built with the crate's `nats` feature
 //! (`cargo run --example sse_server --features axum,metrics,nats -- --hub --nats nats://127.0.0.1:4222`).
 //!
+//! # Scale out over Redis
+//!
+//! `--hub --redis URL [--stream KEY]` feeds both hubs from the Redis
+//! stream `KEY` (default `ticks`), where `redis_publisher` (or any
+//! publisher that adds each event as the entry `<id>-1` with a `data`
+//! field, see `tower_backpressure::bus::redis`) adds them. The hubs start
+//! warm (every event the stream retains, then the live ones, through one
+//! `XREAD` cursor), a server cut off from Redis reconnects and reads on
+//! after the last event it took (what the stream no longer retains is one
+//! exact gap marker), and a client whose `Last-Event-ID` is older than the
+//! SSE hub's oldest event gets what it missed from the stream first (one
+//! `XRANGE`). The server connects before it listens (and exits non-zero if
+//! it cannot). `--redis` needs `--hub`, cannot be used with `--nats`, and
+//! needs the binary built with the crate's `redis` feature
+//! (`cargo run --example sse_server --features axum,metrics,redis -- --hub --redis redis://127.0.0.1:6379`).
+//! `/metrics` has the same `backpressure_bus_*` series for either bus,
+//! labelled `bus="nats"` or `bus="redis"`.
+//!
 //! Contract: `--addr HOST:PORT` (default `127.0.0.1:3000`, port 0 picks a free
 //! port); once connections are accepted, exactly one line
 //! `listening on http://HOST:PORT` is printed on stdout; SIGINT and SIGTERM
@@ -144,14 +162,14 @@ use tower_backpressure::{
     MemoryBudget, MetricsObserver, NdjsonGapMarker, SseGapMarker, TracingObserver,
 };
 
-#[path = "common/flags.rs"]
+#[path = "../common/flags.rs"]
 mod flags;
 use flags::{Policy, on_off};
-#[path = "common/dashboard.rs"]
+#[path = "../common/dashboard.rs"]
 mod dashboard;
-#[path = "common/metrics.rs"]
+#[path = "../common/metrics.rs"]
 mod metrics;
-#[path = "common/serve.rs"]
+#[path = "../common/serve.rs"]
 mod serve;
 
 /// How long open streams get to finish after SIGINT/SIGTERM: the layer's
@@ -254,6 +272,14 @@ struct Args {
     /// own (needs `--hub`, and the `nats` feature).
     #[arg(long, value_name = "URL", requires = "hub")]
     nats: Option<String>,
+    /// Feed the hubs from a stream of this Redis server instead of a
+    /// producer of their own, and serve resumes older than the hub from it
+    /// (needs `--hub`, and the `redis` feature; not with `--nats`).
+    #[arg(long, value_name = "URL", requires = "hub", conflicts_with = "nats")]
+    redis: Option<String>,
+    /// With `--redis`: the key of the stream the events come from.
+    #[arg(long, value_name = "KEY", default_value = "ticks", requires = "redis")]
+    stream: String,
     /// With `--nats`: the subject the events come from.
     #[arg(long, value_name = "S", default_value = "ticks", requires = "nats")]
     subject: String,
@@ -359,13 +385,16 @@ struct HubState {
     close_after: Option<u64>,
     /// `--keep-alive-ms`, for a response served without the layer.
     keep_alive: Option<KeepAlive>,
-    /// `--jetstream`: where resumes older than the SSE hub are served from.
-    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    /// `--jetstream`, `--redis`: where resumes older than the SSE hub are
+    /// served from.
+    #[cfg_attr(not(any(feature = "nats", feature = "redis")), allow(dead_code))]
     history: Option<History>,
 }
 
-#[cfg(not(feature = "nats"))]
+#[cfg(not(any(feature = "nats", feature = "redis")))]
 type History = std::convert::Infallible;
+#[cfg(not(any(feature = "nats", feature = "redis")))]
+type Feeding = std::convert::Infallible;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -408,6 +437,14 @@ async fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    #[cfg(not(feature = "redis"))]
+    if args.redis.is_some() {
+        eprintln!(
+            "error: --redis needs sse_server built with the crate's `redis` feature \
+             (cargo run --example sse_server --features axum,metrics,redis)"
+        );
+        return ExitCode::from(2);
+    }
     let budget = args.budget_bytes.map(MemoryBudget::new);
     let registry = match &budget {
         Some(budget) => ClientRegistry::new().with_budget(budget.clone()),
@@ -439,9 +476,9 @@ async fn main() -> ExitCode {
     let payload: Arc<str> = "x".repeat(args.size).into();
     // The hubs, by route, for `/metrics`, `/health/hub` and `/dashboard`.
     let mut hubs: Vec<(&'static str, Hub)> = Vec::new();
-    // The NATS feed's counters, for `/metrics` (`--nats`).
+    // The bus feed's name and counters, for `/metrics` (`--nats`, `--redis`).
     #[allow(unused_mut)]
-    let mut bus_stats: Option<tower_backpressure::bus::FeedStats> = None;
+    let mut bus_stats: Option<(&'static str, tower_backpressure::bus::FeedStats)> = None;
     let (events, ndjson) = if let Some(hub_config) = hub_config {
         let state = HubState {
             sse: Hub::new(hub_config),
@@ -458,24 +495,31 @@ async fn main() -> ExitCode {
         // no layer serves them (`--passthrough`).
         shutdown.close_hub(&state.sse);
         shutdown.close_hub(&state.ndjson);
-        let history = match &args.nats {
-            None => {
+        let started: Result<Option<Feeding>, String> = match (&args.nats, &args.redis) {
+            (None, None) => {
                 tokio::spawn(produce(args.rate, publish_into(&state, payload)));
-                None
+                Ok(None)
             }
             #[cfg(feature = "nats")]
-            Some(url) => match scale_out::start(&state, url, &args.subject, args.jetstream).await {
-                Ok((history, stats)) => {
-                    bus_stats = Some(stats);
-                    history
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
-                }
-            },
-            #[cfg(not(feature = "nats"))]
-            Some(_) => unreachable!("refused above"),
+            (Some(url), _) => bus::nats::start(&state, url, &args.subject, args.jetstream)
+                .await
+                .map(Some),
+            #[cfg(feature = "redis")]
+            (_, Some(url)) => bus::redis::start(&state, url, &args.stream).await.map(Some),
+            #[allow(unreachable_patterns)]
+            _ => unreachable!("refused above"),
+        };
+        let history = match started {
+            Ok(None) => None,
+            #[cfg(any(feature = "nats", feature = "redis"))]
+            Ok(Some(feeding)) => {
+                bus_stats = Some((feeding.bus, feeding.stats));
+                feeding.history
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
         };
         let state = HubState { history, ..state };
         let (events, ndjson) = (get(hub_sse_events), get(hub_ndjson_events));
@@ -518,8 +562,8 @@ async fn main() -> ExitCode {
             m.on_scrape(metrics::hub_series(route, hub.clone()))
         })
         .on_scrape(metrics::registry_series(registry.clone()));
-    if let Some(stats) = bus_stats {
-        metrics = metrics.on_scrape(metrics::bus_series(stats));
+    if let Some((bus, stats)) = bus_stats {
+        metrics = metrics.on_scrape(metrics::bus_series(bus, stats));
     }
     let app = Router::new()
         .route("/events", events)
@@ -657,9 +701,10 @@ async fn hub_sse_events(State(app): State<HubState>, request: Request) -> Respon
         .resume_after(last)
         .limit(app.close_after)
         .keep_alive(app.keep_alive);
-    #[cfg(feature = "nats")]
+    #[cfg(any(feature = "nats", feature = "redis"))]
     let response = match (&app.history, last) {
-        // `--jetstream`: what the hub no longer holds, from the stream.
+        // `--jetstream`, `--redis`: what the hub no longer holds, from the
+        // stream.
         (Some(history), Some(last)) => response.backfill(history.missed(&app.sse, last).await),
         _ => response,
     };
@@ -694,160 +739,11 @@ fn publish_into(hubs: &HubState, payload: Arc<str>) -> impl FnMut(u64) + Send + 
     }
 }
 
-/// `--nats`: the hubs fed from a NATS subject instead of the producer.
-#[cfg(feature = "nats")]
-mod scale_out {
-    use std::time::Duration;
-
-    use async_nats::jetstream;
-    use bytes::Bytes;
-    use tower_backpressure::Hub;
-    use tower_backpressure::bus::{self, FeedStats, Publish, nats};
-    use tower_backpressure::hub::sse;
-
-    use super::{HubState, ndjson_line};
-
-    /// The retention of a JetStream stream made here: `nats_publisher`'s
-    /// default.
-    const STREAM_RETAIN: i64 = 10_000;
-
-    /// How far past the SSE hub's oldest frame a resume reads the stream.
-    const OVERLAP: u64 = 1_000;
-
-    /// How long connecting to NATS may take at start.
-    const CONNECT: Duration = Duration::from_secs(10);
-
-    /// Both hubs take each event: `Event-Id` as the id, the payload as the
-    /// `data:` of the SSE event and the `payload` of the NDJSON line.
-    impl Publish<Bytes> for HubState {
-        fn newest_id(&self) -> Option<u64> {
-            self.sse.newest_id()
-        }
-
-        fn publish_with_id(&self, id: u64, payload: Bytes) -> Result<(), Bytes> {
-            let data = String::from_utf8_lossy(&payload);
-            if self
-                .sse
-                .publish_with_id(id, sse::frame(id, None, &data))
-                .is_err()
-            {
-                return Err(payload);
-            }
-            // The two hubs are fed together: if the SSE hub took the id, so
-            // does this one.
-            let _ = self
-                .ndjson
-                .publish_with_id(id, ndjson_line(id, &json_text(&data)));
-            Ok(())
-        }
-    }
-
-    /// `data` as the inside of a JSON string.
-    fn json_text(data: &str) -> String {
-        let quoted = serde_json::to_string(data).expect("a string serializes");
-        quoted[1..quoted.len() - 1].to_owned()
-    }
-
-    /// `--jetstream`: the subject's stream, for resumes older than the hub.
-    #[derive(Clone)]
-    pub(super) struct History {
-        stream: jetstream::stream::Stream,
-        subject: String,
-    }
-
-    impl History {
-        /// The SSE frames after `last` that `hub` no longer holds (or
-        /// never had), from the stream; empty if the hub holds them all,
-        /// or on an error (the client then gets an exact gap marker).
-        pub(super) async fn missed(&self, hub: &Hub, last: u64) -> Vec<(u64, Bytes)> {
-            let (Some(oldest), Some(newest)) = (hub.oldest_id(), hub.newest_id()) else {
-                return Vec::new();
-            };
-            if last.saturating_add(1) >= oldest {
-                return Vec::new();
-            }
-            // A little past the hub's oldest: the hub lets frames go while
-            // this reads, and the client would see those as a gap.
-            let before = oldest.saturating_add(OVERLAP).min(newest + 1);
-            let max = hub
-                .config()
-                .retain_frames()
-                .saturating_add(OVERLAP as usize);
-            match nats::history(&self.stream, &self.subject, last, before, max).await {
-                Ok(events) => events
-                    .into_iter()
-                    .map(|(id, payload)| {
-                        (id, sse::frame(id, None, &String::from_utf8_lossy(&payload)))
-                    })
-                    .collect(),
-                Err(e) => {
-                    tracing::warn!(last, "cannot read the JetStream history: {e}");
-                    Vec::new()
-                }
-            }
-        }
-    }
-
-    /// Connects, subscribes, and feeds `state`'s hubs from `subject` in a
-    /// task of its own. Returns the history with `jetstream`.
-    pub(super) async fn start(
-        state: &HubState,
-        url: &str,
-        subject: &str,
-        jetstream: bool,
-    ) -> Result<(Option<History>, FeedStats), String> {
-        let stats = FeedStats::new();
-        let scraped = stats.clone();
-        let cannot = |e: &dyn std::fmt::Display| format!("cannot connect to NATS at {url}: {e}");
-        let client = tokio::time::timeout(CONNECT, nats::connect_options(&stats).connect(url))
-            .await
-            .map_err(|_| cannot(&format!("timed out after {CONNECT:?}")))?
-            .map_err(|e| cannot(&e))?;
-        let hubs = state.clone();
-        let stats_log = stats.clone();
-        let subject_log = subject.to_owned();
-        let ended = move |report: bus::FeedReport| {
-            tracing::warn!(subject = %subject_log, ?report, stats = ?stats_log, "the NATS feed ended");
-        };
-        if jetstream {
-            let context = jetstream::new(client);
-            // Made here too if the publisher has not made it yet, as it would.
-            let stream = nats::create_stream(&context, subject, STREAM_RETAIN)
-                .await
-                .map_err(|e| format!("--jetstream (is nats-server running with -js?): {e}"))?;
-            let events = nats::follow(&stream, subject, stats.clone())
-                .await
-                .map_err(|e| format!("--jetstream: cannot follow the stream: {e}"))?;
-            tokio::spawn(async move { ended(bus::feed(&hubs, &stats, events).await) });
-            Ok((
-                Some(History {
-                    stream,
-                    subject: subject.to_owned(),
-                }),
-                scraped,
-            ))
-        } else {
-            let subscriber = client
-                .subscribe(subject.to_owned())
-                .await
-                .map_err(|e| format!("cannot subscribe to {subject:?}: {e}"))?;
-            // The server has the subscription before this one listens.
-            client
-                .flush()
-                .await
-                .map_err(|e| format!("cannot subscribe to {subject:?}: {e}"))?;
-            let events = nats::messages(subscriber, stats.clone());
-            tokio::spawn(async move {
-                // The client must live as long as its subscription.
-                let _client = client;
-                ended(bus::feed(&hubs, &stats, events).await)
-            });
-            Ok((None, scraped))
-        }
-    }
-}
-#[cfg(feature = "nats")]
-use scale_out::History;
+/// `--nats`, `--redis`: the hubs fed from a bus instead of the producer.
+#[cfg(any(feature = "nats", feature = "redis"))]
+mod bus;
+#[cfg(any(feature = "nats", feature = "redis"))]
+use bus::{Feeding, History};
 
 /// The one producer: `rate` events per second, ids 0, 1, 2, ..., each
 /// handed to `emit`.
@@ -872,6 +768,6 @@ fn saturating_usize(n: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
 }
 
-#[path = "common/signal.rs"]
+#[path = "../common/signal.rs"]
 mod signal;
 use signal::shutdown_signal;
