@@ -828,3 +828,45 @@ async fn a_closed_hub_ends_its_windows_cleanly() {
     assert_eq!(take(&mut late, 10), ["a", "b"]);
     assert!(guard("the end", late.frame()).await.is_none());
 }
+
+/// A join over a hub's window takes no more frames or bytes than the flush
+/// allows, in order, and stops at a hole in the hub's ids (the marker goes
+/// out alone at it).
+#[tokio::test]
+async fn a_window_join_stops_at_the_flush_limits_and_at_a_hole_in_the_ids() {
+    for (flush, want) in [
+        (
+            Flush::coalesce(3, 64 * 1024),
+            vec!["0;1;2;", "3;4;", "gap:5", "10;11;"],
+        ),
+        (
+            Flush::coalesce(100, 5),
+            // "10;11;" would be 6 bytes.
+            vec!["0;1;", "2;3;", "4;", "gap:5", "10;", "11;"],
+        ),
+    ] {
+        let hub: Hub = Hub::default();
+        let svc = {
+            let hub = hub.clone();
+            ServiceBuilder::new()
+                .layer(
+                    BackpressureLayer::new(BufferConfig::new(100).with_flush(flush))
+                        .gap_marker(Marker),
+                )
+                .service(service_fn(move |_req: Request<()>| {
+                    let response: Response<HubBody> = hub.response().build();
+                    async move { Ok::<_, Infallible>(response) }
+                }))
+        };
+        let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+        for i in (0..5u64).chain(10..12) {
+            hub.publish_with_id(i, Bytes::from(format!("{i};")))
+                .unwrap();
+        }
+        let mut read = Vec::new();
+        while let Some(Some(Ok(frame))) = body.frame().now_or_never() {
+            read.push(String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap());
+        }
+        assert_eq!(read, want, "{flush:?}");
+    }
+}

@@ -286,13 +286,7 @@ fn coalesce<D: 'static, S: Storage<D>>(
     let room = head.len().saturating_add(storage.bytes()).min(max_bytes);
     let mut joined = BytesMut::with_capacity(room);
     joined.extend_from_slice(head);
-    while *taken < max_frames && fits(storage, joined.len()) {
-        let (next, _) = storage.pop().expect("peeked");
-        if let Some(b) = (&next as &dyn Any).downcast_ref::<Bytes>() {
-            joined.extend_from_slice(b);
-        }
-        *taken += 1;
-    }
+    *taken += storage.join(&mut joined, max_frames.saturating_sub(*taken), max_bytes);
     let mut out: Option<D> = None;
     if let Some(slot) = (&mut out as &mut dyn Any).downcast_mut::<Option<Bytes>>() {
         *slot = Some(joined.freeze());

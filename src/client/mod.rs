@@ -42,7 +42,7 @@ pub(crate) use self::consumer::Release;
 use self::events::Outbox;
 pub use self::info::{ClientId, ClientInfo, PeerAddr};
 pub(crate) use self::info::{connection, peer_addr, route};
-pub(crate) use self::storage::{Admit, Storage};
+pub(crate) use self::storage::{Admit, Storage, join_each};
 use crate::BoxError;
 use crate::budget::{BudgetMember, MemoryBudget};
 use crate::buffer::{BufferStats, Dropped, Gap};

@@ -5,8 +5,12 @@
 //! and a window over a hub's shared log (`crate::hub::window`), which the
 //! hub fills and which only reads the log.
 
-use crate::buffer::{BufferStats, ClientBuffer, Dropped, FrameClass, Gap, Weigher};
+use std::any::Any;
 use std::task::Waker;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::buffer::{BufferStats, ClientBuffer, Dropped, FrameClass, Gap, Weigher};
 
 use http::HeaderMap;
 
@@ -41,6 +45,20 @@ pub(crate) trait Storage<D> {
     fn pop(&mut self) -> Option<(D, Gap)>;
     /// The oldest frame's weight and the gap before it.
     fn peek_meta(&self) -> Option<(usize, Gap)>;
+
+    /// `Flush::Coalesce`'s step after the first frame: appends the frames
+    /// that follow to `joined` (`Bytes` frames only) while no gap comes
+    /// before them, their weight fits in `max_bytes` with what is joined
+    /// and fewer than `max_frames` were taken; returns how many it took.
+    /// Taken as [`pop`](Self::pop) takes them. A window over a hub's log
+    /// reads them under one lock (this default takes the log's lock twice
+    /// per frame).
+    fn join(&mut self, joined: &mut BytesMut, max_frames: usize, max_bytes: usize) -> usize
+    where
+        D: 'static,
+    {
+        join_each(self, joined, max_frames, max_bytes)
+    }
     /// Frames lost after the last frame that waits.
     fn trailing_gap(&self) -> Gap;
     fn take_trailing_gap(&mut self) -> Gap;
@@ -90,6 +108,30 @@ pub(crate) trait Storage<D> {
     /// that arrives later. A storage the producer fills has nothing to do:
     /// the producer is stopped.
     fn stop(&mut self) {}
+}
+
+/// [`Storage::join`] a frame at a time: peek, then pop.
+pub(crate) fn join_each<D: 'static, S: Storage<D> + ?Sized>(
+    storage: &mut S,
+    joined: &mut BytesMut,
+    max_frames: usize,
+    max_bytes: usize,
+) -> usize {
+    let mut taken = 0;
+    while taken < max_frames
+        && storage
+            .peek_meta()
+            .is_some_and(|(w, gap)| gap.is_empty() && joined.len() + w <= max_bytes)
+    {
+        let Some((next, _)) = storage.pop() else {
+            break;
+        };
+        if let Some(b) = (&next as &dyn Any).downcast_ref::<Bytes>() {
+            joined.extend_from_slice(b);
+        }
+        taken += 1;
+    }
+    taken
 }
 
 impl<D, S: Storage<D> + ?Sized> Storage<D> for Box<S> {
@@ -155,6 +197,12 @@ impl<D, S: Storage<D> + ?Sized> Storage<D> for Box<S> {
     }
     fn stop(&mut self) {
         (**self).stop()
+    }
+    fn join(&mut self, joined: &mut BytesMut, max_frames: usize, max_bytes: usize) -> usize
+    where
+        D: 'static,
+    {
+        (**self).join(joined, max_frames, max_bytes)
     }
 }
 

@@ -389,6 +389,37 @@ impl<T> Log<T> {
         read
     }
 
+    /// Reads frames from `cursor` as [`read`](Self::read) does, up to
+    /// `max`, for as long as `take` accepts them: `take` sees each frame
+    /// with the gap before it, and a frame it refuses (`false`) stays at
+    /// the cursor. Returns how many were taken. O(log n + k).
+    pub(crate) fn read_while(
+        &self,
+        cursor: &mut Cursor,
+        max: usize,
+        mut take: impl FnMut(Gap, &Entry<T>) -> bool,
+    ) -> usize {
+        let mut expect = self.effective(cursor.next);
+        let mut read = 0;
+        for e in self.iter_from(cursor.next).take(max) {
+            let mut gap = Gap::default();
+            if e.id > expect {
+                gap.frames = e.id - expect;
+                gap.bytes = cursor.pos.map_or(0, |p| e.bytes_before.saturating_sub(p));
+            }
+            if !take(gap, e) {
+                break;
+            }
+            expect = e.id + 1;
+            cursor.pos = Some(e.bytes_before.saturating_add(e.weight as u64));
+            read += 1;
+        }
+        if read > 0 {
+            cursor.next = expect;
+        }
+        read
+    }
+
     /// Leaves `waker` to be woken by the next push, unless a frame at or
     /// after `next` is already there (then nothing is registered, and any
     /// earlier registration of `parked` is withdrawn). Returns whether it

@@ -15,6 +15,8 @@
 //! published, unless a [`Classify`](crate::Classify) hook must see the frames it skips).
 
 use std::any::Any;
+
+use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::task::Waker;
@@ -24,7 +26,7 @@ use http::HeaderMap;
 use super::log::{Cursor, Parked};
 use super::{Shared, Subscriber, Sweeper};
 use crate::buffer::{BufferStats, Dropped, FrameClass, Gap};
-use crate::client::Storage;
+use crate::client::{Storage, join_each};
 use crate::config::{BufferConfig, Overflow};
 use crate::observer::EvictReason;
 
@@ -487,6 +489,40 @@ impl<T: Clone + Send + 'static, W> Storage<T> for Window<T, W> {
             }
         }
         Some((item, gap))
+    }
+
+    fn join(&mut self, joined: &mut BytesMut, max_frames: usize, max_bytes: usize) -> usize
+    where
+        T: 'static,
+    {
+        // Kept frames, a gap to hand on, a limit to count down: as `pop`
+        // takes them, one at a time.
+        if self.closed
+            || !self.held.kept.is_empty()
+            || !self.held.gap.is_empty()
+            || self.left.is_some()
+        {
+            return join_each(self, joined, max_frames, max_bytes);
+        }
+        // Every frame under one lock, copied where it lies (no clone).
+        let log = self.shared.lock();
+        let mut weight = 0usize;
+        let taken = log.read_while(&mut self.cursor, max_frames, |gap, e| {
+            let Some(bytes) = (&e.item as &dyn Any).downcast_ref::<Bytes>() else {
+                return false;
+            };
+            if !gap.is_empty() || joined.len().saturating_add(e.weight) > max_bytes {
+                return false;
+            }
+            joined.extend_from_slice(bytes);
+            weight = weight.saturating_add(e.weight);
+            true
+        });
+        drop(log);
+        self.held.frames = self.held.frames.saturating_sub(taken);
+        self.held.bytes = self.held.bytes.saturating_sub(weight);
+        self.sent += taken as u64;
+        taken
     }
 
     fn peek_meta(&self) -> Option<(usize, Gap)> {

@@ -158,7 +158,28 @@ where
 /// connection's read buffer: a clone kept for as long as the response
 /// streams would keep that whole buffer (about 4 KiB and more) alive per
 /// client, for nothing but its path.
+///
+/// Most streaming routes are asked for by the same URI (`/events`): the
+/// first [`SHARED_URIS`] distinct ones are kept, and a request for one of
+/// them shares its bytes instead of copying them again.
 fn owned(uri: &http::Uri) -> http::Uri {
+    static SHARED: std::sync::Mutex<Vec<http::Uri>> = std::sync::Mutex::new(Vec::new());
+    let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(known) = shared.iter().find(|known| *known == uri) {
+        return known.clone();
+    }
+    let copy = copied(uri);
+    if shared.len() < SHARED_URIS {
+        shared.push(copy.clone());
+    }
+    copy
+}
+
+/// How many URIs [`owned`] keeps to share.
+const SHARED_URIS: usize = 64;
+
+/// A copy of `uri` that owns its bytes.
+fn copied(uri: &http::Uri) -> http::Uri {
     let mut parts = http::uri::Parts::default();
     parts.scheme = uri.scheme().cloned();
     parts.authority = uri
@@ -186,5 +207,20 @@ mod tests {
         drop(uri);
         // Only `buffer` (and nothing of `copy`) holds the 4 KiB now.
         assert!(buffer.is_unique(), "the copy keeps the read buffer alive");
+    }
+
+    #[test]
+    fn requests_for_the_same_uri_share_one_copy() {
+        let parse = |s: &str| {
+            let buffer = Bytes::from(format!("{s} HTTP/1.1"));
+            http::Uri::from_maybe_shared(buffer.slice(0..s.len())).unwrap()
+        };
+        let a = owned(&parse("/shared/events?x=1"));
+        let b = owned(&parse("/shared/events?x=1"));
+        let c = owned(&parse("/shared/events?x=2"));
+        assert_eq!(a, b);
+        assert_eq!(a.path().as_ptr(), b.path().as_ptr(), "one copy, shared");
+        assert_ne!(a.path().as_ptr(), c.path().as_ptr());
+        assert_eq!(c.query(), Some("x=2"));
     }
 }
