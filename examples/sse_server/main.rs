@@ -721,7 +721,11 @@ async fn hub_ndjson_events(State(app): State<HubState>) -> Response<HubBody> {
 
 /// One NDJSON line: `{"seq":N,"payload":"…"}`.
 fn ndjson_line(seq: u64, payload: &str) -> Bytes {
-    Bytes::from(format!("{{\"seq\":{seq},\"payload\":\"{payload}\"}}\n"))
+    use std::fmt::Write as _;
+    // Sized once: `format!` would grow the string as it writes.
+    let mut line = String::with_capacity(payload.len() + 40);
+    let _ = writeln!(line, "{{\"seq\":{seq},\"payload\":\"{payload}\"}}");
+    Bytes::from(line)
 }
 
 /// `--hub`: each event encoded once per format, under the producer's

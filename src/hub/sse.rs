@@ -24,8 +24,6 @@
 //! Every subscriber is handed the same `Bytes` (a reference count), never a
 //! copy.
 
-use std::fmt::Write;
-
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, Request};
 
@@ -53,12 +51,41 @@ pub const LAST_EVENT_ID: &str = "last-event-id";
 ///
 /// If `event` contains a line break (it would end the field).
 pub fn frame(id: u64, event: Option<&str>, data: &str) -> Bytes {
-    with_id(id, &fields(event, data))
+    // One buffer, written once: the id line, then the fields.
+    let mut out = BytesMut::with_capacity(data.len() + event.map_or(0, str::len) + 40);
+    put_id(&mut out, id);
+    put_fields(&mut out, event, data);
+    out.freeze()
 }
 
 /// The fields after `id:`.
 fn fields(event: Option<&str>, data: &str) -> BytesMut {
     let mut out = BytesMut::with_capacity(data.len() + 16);
+    put_fields(&mut out, event, data);
+    out
+}
+
+/// `id: <id>\n`, the number written without `fmt`.
+fn put_id(out: &mut BytesMut, id: u64) {
+    let mut digits = [0u8; 20];
+    let mut n = id;
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.put_slice(b"id: ");
+    out.put_slice(&digits[i..]);
+    out.put_u8(b'\n');
+}
+
+/// Appends the fields after `id:`: the event name, the data lines, the
+/// blank line.
+fn put_fields(out: &mut BytesMut, event: Option<&str>, data: &str) {
     if let Some(event) = event {
         assert!(
             !event.contains(['\r', '\n']),
@@ -85,13 +112,12 @@ fn fields(event: Option<&str>, data: &str) -> BytesMut {
         rest = &rest[end + skip..];
     }
     out.put_u8(b'\n');
-    out
 }
 
 /// `id: <id>\n` followed by `fields`.
 fn with_id(id: u64, fields: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(fields.len() + 25);
-    writeln!(out, "id: {id}").expect("BytesMut grows");
+    put_id(&mut out, id);
     out.put_slice(fields);
     out.freeze()
 }
@@ -140,6 +166,17 @@ mod tests {
     use http::HeaderValue;
 
     use super::*;
+
+    #[test]
+    fn ids_are_written_as_decimal_numbers() {
+        for id in [0, 9, 10, 99, 100, 12_345, u64::MAX / 10, u64::MAX] {
+            assert_eq!(frame(id, None, "x"), format!("id: {id}\ndata: x\n\n"));
+            assert_eq!(
+                with_id(id, b"data: x\n\n"),
+                format!("id: {id}\ndata: x\n\n")
+            );
+        }
+    }
 
     #[test]
     fn frames_split_data_lines() {
