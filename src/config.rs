@@ -232,6 +232,15 @@ impl BufferConfig {
         self.flush
     }
 
+    /// The flush a window over a hub's log applies: the config's if one was
+    /// set ([`with_flush`](Self::with_flush)), else one frame at a time.
+    /// The hub's frames are shared by every client; a join copies them, and
+    /// a client that stops reading would keep such a private copy in hyper
+    /// (up to hyper's write buffer) for as long as it is connected.
+    pub(crate) fn window_flush(&self) -> Flush {
+        self.sink_flush()
+    }
+
     /// The flush a [`BufferedSink`](crate::BufferedSink) applies: the
     /// config's, or one flush per message if none was set.
     pub(crate) fn sink_flush(&self) -> Flush {

@@ -176,35 +176,52 @@ async fn a_window_delivers_what_a_client_buffer_of_the_same_config_would() {
     }
 }
 
-/// The default flush over a hub's window: what waits goes out joined, never
-/// across a gap; the marker stands alone at it.
+/// A hub's window hands out the hub's shared frames one at a time by
+/// default (a join would copy them, and a client that stops reading would
+/// keep that copy in hyper); with a coalescing flush chosen, what waits goes
+/// out joined, never across a gap, and the marker stands alone at it.
 #[tokio::test]
-async fn a_window_with_the_default_flush_joins_what_waits_but_never_across_a_gap() {
-    let hub: Hub = Hub::default();
-    let svc = {
-        let hub = hub.clone();
-        ServiceBuilder::new()
-            .layer(BackpressureLayer::new(BufferConfig::new(5)).gap_marker(Marker))
-            .service(service_fn(move |_req: Request<()>| {
-                let response: Response<HubBody> = hub.response().build();
-                async move { Ok::<_, Infallible>(response) }
-            }))
-    };
-    let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
-    for i in 0..20u64 {
-        hub.publish(Bytes::from(format!("{i};")));
+async fn a_window_joins_what_waits_only_when_asked_and_never_across_a_gap() {
+    for (config, want, after) in [
+        (
+            BufferConfig::new(5),
+            vec!["gap:15", "15;", "16;", "17;", "18;", "19;"],
+            vec!["20;", "21;", "22;"],
+        ),
+        (
+            BufferConfig::new(5).with_flush(Flush::default()),
+            vec!["gap:15", "15;16;17;18;19;"],
+            vec!["20;21;22;"],
+        ),
+    ] {
+        let hub: Hub = Hub::default();
+        let svc = {
+            let hub = hub.clone();
+            ServiceBuilder::new()
+                .layer(BackpressureLayer::new(config).gap_marker(Marker))
+                .service(service_fn(move |_req: Request<()>| {
+                    let response: Response<HubBody> = hub.response().build();
+                    async move { Ok::<_, Infallible>(response) }
+                }))
+        };
+        let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+        for i in 0..20u64 {
+            hub.publish(Bytes::from(format!("{i};")));
+        }
+        let mut read = Vec::new();
+        while let Some(Some(Ok(frame))) = body.frame().now_or_never() {
+            read.push(String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap());
+        }
+        assert_eq!(read, want, "{config:?}");
+        for i in 20..23u64 {
+            hub.publish(Bytes::from(format!("{i};")));
+        }
+        let mut read = Vec::new();
+        while let Some(Some(Ok(frame))) = body.frame().now_or_never() {
+            read.push(String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap());
+        }
+        assert_eq!(read, after, "{config:?}");
     }
-    let mut read = Vec::new();
-    while let Some(Some(Ok(frame))) = body.frame().now_or_never() {
-        read.push(String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap());
-    }
-    assert_eq!(read, ["gap:15", "15;16;17;18;19;"]);
-    for i in 20..23u64 {
-        hub.publish(Bytes::from(format!("{i};")));
-    }
-    let frame = body.frame().now_or_never().unwrap().unwrap().unwrap();
-    assert_eq!(frame.into_data().unwrap(), "20;21;22;");
-    assert!(body.frame().now_or_never().is_none(), "nothing more waits");
 }
 
 #[tokio::test(start_paused = true)]
@@ -868,5 +885,34 @@ async fn a_window_join_stops_at_the_flush_limits_and_at_a_hole_in_the_ids() {
             read.push(String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap());
         }
         assert_eq!(read, want, "{flush:?}");
+    }
+}
+
+/// What a window hands hyper by default is the hub's own frame, not a copy:
+/// a client that stops reading holds no private copy in hyper's buffer.
+#[tokio::test]
+async fn a_window_hands_out_the_hubs_own_frames_by_default() {
+    let hub: Hub = Hub::default();
+    let svc = {
+        let hub = hub.clone();
+        ServiceBuilder::new()
+            .layer(BackpressureLayer::new(BufferConfig::default()))
+            .service(service_fn(move |_req: Request<()>| {
+                let response: Response<HubBody> = hub.response().build();
+                async move { Ok::<_, Infallible>(response) }
+            }))
+    };
+    let mut body = svc.oneshot(Request::new(())).await.unwrap().into_body();
+    let published: Vec<Bytes> = (0..10u64)
+        .map(|i| Bytes::from(format!("event {i}\n")))
+        .collect();
+    for frame in &published {
+        hub.publish(frame.clone());
+    }
+    for want in &published {
+        let got = body.frame().now_or_never().unwrap().unwrap().unwrap();
+        let got = got.into_data().unwrap();
+        assert_eq!(got, want);
+        assert_eq!(got.as_ptr(), want.as_ptr(), "the hub's frame, not a copy");
     }
 }

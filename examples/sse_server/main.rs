@@ -26,9 +26,12 @@
 //! Slow-client policies: `--policy drop-oldest|drop-newest|pause|disconnect`,
 //! `--evict-after-dropped N`, `--evict-after-stall-ms T`, and
 //! `--budget-bytes B` for one memory budget shared by all clients.
-//! `--flush coalesce` (the default, as the library's) hands hyper the events
-//! that already wait for a client as one frame; `--flush immediate` hands
-//! them out one frame each.
+//! `--flush coalesce` (the default, as the library's, for each client's own
+//! buffer) hands hyper the events that already wait for a client as one
+//! frame; `--flush immediate` hands them out one frame each. With `--hub`
+//! the default hands out the hub's shared frames one at a time, as the
+//! library does for a hub window (a join copies them for each client);
+//! `--flush coalesce` joins them too.
 //!
 //! `GET /stream.ndjson` serves the same events as NDJSON
 //! (`application/x-ndjson`), one line `{"seq":N,"payload":"…"}` per event,
@@ -230,13 +233,15 @@ struct Args {
     /// With `--hub` only `drop-oldest` and `disconnect` apply.
     #[arg(long, value_enum, default_value_t = Policy::DropOldest)]
     policy: Policy,
-    /// How the events that wait for a client go out: `coalesce` (the
-    /// default, as `BufferConfig::default()`), the events already waiting
-    /// joined into one frame, up to 100 events or 64 KiB; `immediate`, one
-    /// event per body frame. The bytes are the same, in fewer frames and
-    /// writes, and nothing waits for events that have not come.
-    #[arg(long, value_enum, default_value_t = FlushMode::Coalesce)]
-    flush: FlushMode,
+    /// How the events that wait for a client go out: `coalesce`, the
+    /// events already waiting joined into one frame, up to 100 events or
+    /// 64 KiB; `immediate`, one event per body frame. The bytes are the
+    /// same, in fewer frames and writes, and nothing waits for events that
+    /// have not come. Default: the library's, `coalesce` for each client's
+    /// own buffer; with `--hub`, the hub's shared frames one at a time (a
+    /// join would copy them for each client), unless `--flush` is given.
+    #[arg(long, value_enum)]
+    flush: Option<FlushMode>,
     /// Mark each gap in a client's stream: `event: lagged` with
     /// `data: {"dropped":N}` on /events, `{"type":"lagged","dropped":N}` on
     /// /stream.ndjson.
@@ -320,8 +325,10 @@ impl FlushMode {
 fn buffer_config(args: &Args) -> Result<BufferConfig, String> {
     let mut config = BufferConfig::new(args.capacity)
         .with_threshold(args.threshold)
-        .with_overflow(args.policy.overflow())
-        .with_flush(args.flush.flush());
+        .with_overflow(args.policy.overflow());
+    if let Some(flush) = args.flush {
+        config = config.with_flush(flush.flush());
+    }
     if let Some(max_bytes) = args.max_bytes {
         config = config.with_max_bytes(max_bytes);
     }

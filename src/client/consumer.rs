@@ -74,7 +74,14 @@ impl<D, O: BackpressureObserver, S: Storage<D>> Client<D, O, S> {
         }
         if !st.storage.is_empty() {
             let waiting = st.storage.len();
-            let (max_frames, max_bytes) = match release.allow(self.config.flush(), waiting) {
+            // A window over a hub's log hands out the hub's shared frames
+            // unless a flush was chosen (see `BufferConfig::window_flush`).
+            let flush = if st.storage.filled_by_others() {
+                self.config.window_flush()
+            } else {
+                self.config.flush()
+            };
+            let (max_frames, max_bytes) = match release.allow(flush, waiting) {
                 Ok(limits) => limits,
                 Err(at) => {
                     st.register_consumer(cx);
