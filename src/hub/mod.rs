@@ -109,7 +109,7 @@ pub(crate) use self::response::{Claimed, is_probe, probe};
 pub use self::response::{HubBody, HubResponse};
 pub use self::subscription::{HubEvent, Subscription};
 pub(crate) use self::sweep::{Sweep, Sweeper};
-pub(crate) use self::window::{ClassifyFn, MakeWindow, Tap};
+pub(crate) use self::window::{MakeWindow, Tap, window_client};
 use crate::buffer::{ByWeigh, Weigh, Weigher};
 use crate::config::ConfigError;
 // loom's under `cfg(backpressure_loom)`, so that the models in `loom.rs` see

@@ -14,7 +14,7 @@
 //! publish, and one step per sweep (a binary search, not a step per frame
 //! published, unless a [`Classify`](crate::Classify) hook must see the frames it skips).
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
@@ -24,11 +24,13 @@ use std::task::Waker;
 use http::HeaderMap;
 
 use super::log::{Cursor, Parked};
-use super::{Shared, Subscriber, Sweeper};
+use super::{Shared, Subscriber, Sweep, Sweeper};
 use crate::buffer::{BufferStats, Dropped, FrameClass, Gap};
-use crate::client::{Storage, join_each};
-use crate::config::{BufferConfig, Overflow};
-use crate::observer::EvictReason;
+use crate::client::{Client, Reporter, Storage, join_each};
+use crate::config::{BufferConfig, ConfigError, Overflow};
+use crate::handle::HandleInner;
+use crate::observer::{BackpressureObserver, EvictReason};
+use crate::policy::Classify;
 
 /// A frame's class, as the layer's [`Classify`](crate::Classify) hook says.
 pub(crate) type ClassifyFn<T> = Box<dyn Fn(&T) -> FrameClass + Send + Sync>;
@@ -598,6 +600,38 @@ pub(crate) trait MakeWindow<T>: Send + Sync {
         config: Arc<BufferConfig>,
         classify: Option<ClassifyFn<T>>,
     ) -> (Box<dyn Storage<T> + Send>, Arc<Sweeper>);
+}
+
+/// A client served from a window over a hub's log, set up as every front
+/// door needs it: the configuration checked (a window cannot honour every
+/// one), the window made, the client opened (`Opened` fires) and attached
+/// to the hub's sweep, without which a client that stops reading would
+/// never hear of its own stall. The layer and `BufferedSink` both call it.
+pub(crate) fn window_client<T, O, C>(
+    source: &dyn MakeWindow<T>,
+    config: Arc<BufferConfig>,
+    classify: C,
+    handle: Arc<HandleInner>,
+    observer: Arc<O>,
+) -> Result<Arc<Client<T, O, Box<dyn Storage<T> + Send>>>, ConfigError>
+where
+    T: Send + 'static,
+    O: BackpressureObserver,
+    C: Classify<T>,
+{
+    config.validate_for_hub()?;
+    let classify: Option<ClassifyFn<T>> = if TypeId::of::<C>() == TypeId::of::<()>() {
+        // Every frame droppable: the window skips without looking.
+        None
+    } else {
+        Some(Box::new(move |item: &T| classify.classify(item)))
+    };
+    let (window, sweeper) = source.window(config.clone(), classify);
+    let client = Client::new(window, config, handle, observer, None, Reporter::Consumer);
+    client.open();
+    let sweep: Arc<dyn Sweep> = client.clone();
+    sweeper.attach(Arc::downgrade(&sweep));
+    Ok(client)
 }
 
 /// The response extension: an `Arc<dyn MakeWindow<T>>` for the body's data

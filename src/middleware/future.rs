@@ -8,9 +8,7 @@ use http::{Response, header};
 use http_body::Body;
 use pin_project::pin_project;
 
-use std::any::TypeId;
-
-use super::body::{BackpressureBody, Shared, Windowed};
+use super::body::{BackpressureBody, Shared};
 use super::pump::Pump;
 use crate::BoxError;
 use crate::budget::MemoryBudget;
@@ -18,7 +16,7 @@ use crate::buffer::{ClientBuffer, Remaining, Weigher};
 use crate::client::{End, Reporter};
 use crate::config::BufferConfig;
 use crate::handle::HandleInner;
-use crate::hub::{Claimed, ClassifyFn, MakeWindow, Sweep, Tap, is_probe, probe};
+use crate::hub::{Claimed, MakeWindow, Tap, is_probe, probe, window_client};
 use crate::keep_alive::{Idle, StreamOptions, no_proxy_buffering};
 use crate::observer::BackpressureObserver;
 use crate::policy::{Classify, GapMarker};
@@ -223,33 +221,21 @@ where
     C: Classify<B::Data>,
 {
     parts.headers.remove(header::CONTENT_LENGTH);
-    if let Err(e) = wrap.config.validate_for_hub() {
-        return Response::from_parts(parts, BackpressureBody::refused(e.into()));
-    }
-    let classify: Option<ClassifyFn<B::Data>> = if TypeId::of::<C>() == TypeId::of::<()>() {
-        // Every frame droppable: the window skips without looking.
-        None
-    } else {
-        let c = wrap.classify;
-        Some(Box::new(move |d: &B::Data| c.classify(d)))
-    };
     let idle = Idle::for_response::<B::Data>(wrap.stream.keep_alive.as_ref(), &parts.headers);
-    let (window, sweeper) = source.window(wrap.config.clone(), classify);
     let connection = wrap.handle.connection().cloned();
-    let client = Windowed::new(
-        window,
+    let client = match window_client(
+        &*source,
         wrap.config,
+        wrap.classify,
         wrap.handle,
         wrap.observer,
-        None,
-        Reporter::Consumer,
-    );
-    client.open();
+    ) {
+        Ok(client) => client,
+        Err(e) => return Response::from_parts(parts, BackpressureBody::refused(e.into())),
+    };
     if let Some(shutdown) = &wrap.stream.shutdown {
         crate::shutdown::register(shutdown, &client, &parts.headers, connection);
     }
-    let sweep: Arc<dyn Sweep> = client.clone();
-    sweeper.attach(Arc::downgrade(&sweep));
     Response::from_parts(
         parts,
         BackpressureBody::windowed(client, shadow, wrap.marker, idle),

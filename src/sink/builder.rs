@@ -9,7 +9,6 @@ use futures_sink::Sink;
 use http::{Method, Uri};
 
 use super::drain::Drain;
-use std::any::TypeId;
 
 use super::{BufferedSink, Core, HubSink};
 use crate::BoxError;
@@ -19,7 +18,7 @@ use crate::client::{Client, ClientInfo, Reporter};
 use crate::config::{BufferConfig, ConfigError};
 use crate::conn::Connection;
 use crate::handle::HandleInner;
-use crate::hub::{ClassifyFn, Hub, Sweep};
+use crate::hub::{Hub, window_client};
 use crate::observer::BackpressureObserver;
 use crate::policy::{Classify, GapMarker};
 
@@ -239,28 +238,16 @@ impl<O, M, C, W> Builder<O, M, C, W> {
         C: Classify<T>,
         W: Weigher<T> + Clone + Send + Sync + 'static,
     {
-        self.config.validate_for_hub()?;
         let info = self
             .info
             .unwrap_or_else(|| ClientInfo::new(Method::GET, Uri::from_static("/"), None));
-        let classify: Option<ClassifyFn<T>> = if TypeId::of::<C>() == TypeId::of::<()>() {
-            None
-        } else {
-            let c = self.classify.clone();
-            Some(Box::new(move |item: &T| c.classify(item)))
-        };
-        let config = Arc::new(self.config);
-        let (window, sweeper) = hub
-            .window_source(after, None)
-            .window(config.clone(), classify);
-        let client = Client::new(
-            window,
-            config,
+        let client = window_client(
+            &*hub.window_source(after, None),
+            Arc::new(self.config),
+            self.classify.clone(),
             HandleInner::with_connection(info, self.connection),
             self.observer,
-            None,
-            Reporter::Consumer,
-        );
+        )?;
         let core = Arc::new(Core {
             client,
             classify: self.classify,
@@ -270,9 +257,6 @@ impl<O, M, C, W> Builder<O, M, C, W> {
             close_timeout: self.close_timeout,
             deadline: OnceLock::new(),
         });
-        core.client.open();
-        let sweep: Arc<dyn Sweep> = core.client.clone();
-        sweeper.attach(Arc::downgrade(&sweep));
         let drain = tokio::spawn(Drain::new(core.clone(), sink, self.marker));
         Ok(HubSink::new(core, drain))
     }
