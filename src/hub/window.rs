@@ -602,6 +602,9 @@ pub(crate) trait MakeWindow<T>: Send + Sync {
     ) -> (Box<dyn Storage<T> + Send>, Arc<Sweeper>);
 }
 
+/// The state of a client served from a window over a hub's log.
+pub(crate) type WindowClient<T, O> = Client<T, O, Box<dyn Storage<T> + Send>>;
+
 /// A client served from a window over a hub's log, set up as every front
 /// door needs it: the configuration checked (a window cannot honour every
 /// one), the window made, the client opened (`Opened` fires) and attached
@@ -613,7 +616,7 @@ pub(crate) fn window_client<T, O, C>(
     classify: C,
     handle: Arc<HandleInner>,
     observer: Arc<O>,
-) -> Result<Arc<Client<T, O, Box<dyn Storage<T> + Send>>>, ConfigError>
+) -> Result<Arc<WindowClient<T, O>>, ConfigError>
 where
     T: Send + 'static,
     O: BackpressureObserver,
