@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 
 use crate::buffer::BufferStats;
-use crate::client::ClientInfo;
+use crate::info::ClientInfo;
 use crate::conn::Connection;
 use crate::observer::CloseReason;
 

@@ -96,6 +96,7 @@ mod config;
 pub mod conn;
 mod error;
 mod handle;
+mod info;
 pub mod hub;
 mod keep_alive;
 #[cfg(feature = "metrics")]
@@ -111,7 +112,7 @@ mod sync;
 
 pub use crate::budget::{BudgetStats, MemoryBudget};
 pub use crate::buffer::{BufferStats, ByWeigh, ClientBuffer, Dropped, Weigh, Weigher};
-pub use crate::client::{ClientId, ClientInfo, PeerAddr};
+pub use crate::info::{ClientId, ClientInfo, PeerAddr};
 pub use crate::config::{BufferConfig, ConfigError, Eviction, Flush, Overflow};
 pub use crate::error::{Evicted, PumpStopped};
 pub use crate::handle::{ClientHandle, Health};

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use metrics::{Unit, counter, describe_counter, describe_gauge, gauge};
 
-use crate::client::ClientId;
+use crate::info::ClientId;
 use crate::observer::{BackpressureEvent, BackpressureObserver, EventKind};
 
 /// Records backpressure through the [`metrics`] facade (feature `metrics`).

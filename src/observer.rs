@@ -76,7 +76,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::buffer::BufferStats;
-use crate::client::ClientInfo;
+use crate::info::ClientInfo;
 use crate::handle::{ClientHandle, HandleInner};
 
 /// One backpressure event of one client.

@@ -15,7 +15,7 @@ use http_body_util::Full;
 use tower_service::Service;
 
 use crate::budget::{BudgetStats, MemoryBudget};
-use crate::client::ClientId;
+use crate::info::ClientId;
 use crate::handle::{ClientHandle, Health};
 use crate::observer::{BackpressureEvent, BackpressureObserver, EventKind};
 

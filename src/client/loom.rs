@@ -21,7 +21,7 @@ use loom::sync::atomic::AtomicBool;
 use super::{Client, End, Next, Produce, Pushed, Release, Reporter};
 use crate::budget::MemoryBudget;
 use crate::buffer::{ClientBuffer, FrameClass, Remaining};
-use crate::client::ClientInfo;
+use crate::info::ClientInfo;
 use crate::config::{BufferConfig, Overflow};
 use crate::handle::HandleInner;
 use crate::observer::{BackpressureEvent, CloseReason, EventKind, EvictReason};

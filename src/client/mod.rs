@@ -19,7 +19,6 @@ mod budget;
 pub(crate) mod clock;
 mod consumer;
 mod events;
-mod info;
 #[cfg(all(test, backpressure_loom))]
 mod loom;
 mod producer;
@@ -40,8 +39,6 @@ use tokio::time::Instant;
 pub(crate) use self::clock::{Timer, after, now};
 pub(crate) use self::consumer::Release;
 use self::events::Outbox;
-pub use self::info::{ClientId, ClientInfo, PeerAddr};
-pub(crate) use self::info::{connection, peer_addr, route};
 pub(crate) use self::storage::{Admit, Storage, join_each};
 use crate::BoxError;
 use crate::budget::{BudgetMember, MemoryBudget};

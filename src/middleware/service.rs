@@ -11,7 +11,7 @@ use super::future::{ResponseFuture, Wrap};
 use super::layer::BackpressureLayer;
 use crate::BoxError;
 use crate::budget::MemoryBudget;
-use crate::client::{ClientInfo, connection, peer_addr, route};
+use crate::info::{ClientInfo, connection, peer_addr, route};
 use crate::config::BufferConfig;
 use crate::handle::{ClientHandle, HandleInner};
 use crate::keep_alive::StreamOptions;
