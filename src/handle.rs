@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 
 use crate::buffer::BufferStats;
-use crate::info::ClientInfo;
 use crate::conn::Connection;
+use crate::info::ClientInfo;
 use crate::observer::CloseReason;
 
 /// A client's health, as its [`ClientHandle`] reports it.

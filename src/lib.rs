@@ -96,8 +96,8 @@ mod config;
 pub mod conn;
 mod error;
 mod handle;
-mod info;
 pub mod hub;
+mod info;
 mod keep_alive;
 #[cfg(feature = "metrics")]
 mod metrics;
@@ -112,11 +112,11 @@ mod sync;
 
 pub use crate::budget::{BudgetStats, MemoryBudget};
 pub use crate::buffer::{BufferStats, ByWeigh, ClientBuffer, Dropped, Weigh, Weigher};
-pub use crate::info::{ClientId, ClientInfo, PeerAddr};
 pub use crate::config::{BufferConfig, ConfigError, Eviction, Flush, Overflow};
 pub use crate::error::{Evicted, PumpStopped};
 pub use crate::handle::{ClientHandle, Health};
 pub use crate::hub::{Hub, HubConfig};
+pub use crate::info::{ClientId, ClientInfo, PeerAddr};
 pub use crate::keep_alive::KeepAlive;
 #[cfg(feature = "metrics")]
 pub use crate::metrics::MetricsObserver;

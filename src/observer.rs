@@ -76,8 +76,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::buffer::BufferStats;
-use crate::info::ClientInfo;
 use crate::handle::{ClientHandle, HandleInner};
+use crate::info::ClientInfo;
 
 /// One backpressure event of one client.
 #[derive(Clone, Copy)]

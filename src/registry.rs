@@ -15,8 +15,8 @@ use http_body_util::Full;
 use tower_service::Service;
 
 use crate::budget::{BudgetStats, MemoryBudget};
-use crate::info::ClientId;
 use crate::handle::{ClientHandle, Health};
+use crate::info::ClientId;
 use crate::observer::{BackpressureEvent, BackpressureObserver, EventKind};
 
 /// An observer that keeps a live table of every buffered response.

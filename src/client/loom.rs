@@ -21,9 +21,9 @@ use loom::sync::atomic::AtomicBool;
 use super::{Client, End, Next, Produce, Pushed, Release, Reporter};
 use crate::budget::MemoryBudget;
 use crate::buffer::{ClientBuffer, FrameClass, Remaining};
-use crate::info::ClientInfo;
 use crate::config::{BufferConfig, Overflow};
 use crate::handle::HandleInner;
+use crate::info::ClientInfo;
 use crate::observer::{BackpressureEvent, CloseReason, EventKind, EvictReason};
 use crate::sync::Mutex;
 

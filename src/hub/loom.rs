@@ -27,9 +27,9 @@ use super::window::Window;
 use super::{Hub, HubConfig, HubEvent};
 use crate::buffer::ByWeigh;
 use crate::client::{Client, Next, Release, Reporter};
-use crate::info::ClientInfo;
 use crate::config::BufferConfig;
 use crate::handle::HandleInner;
+use crate::info::ClientInfo;
 use crate::observer::{BackpressureEvent, BackpressureObserver, CloseReason, EventKind};
 use crate::sync::Mutex;
 

@@ -15,11 +15,11 @@ use crate::BoxError;
 use crate::budget::MemoryBudget;
 use crate::buffer::{ByWeigh, ClientBuffer, Weigher};
 use crate::client::{Client, Reporter};
-use crate::info::ClientInfo;
 use crate::config::{BufferConfig, ConfigError};
 use crate::conn::Connection;
 use crate::handle::HandleInner;
 use crate::hub::{Hub, window_client};
+use crate::info::ClientInfo;
 use crate::observer::BackpressureObserver;
 use crate::policy::{Classify, GapMarker};
 

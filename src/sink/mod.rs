@@ -137,9 +137,9 @@ pub use self::builder::Builder;
 pub use self::error::SinkClosed;
 use crate::buffer::{BufferStats, ByWeigh, ClientBuffer, Weigher};
 use crate::client::{Client, End, Produce, Pushed, after, now};
-use crate::info::ClientInfo;
 use crate::config::{BufferConfig, ConfigError};
 use crate::handle::{ClientHandle, HandleInner, Health};
+use crate::info::ClientInfo;
 use crate::observer::{BackpressureObserver, CloseReason};
 use crate::policy::Classify;
 
