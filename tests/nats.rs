@@ -29,6 +29,7 @@ use tokio::process::{Child, Command};
 mod binaries;
 use binaries::bus::{
     Client, Process, Proxy, accepting, consecutive, free_port, metric, scrape, spawn,
+    two_servers_agree_and_a_client_moves,
 };
 use binaries::{Sse, ids, refused_with};
 
@@ -142,35 +143,7 @@ async fn two_servers_serve_the_same_ids_and_a_client_moves_between_them() {
     let nats = Nats::start(false).await;
     let url = nats.url();
     let ((one, a), (two, b)) = tokio::join!(server(&url, &[]), server(&url, &[]));
-    let (mut on_a, mut on_b) = tokio::join!(Client::connect(a, None), Client::connect(b, None));
-    let publisher = publisher(&url, &[]).await;
-
-    let (items_a, items_b) = tokio::join!(on_a.events(100), on_b.events(100));
-    let (ids_a, ids_b) = (ids(&items_a), ids(&items_b));
-    assert_eq!(
-        ids_a[..100],
-        (0..100).collect::<Vec<_>>()[..],
-        "{items_a:?}"
-    );
-    assert_eq!(ids_a[..100], ids_b[..100], "the same ids on both servers");
-    assert_eq!(items_a.len(), ids_a.len(), "no gap marker: {items_a:?}");
-
-    // A → B, then B → A, each after reading a while.
-    let mut last = *ids_a.last().unwrap();
-    drop((on_a, on_b));
-    for (to, name) in [(b, "B"), (a, "A"), (b, "B")] {
-        let mut moved = Client::connect(to, Some(last)).await;
-        let items = moved.events(40).await;
-        let got = ids(&items);
-        assert_eq!(
-            items.len(),
-            got.len(),
-            "on {name}: no gap marker: {items:?}"
-        );
-        assert_eq!(got[0], last + 1, "on {name}: right after {last}");
-        consecutive(&got, name);
-        last = *got.last().unwrap();
-    }
+    let publisher = two_servers_agree_and_a_client_moves(a, b, publisher(&url, &[])).await;
 
     publisher.stop_cleanly().await;
     let (one, two) = tokio::join!(one.stop_cleanly(), two.stop_cleanly());

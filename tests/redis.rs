@@ -41,6 +41,7 @@ use tower_backpressure::bus::{FeedStats, redis as bus_redis};
 mod binaries;
 use binaries::bus::{
     Client, Process, Proxy, accepting, consecutive, free_port, metric, scrape, spawn,
+    two_servers_agree_and_a_client_moves,
 };
 use binaries::{STEP, Sse, ids, refused_with, within};
 
@@ -261,34 +262,7 @@ async fn two_servers_serve_the_same_ids_and_a_client_moves_between_them() {
     let redis = Redis::start(false).await;
     let url = redis.url();
     let ((one, a), (two, b)) = tokio::join!(server(&url, &[]), server(&url, &[]));
-    let (mut on_a, mut on_b) = tokio::join!(Client::connect(a, None), Client::connect(b, None));
-    let publisher = publisher(&url, &[]).await;
-
-    let (items_a, items_b) = tokio::join!(on_a.events(100), on_b.events(100));
-    let (ids_a, ids_b) = (ids(&items_a), ids(&items_b));
-    assert_eq!(
-        ids_a[..100],
-        (0..100).collect::<Vec<_>>()[..],
-        "{items_a:?}"
-    );
-    assert_eq!(ids_a[..100], ids_b[..100], "the same ids on both servers");
-    assert_eq!(items_a.len(), ids_a.len(), "no gap marker: {items_a:?}");
-
-    let mut last = *ids_a.last().unwrap();
-    drop((on_a, on_b));
-    for (to, name) in [(b, "B"), (a, "A"), (b, "B")] {
-        let mut moved = Client::connect(to, Some(last)).await;
-        let items = moved.events(40).await;
-        let got = ids(&items);
-        assert_eq!(
-            items.len(),
-            got.len(),
-            "on {name}: no gap marker: {items:?}"
-        );
-        assert_eq!(got[0], last + 1, "on {name}: right after {last}");
-        consecutive(&got, name);
-        last = *got.last().unwrap();
-    }
+    let publisher = two_servers_agree_and_a_client_moves(a, b, publisher(&url, &[])).await;
 
     publisher.stop_cleanly().await;
     tokio::join!(one.stop_cleanly(), two.stop_cleanly());
@@ -512,6 +486,45 @@ async fn a_server_started_later_starts_warm() {
     server.stop_cleanly().await;
 }
 
+/// A server and a publisher on one Redis, a client reading; Redis killed
+/// and restarted (`keep_data`: with its append-only file) after 50 events,
+/// and what the client read until 200 ids past them.
+struct Restarted {
+    redis: Redis,
+    server: Process,
+    addr: SocketAddr,
+    client: Client,
+    publisher: Process,
+    /// The last id read before the restart.
+    before: u64,
+    items: Vec<Sse>,
+}
+
+impl Restarted {
+    async fn under_load(keep_data: bool) -> Restarted {
+        let mut redis = Redis::start(keep_data).await;
+        let url = redis.url();
+        let (server, addr) = server(&url, &[]).await;
+        let mut client = Client::connect(addr, None).await;
+        let publisher = publisher(&url, &[]).await;
+        let before = ids(&client.events(50).await).last().copied().unwrap();
+
+        redis.restart().await;
+        let items = client
+            .until(|items| ids(items).last() >= Some(&(before + 200)))
+            .await;
+        Restarted {
+            redis,
+            server,
+            addr,
+            client,
+            publisher,
+            before,
+            items,
+        }
+    }
+}
+
 /// Redis killed and restarted under load (the publisher and a server keep
 /// running) with its data kept: the append-only file has every entry it
 /// acknowledged, the publisher adds the events due during the outage once
@@ -519,17 +532,15 @@ async fn a_server_started_later_starts_warm() {
 /// every id, in order, without a gap marker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_with_its_data_loses_nothing() {
-    let mut redis = Redis::start(true).await;
-    let url = redis.url();
-    let (server, addr) = server(&url, &[]).await;
-    let mut client = Client::connect(addr, None).await;
-    let publisher = publisher(&url, &[]).await;
-    let before = ids(&client.events(50).await).last().copied().unwrap();
-
-    redis.restart().await;
-    let items = client
-        .until(|items| ids(items).last() >= Some(&(before + 200)))
-        .await;
+    let Restarted {
+        redis: _redis,
+        server,
+        addr,
+        client,
+        publisher,
+        before: _,
+        items,
+    } = Restarted::under_load(true).await;
     let got = ids(&items);
     assert_eq!(items.len(), got.len(), "no gap marker: {items:?}");
     assert_eq!(got[0], 0);
@@ -559,17 +570,15 @@ async fn redis_restarted_with_its_data_loses_nothing() {
 /// not read yet; often none).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_without_its_data_is_one_exact_gap_at_most() {
-    let mut redis = Redis::start(false).await;
-    let url = redis.url();
-    let (server, addr) = server(&url, &[]).await;
-    let mut client = Client::connect(addr, None).await;
-    let publisher = publisher(&url, &[]).await;
-    let before = ids(&client.events(50).await).last().copied().unwrap();
-
-    redis.restart().await;
-    let items = client
-        .until(|items| ids(items).last() >= Some(&(before + 200)))
-        .await;
+    let Restarted {
+        redis,
+        server,
+        addr,
+        client,
+        publisher,
+        before,
+        items,
+    } = Restarted::under_load(false).await;
     exact(&items, "across the restart");
     assert!(gaps(&items).len() <= 1, "at most one gap marker: {items:?}");
     assert_eq!(ids(&items)[0], 0);

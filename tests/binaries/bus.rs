@@ -240,3 +240,45 @@ pub async fn accepting(addr: SocketAddr, what: &str) {
     )
     .await;
 }
+
+/// Two servers `a` and `b` fed from one bus, each with a client that
+/// connected before `publisher` starts (the future that starts it): both
+/// clients get ids 0, 1, 2, … with no gap marker, the same on both, and a
+/// client that moves A → B → A → B with `Last-Event-ID` continues right
+/// after its last event each time. Returns the publisher.
+pub async fn two_servers_agree_and_a_client_moves<P>(
+    a: SocketAddr,
+    b: SocketAddr,
+    publisher: impl std::future::Future<Output = P>,
+) -> P {
+    let (mut on_a, mut on_b) = tokio::join!(Client::connect(a, None), Client::connect(b, None));
+    let publisher = publisher.await;
+
+    let (items_a, items_b) = tokio::join!(on_a.events(100), on_b.events(100));
+    let (ids_a, ids_b) = (ids(&items_a), ids(&items_b));
+    assert_eq!(
+        ids_a[..100],
+        (0..100).collect::<Vec<_>>()[..],
+        "{items_a:?}"
+    );
+    assert_eq!(ids_a[..100], ids_b[..100], "the same ids on both servers");
+    assert_eq!(items_a.len(), ids_a.len(), "no gap marker: {items_a:?}");
+
+    // A → B, then B → A, each after reading a while.
+    let mut last = *ids_a.last().unwrap();
+    drop((on_a, on_b));
+    for (to, name) in [(b, "B"), (a, "A"), (b, "B")] {
+        let mut moved = Client::connect(to, Some(last)).await;
+        let items = moved.events(40).await;
+        let got = ids(&items);
+        assert_eq!(
+            items.len(),
+            got.len(),
+            "on {name}: no gap marker: {items:?}"
+        );
+        assert_eq!(got[0], last + 1, "on {name}: right after {last}");
+        consecutive(&got, name);
+        last = *got.last().unwrap();
+    }
+    publisher
+}
