@@ -109,6 +109,8 @@ pub mod registry;
 pub mod shutdown;
 pub mod sink;
 mod sync;
+#[cfg(all(test, feature = "tracing"))]
+mod test_logs;
 
 pub use crate::budget::{BudgetStats, MemoryBudget};
 pub use crate::buffer::{BufferStats, ByWeigh, ClientBuffer, Dropped, Weigh, Weigher};

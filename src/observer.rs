@@ -551,24 +551,8 @@ mod tests {
     #[cfg(feature = "tracing")]
     #[test]
     fn tracing_observer_warns_with_the_guide_numbers() {
-        #[derive(Clone, Default)]
-        struct Capture(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Capture {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let capture = Capture::default();
-        let writer = capture.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
+        let logs = crate::test_logs::Logs::default();
+        let subscriber = logs.subscriber();
         let client = HandleInner::new(ClientInfo::new(
             Method::GET,
             Uri::from_static("/events"),
@@ -590,7 +574,7 @@ mod tests {
                 },
             ));
         });
-        let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let out = logs.text();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 3, "{out}");
         assert!(lines[0].contains("WARN"), "{out}");

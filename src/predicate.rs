@@ -415,26 +415,8 @@ mod tests {
     #[cfg(feature = "tracing")]
     #[test]
     fn an_encoded_response_says_why_it_is_not_buffered() {
-        use std::sync::{Arc, Mutex};
-
-        #[derive(Clone, Default)]
-        struct Capture(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Capture {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let capture = Capture::default();
-        let writer = capture.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
+        let logs = crate::test_logs::Logs::default();
+        let subscriber = logs.subscriber();
         tracing::subscriber::with_default(subscriber, || {
             let mut r = streaming("text/event-stream");
             assert!(can_drop_frames(&r));
@@ -445,7 +427,7 @@ mod tests {
                 .insert(header::CONTENT_ENCODING, "gzip".parse().unwrap());
             assert!(!can_drop_frames(&r));
         });
-        let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let out = logs.text();
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 1, "{out}");
         assert!(lines[0].contains("DEBUG"), "{out}");
